@@ -1,0 +1,38 @@
+# make run  — install what is needed, then run the gate on the built-in example.
+# make test — install what is needed (Python packages and Debian tools), then run the whole suite.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+CONFIG := config.example.toml
+SAMPLES := daemon/icpgate/samples/filings.ndjson
+
+.PHONY: run test lint system-deps bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/icpgate import $(SAMPLES) -c $(CONFIG)
+	$(PY) -m icpgate.demo -c $(CONFIG)
+
+system-deps:
+	bash tests/system-deps.sh
+
+test: $(STAMP) system-deps
+	$(VENV)/bin/ruff check daemon tests bench
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check daemon tests bench
+	$(VENV)/bin/ruff format --check daemon tests bench
+
+bench: $(STAMP) system-deps
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache .hypothesis

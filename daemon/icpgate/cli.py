@@ -1,0 +1,161 @@
+"""The `icpgate` command line. Exit codes are documented in docs/cli.md and kept in `Exit`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from enum import IntEnum
+from pathlib import Path
+
+from . import __version__
+from .config import Config, check_config, load_config
+from .explain import explain, render_explanation
+from .interchange import read_filings
+from .policy_pack import load_pack
+from .registry import ImportReport, RegistryError, open_registry
+from .tomlschema import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/icpgate/config.toml")
+MAX_PRINTED_WARNINGS = 20
+
+
+class Exit(IntEnum):
+    OK = 0  # done; for `check`: the host is allowed
+    BLOCKED = 1  # `check`: the host is blocked
+    USAGE = 2  # wrong arguments (argparse)
+    CONFIG = 3  # the config or the policy pack is invalid
+    DATA = 4  # an import was refused; nothing was imported
+    REGISTRY = 5  # the registry database cannot be used
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG, help="config file (default %(default)s)")
+    common.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key: dotted key, TOML value; repeatable",
+    )  # fmt: skip
+    parser = argparse.ArgumentParser(prog="icpgate", description="ICP filing enforcement gate")
+    parser.add_argument("--version", action="version", version="icpgate " + __version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    check = commands.add_parser("check", parents=[common], help="explain the decision for a host")
+    check.add_argument("host")
+    check.add_argument("--ip", help="destination IP (default: none, as from the CLI)")
+    check.add_argument("--port", type=int, help="destination port")
+    check.add_argument("--proto", choices=("http", "tls"), default="http", help="listener kind (default %(default)s)")
+    check.add_argument("--path", help="HTTP request target, for the ACME HTTP-01 exception")
+    check.add_argument("--json", action="store_true", help="print one JSON object")
+    check.set_defaults(handler=_cmd_check)
+
+    imp = commands.add_parser("import", parents=[common], help="import filings into the registry")
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--format", choices=("ndjson", "csv"), help="default: from the file suffix")
+    imp.add_argument("--skip-invalid", action="store_true", help="import the good records, skip the bad ones")
+    imp.add_argument("--json", action="store_true", help="print the import report as JSON")
+    imp.set_defaults(handler=_cmd_import)
+
+    config = commands.add_parser("config", help="config commands")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    config_check = config_commands.add_parser("check", parents=[common], help="check the config and policy pack")
+    config_check.set_defaults(handler=_cmd_config_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as error:
+        for problem in error.problems:
+            print("config error: %s" % problem, file=sys.stderr)
+        return Exit.CONFIG
+    except RegistryError as error:
+        print("registry error: %s" % error, file=sys.stderr)
+        return Exit.REGISTRY
+
+
+def _cmd_config_check(args: argparse.Namespace) -> Exit:
+    problems = check_config(args.config, args.overrides)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return Exit.CONFIG
+    print("%s: OK" % args.config)
+    return Exit.OK
+
+
+def _cmd_check(args: argparse.Namespace) -> Exit:
+    config = load_config(args.config, args.overrides)
+    pack = load_pack(config.policy_pack)
+    explanation = asyncio.run(explain(config, pack, args.host, args.ip, args.port, args.proto, args.path))
+    if args.json:
+        print(json.dumps(explanation, ensure_ascii=False, indent=2))
+    else:
+        print(render_explanation(explanation))
+    return Exit.OK if explanation["action"] == "allow" else Exit.BLOCKED
+
+
+def _cmd_import(args: argparse.Namespace) -> Exit:
+    config = load_config(args.config, args.overrides)
+    if not args.file.is_file():
+        print("import: no such file: %s" % args.file, file=sys.stderr)
+        return Exit.DATA
+    report = asyncio.run(_import(config, args.file, args.format, args.skip_invalid))
+    _print_report(report, args.json)
+    return Exit.OK if report.committed else Exit.DATA
+
+
+async def _import(config: Config, path: Path, fmt: str | None, skip_invalid: bool) -> ImportReport:
+    fmt = fmt or ("csv" if path.suffix.lower() == ".csv" else "ndjson")
+    progress = _progress_bar(path)
+    try:
+        async with open_registry(config.registry_path) as registry:
+            return await registry.import_filings(
+                read_filings(path, fmt), source=str(path), fmt=fmt, skip_invalid=skip_invalid,
+                progress=progress.update if progress else None,
+            )  # fmt: skip
+    finally:
+        if progress:
+            progress.close()
+
+
+def _progress_bar(path: Path):
+    """A progress bar for large imports on a terminal; None otherwise."""
+    if not sys.stderr.isatty() or path.stat().st_size < 1_000_000:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(unit=" filings", unit_scale=True, desc="importing", file=sys.stderr)
+
+
+def _print_report(report: ImportReport, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({
+            "source": report.source, "committed": report.committed, "records": report.records,
+            "inserted": report.inserted, "updated": report.updated, "skipped": report.skipped,
+            "errors": [{"line": e.line, "field": e.field, "message": e.message} for e in report.errors],
+            "error_count": report.error_count, "warnings": report.warnings,
+        }, ensure_ascii=False, indent=2))  # fmt: skip
+        return
+    for error in report.errors:
+        error.source = error.source or report.source
+        print("error: %s" % error, file=sys.stderr)
+    if report.error_count > len(report.errors):
+        print("error: … and %d more" % (report.error_count - len(report.errors)), file=sys.stderr)
+    for warning in report.warnings[:MAX_PRINTED_WARNINGS]:
+        print("warning: %s: %s" % (report.source, warning), file=sys.stderr)
+    if len(report.warnings) > MAX_PRINTED_WARNINGS:
+        print("warning: … and %d more" % (len(report.warnings) - MAX_PRINTED_WARNINGS), file=sys.stderr)
+    if report.committed:
+        skipped = ", %d invalid skipped" % report.skipped if report.skipped else ""
+        print("imported %d filings from %s (%d new, %d updated%s)" % (
+            report.records, report.source, report.inserted, report.updated, skipped))  # fmt: skip
+    else:
+        print("refused %s: %d error(s); nothing was imported" % (report.source, report.error_count), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Read the filings interchange format (docs/filings-format.md): NDJSON, or the same columns in CSV.
+
+Every refusal names the line and the field, because operators fix these files by hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import ipaddress
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+from .filings import AccessRecord, AccessStatus, Filing, FilingStatus, SubjectType
+from .hostname import HostKind, normalize_host
+from .licence import LicenceError, is_website_licence, parse_licence
+from .suffixes import is_public_suffix
+
+REQUIRED_FIELDS = (
+    "licence", "subject_licence", "subject_name", "subject_type", "site_name",
+    "status", "domains", "access", "updated_at",
+)  # fmt: skip
+KNOWN_FIELDS = frozenset(REQUIRED_FIELDS) | {"limit_access"}
+CSV_COLUMNS = (
+    "licence", "subject_licence", "subject_name", "subject_type", "site_name", "status",
+    "limit_access", "domains", "access_provider", "access_status", "access_ips", "updated_at",
+)  # fmt: skip
+MAX_TEXT_LENGTH = 256
+MAX_DOMAINS = 1000
+MAX_IPS = 1000
+
+
+class RecordError(ValueError):
+    """A record that cannot be imported, with where it is and which field is wrong."""
+
+    def __init__(self, line: int, field: str, message: str, source: str = "") -> None:
+        super().__init__(message)
+        self.line = line
+        self.field = field
+        self.message = message
+        self.source = source
+
+    def __str__(self) -> str:
+        where = "%s:%d" % (self.source, self.line) if self.source else "line %d" % self.line
+        return "%s: %s: %s" % (where, self.field or "record", self.message)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedFiling:
+    line: int
+    filing: Filing
+    warnings: tuple[str, ...]
+
+
+def parse_filing(record: object, line: int) -> ParsedFiling:
+    """Validate one decoded record; raise RecordError naming the first wrong field."""
+    if not isinstance(record, dict):
+        raise RecordError(line, "", "a filing must be a JSON object")
+    for name in REQUIRED_FIELDS:
+        if name not in record:
+            raise RecordError(line, name, "required field is missing")
+    warnings: list[str] = []
+    licence = _website_licence(record["licence"], line, warnings)
+    subject_licence = _subject_licence(record["subject_licence"], licence, line)
+    filing = Filing(
+        licence=licence,
+        subject_licence=subject_licence,
+        subject_name=_text(record, "subject_name", line),
+        subject_type=_enum(SubjectType, record, "subject_type", line),
+        site_name=_text(record, "site_name", line),
+        status=_enum(FilingStatus, record, "status", line),
+        limit_access=_bool(record.get("limit_access", False), "limit_access", line),
+        domains=_domains(record["domains"], line),
+        access=_access_records(record["access"], line),
+        updated_at=_timestamp(record["updated_at"], line),
+        extra={k: v for k, v in record.items() if k not in KNOWN_FIELDS},
+    )
+    return ParsedFiling(line, filing, tuple(warnings))
+
+
+def _website_licence(value: object, line: int, warnings: list[str]) -> str:
+    if not isinstance(value, str):
+        raise RecordError(line, "licence", "must be a string")
+    try:
+        parsed = parse_licence(value)
+    except LicenceError as error:
+        raise RecordError(line, "licence", str(error)) from None
+    if not is_website_licence(parsed):
+        raise RecordError(line, "licence", "must be a website filing number (…号-N), got %r" % value)
+    warnings.extend("licence: %s" % w for w in parsed.warnings)
+    return parsed.normalized
+
+
+def _subject_licence(value: object, website_licence: str, line: int) -> str:
+    if not isinstance(value, str):
+        raise RecordError(line, "subject_licence", "must be a string")
+    try:
+        parsed = parse_licence(value)
+    except LicenceError as error:
+        raise RecordError(line, "subject_licence", str(error)) from None
+    expected = website_licence.rsplit("-", 1)[0]
+    if parsed.normalized != expected:
+        raise RecordError(line, "subject_licence", "%r is not the subject of %r" % (value, website_licence))
+    return parsed.normalized
+
+
+def _text(record: dict, name: str, line: int) -> str:
+    value = record[name]
+    if not isinstance(value, str) or not value.strip():
+        raise RecordError(line, name, "must be a non-empty string")
+    if len(value) > MAX_TEXT_LENGTH:
+        raise RecordError(line, name, "longer than %d characters" % MAX_TEXT_LENGTH)
+    return value.strip()
+
+
+def _enum(kind, record: dict, name: str, line: int):
+    try:
+        return kind(record[name])
+    except ValueError:
+        allowed = ", ".join(member.value for member in kind)
+        raise RecordError(line, name, "%r is not one of: %s" % (record[name], allowed)) from None
+
+
+def _bool(value: object, name: str, line: int) -> bool:
+    if not isinstance(value, bool):
+        raise RecordError(line, name, "must be true or false")
+    return value
+
+
+def _domains(value: object, line: int) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise RecordError(line, "domains", "must be a non-empty list of domain names")
+    if len(value) > MAX_DOMAINS:
+        raise RecordError(line, "domains", "more than %d domains" % MAX_DOMAINS)
+    names: dict[str, None] = {}
+    for index, raw in enumerate(value):
+        field = "domains[%d]" % index
+        if not isinstance(raw, str):
+            raise RecordError(line, field, "must be a string")
+        host = normalize_host(raw)
+        if host.kind is HostKind.INVALID:
+            raise RecordError(line, field, "%r: %s" % (raw, host.error))
+        if host.kind is not HostKind.NAME:
+            raise RecordError(line, field, "%r is an IP address, not a domain" % raw)
+        if ":" in raw:
+            raise RecordError(line, field, "%r: a filed domain has no port" % raw)
+        if is_public_suffix(host.value):
+            raise RecordError(
+                line, field, "%r is a public suffix; a filing for it would cover every domain below it" % raw
+            )
+        names[host.value] = None
+    return tuple(names)
+
+
+def _access_records(value: object, line: int) -> tuple[AccessRecord, ...]:
+    if not isinstance(value, list):
+        raise RecordError(line, "access", "must be a list of access records")
+    records = []
+    for index, item in enumerate(value):
+        field = "access[%d]" % index
+        if not isinstance(item, dict):
+            raise RecordError(line, field, "must be an object")
+        provider = item.get("provider")
+        if not isinstance(provider, str) or not provider.strip():
+            raise RecordError(line, field + ".provider", "must be a non-empty string")
+        try:
+            status = AccessStatus(item.get("status"))
+        except ValueError:
+            allowed = ", ".join(s.value for s in AccessStatus)
+            raise RecordError(line, field + ".status", "%r is not one of: %s" % (item.get("status"), allowed)) from None
+        ips = _networks(item.get("ips", []), line, field + ".ips")
+        records.append(AccessRecord(provider.strip(), status, ips))
+    return tuple(records)
+
+
+def _networks(value: object, line: int, field: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_IPS:
+        raise RecordError(line, field, "must be a list of at most %d addresses or CIDR ranges" % MAX_IPS)
+    networks = []
+    for index, raw in enumerate(value):
+        try:
+            networks.append(_canonical_network(raw))
+        except (TypeError, ValueError) as error:
+            raise RecordError(line, "%s[%d]" % (field, index), "%r: %s" % (raw, error)) from None
+    return tuple(networks)
+
+
+@lru_cache(maxsize=65536)
+def _canonical_network(raw: str) -> str:
+    """A provider's few ranges repeat across all its filings: parse each spelling once."""
+    return str(ipaddress.ip_network(raw, strict=True))
+
+
+def _timestamp(value: object, line: int) -> str:
+    if not isinstance(value, str):
+        raise RecordError(line, "updated_at", "must be an RFC 3339 timestamp string")
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise RecordError(line, "updated_at", "%r is not an RFC 3339 timestamp" % value) from None
+    if moment.tzinfo is None:
+        raise RecordError(line, "updated_at", "%r has no time zone" % value)
+    return value
+
+
+def read_ndjson(lines: Iterable[str]) -> Iterator[ParsedFiling | RecordError]:
+    """Yield each record of NDJSON text, parsed, or the error that refuses it."""
+    for line, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            yield RecordError(line, "", "not valid JSON: %s" % error.msg)
+            continue
+        try:
+            yield parse_filing(record, line)
+        except RecordError as error:
+            yield error
+
+
+def read_csv(lines: Iterable[str]) -> Iterator[ParsedFiling | RecordError]:
+    """Yield filings from CSV text: one access record per row, rows of one licence merged."""
+    reader = csv.DictReader(lines)
+    missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        yield RecordError(1, missing[0], "CSV header lacks column(s): %s" % ", ".join(missing))
+        return
+    merged: dict[str, tuple[int, dict]] = {}
+    for row in reader:
+        line = reader.line_num
+        try:
+            record = _csv_row_to_record(row, line)
+        except RecordError as error:
+            yield error
+            continue
+        key = row["licence"].strip()
+        if key in merged:
+            first_line, first = merged[key]
+            conflict = _first_conflict(first, record)
+            if conflict:
+                yield RecordError(line, conflict, "differs from the row at line %d for the same licence" % first_line)
+            else:
+                first["access"].extend(record["access"])
+            continue
+        merged[key] = (line, record)
+    for line, record in merged.values():
+        try:
+            yield parse_filing(record, line)
+        except RecordError as error:
+            yield error
+
+
+def _csv_row_to_record(row: dict, line: int) -> dict:
+    if None in row:
+        raise RecordError(line, "", "more cells than header columns")
+    record: dict[str, object] = {k: (v or "").strip() for k, v in row.items() if k not in CSV_COLUMNS[8:11]}
+    record["domains"] = _split(row["domains"])
+    limit = record["limit_access"].lower()
+    if limit not in ("", "true", "false", "1", "0", "yes", "no"):
+        raise RecordError(line, "limit_access", "must be true or false, not %r" % row["limit_access"])
+    record["limit_access"] = limit in ("true", "1", "yes")
+    provider = (row["access_provider"] or "").strip()
+    record["access"] = (
+        [{"provider": provider, "status": (row["access_status"] or "").strip(), "ips": _split(row["access_ips"])}]
+        if provider
+        else []
+    )
+    return record
+
+
+def _split(cell: str | None) -> list[str]:
+    return [part.strip() for part in (cell or "").split(";") if part.strip()]
+
+
+def _first_conflict(first: dict, other: dict) -> str | None:
+    for key, value in first.items():
+        if key != "access" and other.get(key) != value:
+            return key
+    return None
+
+
+def read_filings(path: Path, fmt: str | None = None) -> Iterator[ParsedFiling | RecordError]:
+    """Read a filings file by format (`ndjson` or `csv`, guessed from the suffix when None)."""
+    fmt = fmt or ("csv" if path.suffix.lower() == ".csv" else "ndjson")
+    reader = read_csv if fmt == "csv" else read_ndjson
+    with path.open("rb") as stream:
+        try:
+            for item in reader(_decoded_lines(stream)):
+                if isinstance(item, RecordError):
+                    item.source = str(path)
+                yield item
+        except RecordError as error:  # undecodable bytes end the file: nothing after is trustworthy
+            error.source = str(path)
+            yield error
+
+
+def _decoded_lines(stream: Iterable[bytes]) -> Iterator[str]:
+    for line, raw in enumerate(stream, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise RecordError(line, "", "not UTF-8 (byte %d)" % (error.start + 1)) from None
+        yield text.removeprefix("\ufeff") if line == 1 else text

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install the Debian tools the test suite and the benchmarks drive, when they are missing.
+# Each line: a shell test that passes when the tool is there, and the package that provides it.
+set -euo pipefail
+checks=(
+  "command -v curl|curl"
+  "command -v openssl|openssl"
+  "test -x /usr/sbin/nginx|nginx"
+  "test -e /usr/lib/nginx/modules/ngx_stream_module.so|libnginx-mod-stream"
+  "test -x /usr/sbin/dnsmasq|dnsmasq-base"
+  "command -v h2load|nghttp2-client"
+  "command -v chromium|chromium"
+  "fc-list :lang=zh 2>/dev/null | grep -q .|fonts-wqy-microhei"
+  "command -v promtool|prometheus"
+  "command -v systemd-analyze|systemd"
+  "command -v ip|iproute2"
+)
+missing=()
+for entry in "${checks[@]}"; do
+  bash -c "${entry%|*}" >/dev/null 2>&1 || missing+=("${entry##*|}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+echo "installing Debian packages: ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
