@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from enum import IntEnum
 from pathlib import Path
@@ -57,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--json", action="store_true", help="print the import report as JSON")
     imp.set_defaults(handler=_cmd_import)
 
+    run = commands.add_parser("run", parents=[common], help="run the gate")
+    run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    run.set_defaults(handler=_cmd_run)
+
     config = commands.add_parser("config", help="config commands")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     config_check = config_commands.add_parser("check", parents=[common], help="check the config and policy pack")
@@ -75,6 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     except RegistryError as error:
         print("registry error: %s" % error, file=sys.stderr)
         return Exit.REGISTRY
+
+
+def _cmd_run(args: argparse.Namespace) -> Exit:
+    from .gate.supervisor import run_gate
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    return Exit(run_gate(args.config, tuple(args.overrides)))
 
 
 def _cmd_config_check(args: argparse.Namespace) -> Exit:

@@ -6,16 +6,70 @@ overrides apply before checking, so an override is checked like the file itself.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .policy_pack import load_pack
-from .tomlschema import ConfigError, Field, Problem, apply_override, problems_for, read_toml, validate
+from .tomlschema import ConfigError, Field, Problem, TableList, apply_override, problems_for, read_toml, validate
 
 
 def _non_empty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _workers(value: int | str) -> str | None:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 256):
+        return None
+    return 'must be "auto" or a number of processes from 1 to 256'
+
+
+def _address(value: str) -> str | None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return "%r is not an IP address" % value
+    return None
+
+
+def _port(value: int) -> str | None:
+    return None if 0 < value < 65536 else "must be a port from 1 to 65535"
+
+
+def _host_port(value: str) -> str | None:
+    if value == "":
+        return None
+    try:
+        split_host_port(value)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _static_map(value: dict) -> str | None:
+    for key, backend in value.items():
+        destination = key.rsplit(":", 1)[0] if key.count(":") == 1 or key.startswith("[") else key
+        if _address(destination.strip("[]")) or not isinstance(backend, str) or _host_port(backend) or not backend:
+            return 'entry %r = %r: expected "hosted IP[:port]" = "backend host:port"' % (key, backend)
+    return None
+
+
+def _one_of(*choices: str):
+    return lambda value: None if value in choices else "must be one of %s" % ", ".join(map(repr, choices))
+
+
+LISTENER_SPEC = {
+    "address": Field((str,), check=_address),
+    "port": Field((int,), check=_port),
+    "kind": Field((str,), check=_one_of("http", "tls")),
+    "backend": Field((str,), "", _host_port),
+    "proxy_protocol": Field((str,), "", _one_of("", "v1", "v2")),
+}
 
 CONFIG_SPEC = {
     "provider": {
@@ -23,9 +77,38 @@ CONFIG_SPEC = {
         "name": Field((str,), ""),
         "contact": Field((str,), ""),
     },
-    "registry": {"path": Field((str,), check=_non_empty)},
+    "registry": {
+        "path": Field((str,), check=_non_empty),
+        "reload_interval": Field((int, float), 2.0, lambda v: None if v >= 0 else "must be 0 (off) or more"),
+    },
     "policy": {"pack": Field((str,), "policies/default.toml", _non_empty)},
+    "gate": {
+        "workers": Field((int, str), 1, _workers),
+        "max_connections": Field((int,), 10000, _positive),
+        "inspect_timeout": Field((int, float), 5.0, _positive),
+        "max_hello_size": Field((int,), 16384, lambda v: None if 512 <= v <= 65536 else "must be 512 to 65536"),
+        "max_header_size": Field((int,), 32768, lambda v: None if 1024 <= v <= 1048576 else "must be 1024 to 1048576"),
+        "idle_timeout": Field((int, float), 300.0, _positive),
+        "connect_timeout": Field((int, float), 5.0, _positive),
+        "drain_timeout": Field((int, float), 10.0, lambda v: None if v >= 0 else "must be 0 or more"),
+        "tls_certificate": Field((str,), ""),
+        "tls_key": Field((str,), ""),
+        "tls_ca_dir": Field((str,), ""),
+    },
+    "upstream": {
+        "mode": Field((str,), "original_dst", _one_of("original_dst", "static")),
+        "static": Field((dict,), {}, _static_map),
+    },
+    "listeners": TableList(LISTENER_SPEC),
 }
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` into its parts; ValueError says what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("%r is not host:port" % value)
+    return host.strip("[]"), int(port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +119,50 @@ class ProviderConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    address: str
+    port: int
+    kind: str  # "http" or "tls"
+    backend: str  # "host:port" overriding the upstream mode, or ""
+    proxy_protocol: str  # "", "v1" or "v2"
+
+    @property
+    def name(self) -> str:
+        host = "[%s]" % self.address if ":" in self.address else self.address
+        return "%s:%d/%s" % (host, self.port, self.kind)
+
+
+@dataclass(frozen=True, slots=True)
+class GateConfig:
+    workers: int
+    max_connections: int
+    inspect_timeout: float
+    max_hello_size: int
+    max_header_size: int
+    idle_timeout: float
+    connect_timeout: float
+    drain_timeout: float
+    tls_certificate: Path | None  # the operator's certificate for the TLS block page
+    tls_key: Path | None
+    tls_ca_dir: Path | None  # a mitmproxy certificate store: per-SNI certificates for the TLS block page
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    mode: str  # "original_dst" or "static"
+    static: dict[str, str]  # hosted "IP" or "IP:port" -> "backend host:port"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: Path
     provider: ProviderConfig
     registry_path: Path
+    registry_reload_interval: float
     policy_pack: Path
+    gate: GateConfig
+    upstream: UpstreamConfig
+    listeners: tuple[ListenerConfig, ...]
 
 
 def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -52,16 +174,37 @@ def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Conf
     if errors:
         raise ConfigError(problems_for(path, text, errors))
     base = path.resolve().parent
+    gate = values["gate"]
     return Config(
         source=path,
         provider=ProviderConfig(**values["provider"]),
         registry_path=_resolve(base, values["registry"]["path"]),
+        registry_reload_interval=float(values["registry"]["reload_interval"]),
         policy_pack=_resolve(base, values["policy"]["pack"]),
+        gate=GateConfig(
+            workers=(os.cpu_count() or 1) if gate["workers"] == "auto" else gate["workers"],
+            max_connections=gate["max_connections"],
+            inspect_timeout=float(gate["inspect_timeout"]),
+            max_hello_size=gate["max_hello_size"],
+            max_header_size=gate["max_header_size"],
+            idle_timeout=float(gate["idle_timeout"]),
+            connect_timeout=float(gate["connect_timeout"]),
+            drain_timeout=float(gate["drain_timeout"]),
+            tls_certificate=_resolve_optional(base, gate["tls_certificate"]),
+            tls_key=_resolve_optional(base, gate["tls_key"]),
+            tls_ca_dir=_resolve_optional(base, gate["tls_ca_dir"]),
+        ),
+        upstream=UpstreamConfig(**values["upstream"]),
+        listeners=tuple(ListenerConfig(**listener) for listener in values["listeners"]),
     )
 
 
 def _resolve(base: Path, value: str) -> Path:
     return (base / Path(value).expanduser()).resolve()
+
+
+def _resolve_optional(base: Path, value: str) -> Path | None:
+    return _resolve(base, value) if value else None
 
 
 def check_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> list[Problem]:

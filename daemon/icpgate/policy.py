@@ -74,6 +74,8 @@ class PolicyPack:
     no_host: Action
     acme_http01: bool
     require_access_ip: bool
+    h2c: Action  # `Upgrade: h2c` (prior-knowledge h2c is always refused: there is no Host to check)
+    connect: Action  # CONNECT requests (their authority is checked like a Host when allowed)
 
 
 @lru_cache(maxsize=4096)

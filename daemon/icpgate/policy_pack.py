@@ -72,6 +72,8 @@ PACK_SPEC = {
         "no_host": Field((str,), "block", _action),
         "acme_http01": Field((bool,), False),
         "require_access_ip": Field((bool,), False),
+        "h2c": Field((str,), "block", _action),
+        "connect": Field((str,), "block", _action),
     },
     "block": {
         "http_status": Field((int,), 403, _one_of(HTTP_BLOCK_STATUSES)),
@@ -137,6 +139,8 @@ def _policy_pack(values: dict[str, Any]) -> PolicyPack:
         no_host=Action(rules["no_host"]),
         acme_http01=rules["acme_http01"],
         require_access_ip=rules["require_access_ip"],
+        h2c=Action(rules["h2c"]),
+        connect=Action(rules["connect"]),
     )
 
 

@@ -1,0 +1,357 @@
+"""One accepted connection: inspect, then relay untouched or block. Shared by HTTP and TLS.
+
+asyncio Protocols, not streams: no task per connection on the block path, no copies beyond what
+the transports make. The upstream is opened only once a connection (or its first request) has
+been allowed, so a blocked connection never reaches a backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..config import GateConfig, ListenerConfig
+from ..policy import Policy, Verdict
+from .blockpage import BlockPages
+from .upstream import Address, UpstreamResolver, original_destination, proxy_header
+
+PENDING_LIMIT = 256 * 1024  # client bytes held while the upstream connects; reading pauses above it
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+@dataclass
+class Runtime:
+    """One worker's shared state. `policy` and `pages` are replaced whole on reload."""
+
+    policy: Policy
+    pages: BlockPages
+    gate: GateConfig
+    tls_pages: object | None = None  # a TlsBlockPages when the pack's TLS action is "page"
+    connections: set[GateConnection] = field(default_factory=set)
+    stats: Counter = field(default_factory=Counter)
+    # Local addresses of our own upstream connections: an accepted connection from one of them
+    # is the gate connecting to itself (original_dst without NAT), refused before it loops.
+    upstream_sources: set[Address] = field(default_factory=set)
+
+
+class Listener:
+    """What the connections of one listening socket share."""
+
+    def __init__(self, runtime: Runtime, config: ListenerConfig, resolver: UpstreamResolver) -> None:
+        self.runtime = runtime
+        self.config = config
+        self.resolver = resolver
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """The backend side of a relay: everything is handed to the owning connection."""
+
+    __slots__ = ("owner", "transport")
+
+    def __init__(self, owner: GateConnection) -> None:
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.owner.from_upstream(data)
+
+    def eof_received(self) -> bool:
+        return self.owner.upstream_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.owner.pause_client_reading("upstream-full")
+
+    def resume_writing(self) -> None:
+        self.owner.resume_client_reading("upstream-full")
+
+
+class GateConnection(asyncio.Protocol):
+    """Client side. Subclasses implement `inspect` (bytes before the relay is open) and blocking."""
+
+    kind = ""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.runtime = listener.runtime
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.client: Address = ("", 0)
+        self.destination: Address = ("", 0)
+        self.upstream: asyncio.Transport | None = None
+        self._upstream_protocol: UpstreamProtocol | None = None
+        self._connect_task: asyncio.Task | None = None
+        self._pending = bytearray()  # for the upstream, until it is connected
+        self._read_pauses: set[str] = set()
+        self._client_eof = False
+        self._upstream_eof = False
+        self._closing = False
+        self._timer: asyncio.TimerHandle | None = None
+        # Inspection must finish by this time; once closing, the final answer must be written by it.
+        self._deadline: float | None = None
+        self._last_activity = 0.0
+        self._upstream_source: Address | None = None
+
+    # --- client transport callbacks ---------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        runtime = self.runtime
+        runtime.stats["connections", self.kind] += 1
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.client = (peer[0], peer[1])
+        if self.client in runtime.upstream_sources:
+            runtime.stats["refused_loop"] += 1
+            transport.abort()
+            return
+        runtime.connections.add(self)
+        if len(runtime.connections) > runtime.gate.max_connections:
+            runtime.stats["refused_full"] += 1
+            self.refuse_full()
+            return
+        sock = transport.get_extra_info("socket")
+        local = transport.get_extra_info("sockname") or ("", 0)
+        self.destination = original_destination(sock, sock.family) if sock is not None else None
+        self.destination = self.destination or (local[0], local[1])
+        self._last_activity = self.loop.time()
+        self._set_deadline(runtime.gate.inspect_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = self.loop.time()
+        self.inspect(data)
+
+    def eof_received(self) -> bool:
+        self._client_eof = True
+        if self.upstream is None and self._connect_task is None:
+            # EOF before the inspection finished: nothing was allowed, nothing to relay.
+            self.inspection_ended_early()
+            return False
+        if self.upstream is not None and not self._pending and self.upstream.can_write_eof():
+            self.upstream.write_eof()
+        if self._upstream_eof:
+            self.close()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.runtime.connections.discard(self)
+        self._cancel_timer()
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+        if self.upstream is not None:
+            if exc is None:
+                self.upstream.close()
+            else:
+                self.upstream.abort()
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # --- hooks for subclasses ---------------------------------------------------------------
+    def inspect(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def inspection_timed_out(self) -> None:
+        raise NotImplementedError
+
+    def inspection_ended_early(self) -> None:
+        self.close()
+
+    def refuse_full(self) -> None:
+        self.close()
+
+    def upstream_failed(self) -> None:
+        self.close()
+
+    def on_upstream_data(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    # --- relay ------------------------------------------------------------------------------
+    def decide(self, host: str | None, path: str | None = None) -> Verdict:
+        verdict = self.runtime.policy.decide(host, self.destination[0], self.destination[1], self.kind, path)
+        self.count_decision(verdict)
+        return verdict
+
+    def count_decision(self, verdict: Verdict) -> None:
+        self.runtime.stats["decisions", self.kind, verdict.action.value, verdict.reason.value] += 1
+
+    def inspection_done(self) -> None:
+        """Inspection passed: from here on the idle timeout governs the connection."""
+        self._deadline = None
+
+    def send_upstream(self, data: bytes) -> None:
+        """Forward client bytes, opening the upstream connection on first use."""
+        if self.upstream is not None:
+            self.upstream.write(data)
+            return
+        self._pending += data
+        if len(self._pending) > PENDING_LIMIT:
+            self.pause_client_reading("connecting")
+        if self._connect_task is None:
+            self._connect_task = self.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        backend = self.listener.resolver.backend_for(self.destination)
+        if backend is None:
+            self.runtime.stats["upstream_errors", "no_backend"] += 1
+            self.upstream_failed()
+            return
+        try:
+            transport, protocol = await asyncio.wait_for(
+                self.loop.create_connection(lambda: UpstreamProtocol(self), backend[0], backend[1]),
+                self.runtime.gate.connect_timeout,
+            )
+        except (TimeoutError, OSError) as error:
+            self.runtime.stats["upstream_errors", type(error).__name__] += 1
+            if not self._closing:
+                self.upstream_failed()
+            return
+        finally:
+            self._connect_task = None
+        if self._closing or self.transport is None or self.transport.is_closing():
+            transport.abort()
+            return
+        source = transport.get_extra_info("sockname")
+        if source:
+            self._upstream_source = (source[0], source[1])
+            self.runtime.upstream_sources.add(self._upstream_source)
+        self.upstream = transport
+        self._upstream_protocol = protocol
+        if self.listener.config.proxy_protocol:
+            transport.write(proxy_header(self.listener.config.proxy_protocol, self.client, self.destination))
+        if self._pending:
+            transport.write(bytes(self._pending))
+            self._pending.clear()
+        self.resume_client_reading("connecting")
+        if self._client_eof and transport.can_write_eof():
+            transport.write_eof()
+
+    def from_upstream(self, data: bytes) -> None:
+        self._last_activity = self.loop.time()
+        self.on_upstream_data(data)
+
+    def upstream_eof(self) -> bool:
+        self._upstream_eof = True
+        if self.transport is not None and not self.transport.is_closing() and self.transport.can_write_eof():
+            self.transport.write_eof()
+        if self._client_eof:
+            self.close()
+        return True
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if self._upstream_source is not None:
+            self.runtime.upstream_sources.discard(self._upstream_source)
+        self.upstream = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        if exc is not None:
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+    def pause_client_reading(self, reason: str) -> None:
+        if not self._read_pauses and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._read_pauses.add(reason)
+
+    def resume_client_reading(self, reason: str) -> None:
+        if reason not in self._read_pauses:
+            return
+        self._read_pauses.discard(reason)
+        if not self._read_pauses and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    # --- ending -----------------------------------------------------------------------------
+    def reply_and_close(self, data: bytes) -> None:
+        """Send a final answer; the close waits for it to be written (the idle timer bounds that)."""
+        self._closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+            self.transport.close()
+            self._set_deadline(self.runtime.gate.inspect_timeout)
+        if self.upstream is not None:
+            self.upstream.close()
+
+    def reset(self) -> None:
+        """Close with a TCP RST (SO_LINGER 0), as the clouds do for blocked TLS."""
+        self._closing = True
+        if self.transport is None or self.transport.is_closing():
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        self.transport.abort()
+
+    def close(self) -> None:
+        self._closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        if self.upstream is not None and not self.upstream.is_closing():
+            self.upstream.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+        if self.upstream is not None:
+            self.upstream.abort()
+
+    # --- timers ---------------------------------------------------------------------------
+    def _set_deadline(self, seconds: float) -> None:
+        self._deadline = self.loop.time() + seconds
+        if self._timer is None or self._timer.when() > self._deadline:
+            self._cancel_timer()
+            self._timer = self.loop.call_later(seconds, self._on_timer)
+
+    def _on_timer(self) -> None:
+        """One timer per connection: the phase deadline while inspecting or closing, else idleness."""
+        self._timer = None
+        if self.transport is None:
+            return
+        now = self.loop.time()
+        gate = self.runtime.gate
+        if self._deadline is not None:
+            if now < self._deadline:
+                self._timer = self.loop.call_later(self._deadline - now, self._on_timer)
+                return
+            self._deadline = None
+            if self._closing:  # a final answer the client never read
+                self.abort()
+                return
+            self.runtime.stats["inspect_timeouts", self.kind] += 1
+            self.inspection_timed_out()
+            if self._closing and self._deadline is None:
+                self._set_deadline(gate.inspect_timeout)
+            elif self._timer is None and not self._closing:
+                self._timer = self.loop.call_later(gate.idle_timeout, self._on_timer)
+            return
+        if self._closing:
+            return
+        idle = now - self._last_activity
+        if idle >= gate.idle_timeout:
+            self.runtime.stats["idle_timeouts", self.kind] += 1
+            self.abort()
+            return
+        self._timer = self.loop.call_later(gate.idle_timeout - idle, self._on_timer)
+
+    def restart_inspect_deadline(self) -> None:
+        """A new HTTP request head has begun: it must be complete within the inspection timeout."""
+        self._set_deadline(self.runtime.gate.inspect_timeout)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

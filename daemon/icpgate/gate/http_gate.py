@@ -1,0 +1,145 @@
+"""Plaintext HTTP/1.x listeners: every request on the connection is checked before it is forwarded."""
+
+from __future__ import annotations
+
+from ..policy import Action, Reason, Verdict
+from .blockpage import error_response, new_request_id
+from .connection import GateConnection
+from .http_inspector import Body, Head, HttpInspector, Invalid, RequestHead, Tunnel
+
+SWITCH_STATUS_LINE = 16  # enough of the backend's answer to read "HTTP/1.1 101"
+
+
+class HttpConnection(GateConnection):
+    kind = "http"
+
+    def __init__(self, listener) -> None:
+        super().__init__(listener)
+        self.inspector = HttpInspector(self.runtime.gate.max_header_size)
+        self._tunnel = False
+        self._switch_method = ""  # the Upgrade/CONNECT request whose answer we wait for
+        self._switch_answer = bytearray()
+        self._final_answer: bytes | None = None  # a block to send once the backend has finished
+
+    def inspect(self, data: bytes) -> None:
+        if self._tunnel:
+            self.send_upstream(data)
+            return
+        if self._final_answer is not None:
+            return  # blocked: waiting for the backend to finish earlier answers; ignore the rest
+        started_head = not self.inspector.in_head
+        for event in self.inspector.feed(data):
+            if isinstance(event, Head):
+                if not self._on_head(event):
+                    return
+            elif isinstance(event, Body):
+                self.send_upstream(event.raw)
+            elif isinstance(event, Tunnel):
+                self._tunnel = True
+                self.send_upstream(event.raw)
+            elif isinstance(event, Invalid):
+                verdict = Verdict(Action.BLOCK, Reason.INVALID, "http.framing", "", detail=event.message)
+                self.count_decision(verdict)
+                self._block(verdict, None)
+                return
+        if self.inspector.in_head and started_head:
+            self.restart_inspect_deadline()
+
+    def _on_head(self, head: Head) -> bool:
+        """Decide one request; forward its head and return True when it is allowed."""
+        request = head.request
+        verdict = self._protocol_refusal(request)
+        if verdict is not None:
+            self.count_decision(verdict)
+        else:
+            verdict = self.decide(request.host, request.path)
+        if verdict.action is Action.BLOCK:
+            self._block(verdict, request)
+            return False
+        self.inspection_done()
+        if request.upgrade or request.method == "CONNECT":
+            self._switch_method = request.method
+        self.send_upstream(head.raw)
+        return True
+
+    def _protocol_refusal(self, request: RequestHead) -> Verdict | None:
+        """Refusals that are about the request, not the host: malformed heads, h2c, CONNECT."""
+        pack = self.runtime.policy.pack
+        if request.error:
+            return Verdict(Action.BLOCK, Reason.INVALID, "http.request", request.host or "", detail=request.error)
+        if request.upgrade == b"h2c" and pack.h2c is Action.BLOCK:
+            return Verdict(Action.BLOCK, Reason.INVALID, "rules.h2c", request.host or "", detail="h2c upgrade")
+        if request.method == "CONNECT" and pack.connect is Action.BLOCK:
+            return Verdict(Action.BLOCK, Reason.INVALID, "rules.connect", request.host or "", detail="CONNECT")
+        return None
+
+    def _block(self, verdict: Verdict, request: RequestHead | None) -> None:
+        request_id = new_request_id()
+        answer = self.runtime.pages.http_response(
+            verdict,
+            request_id,
+            json_body=request is not None and request.accepts_json(),
+            head_only=request is not None and request.method == "HEAD",
+        )
+        self.runtime.stats["blocks", "http", verdict.reason.value] += 1
+        if self.upstream is None and self._connect_task is None:
+            self.reply_and_close(answer)
+            return
+        # Earlier requests went to the backend: let it finish answering them, then block.
+        self._final_answer = answer
+        self.pause_client_reading("blocked")
+        self.restart_inspect_deadline()  # bounds the wait for the backend
+        if self.upstream is not None and self.upstream.can_write_eof():
+            self.upstream.write_eof()
+
+    def on_upstream_data(self, data: bytes) -> None:
+        self.transport.write(data)
+        if self._switch_method and self.inspector.awaiting_switch:
+            self._switch_answer += data
+            if b"\n" in self._switch_answer or len(self._switch_answer) >= SWITCH_STATUS_LINE:
+                self._answer_switch(bytes(self._switch_answer))
+
+    def _answer_switch(self, answer: bytes) -> None:
+        status = answer[9:12]
+        accepted = status.startswith(b"2") if self._switch_method == "CONNECT" else status == b"101"
+        self._switch_method = ""
+        self._switch_answer.clear()
+        self.inspector.switch_answered(accepted)
+        self.inspect(b"")  # what the client sent meanwhile: tunnel it, or inspect it as HTTP
+
+    def upstream_eof(self) -> bool:
+        if self._final_answer is not None:
+            self._send_final_answer()
+            return False
+        return super().upstream_eof()
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if self._final_answer is not None:
+            self.upstream = None
+            self._send_final_answer()
+            return
+        super().upstream_lost(exc)
+
+    def _send_final_answer(self) -> None:
+        answer, self._final_answer = self._final_answer, None
+        if answer is not None:
+            self.reply_and_close(answer)
+
+    def inspection_timed_out(self) -> None:
+        if self._final_answer is not None:
+            self._send_final_answer()  # the backend did not finish in time: block now
+            return
+        message = "request header section not complete within %gs" % self.runtime.gate.inspect_timeout
+        verdict = Verdict(Action.BLOCK, Reason.INVALID, "http.header_timeout", "", detail=message)
+        self.count_decision(verdict)
+        self._block(verdict, None)
+
+    def inspection_ended_early(self) -> None:
+        self.close()
+
+    def refuse_full(self) -> None:
+        self.reply_and_close(error_response(503, "too many connections", new_request_id()))
+
+    def upstream_failed(self) -> None:
+        self.runtime.stats["upstream_failures", "http"] += 1
+        self.reply_and_close(error_response(502, "the site's server cannot be reached", new_request_id()))

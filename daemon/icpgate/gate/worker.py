@@ -1,0 +1,150 @@
+"""One gate worker: loads config, pack, pages and index, binds the listeners, serves until told.
+
+SIGHUP reloads config, policy pack, templates and the index; anything invalid keeps the old
+state and says why. SIGTERM stops accepting, lets relays drain up to `gate.drain_timeout`, then
+closes the rest. The index is also reloaded when another process commits to the registry
+(`icpgate import`), checked every `registry.reload_interval` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from ..config import Config, ListenerConfig, load_config
+from ..index import EMPTY_INDEX
+from ..policy import Policy
+from ..policy_pack import load_pack
+from ..registry import Registry, open_registry
+from ..tomlschema import ConfigError
+from .blockpage import BlockPages, Operator
+from .connection import Listener, Runtime
+from .http_gate import HttpConnection
+from .tls_gate import TlsConnection
+from .tls_page import TlsBlockPages
+from .upstream import UpstreamResolver
+
+log = logging.getLogger("icpgate.gate")
+CONNECTION_KINDS = {"http": HttpConnection, "tls": TlsConnection}
+BACKLOG = 4096
+
+
+def build_runtime_parts(config: Config) -> tuple[Policy, BlockPages, TlsBlockPages | None]:
+    """Everything a reload replaces, except the index; raises ConfigError when anything is wrong."""
+    pack = load_pack(config.policy_pack)
+    pages = BlockPages(pack.block, Operator(config.provider.name, config.provider.contact))
+    tls_pages = TlsBlockPages(config.gate) if pack.block.tls_action == "page" else None
+    return Policy(pack.policy, config.provider.id, EMPTY_INDEX), pages, tls_pages
+
+
+class Worker:
+    def __init__(self, config_path: Path, overrides: tuple[str, ...], on_ready: Callable[[], None]) -> None:
+        self.config_path = config_path
+        self.overrides = overrides
+        self.on_ready = on_ready
+        self.config: Config | None = None
+        self.runtime: Runtime | None = None
+        self.servers: list[asyncio.Server] = []
+        self.registry: Registry | None = None
+        self._stopping = asyncio.Event()
+        self._data_version = None
+
+    async def run(self) -> None:
+        self.config = load_config(self.config_path, self.overrides)
+        policy, pages, tls_pages = build_runtime_parts(self.config)
+        async with open_registry(self.config.registry_path, create=False) as registry:
+            self.registry = registry
+            policy.index = await registry.load_index()
+            self._data_version = await self._registry_version()
+            log.info("registry %s: %d filings loaded", self.config.registry_path, len(policy.index))
+            self.runtime = Runtime(policy, pages, self.config.gate, tls_pages)
+            await self._bind(self.config.listeners)
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+            loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+            self.on_ready()
+            watcher = loop.create_task(self._watch_registry())
+            await self._stopping.wait()
+            watcher.cancel()
+            await self._drain()
+
+    async def _bind(self, listeners: tuple[ListenerConfig, ...]) -> None:
+        loop = asyncio.get_running_loop()
+        for listener_config in listeners:
+            listener = Listener(self.runtime, listener_config, UpstreamResolver(self.config.upstream, listener_config))
+            factory = CONNECTION_KINDS[listener_config.kind]
+            server = await loop.create_server(
+                lambda factory=factory, listener=listener: factory(listener),
+                listener_config.address,
+                listener_config.port,
+                family=socket.AF_INET6 if ":" in listener_config.address else socket.AF_INET,
+                reuse_port=True,
+                backlog=BACKLOG,
+            )
+            self.servers.append(server)
+            log.info("listening on %s", listener_config.name)
+
+    async def reload(self) -> bool:
+        """Re-read config, pack, templates and index; keep the old state if anything is wrong."""
+        try:
+            config = load_config(self.config_path, self.overrides)
+            policy, pages, tls_pages = build_runtime_parts(config)
+        except ConfigError as error:
+            for problem in error.problems:
+                log.error("reload refused, keeping the running config: %s", problem)
+            self.runtime.stats["reloads", "failed"] += 1
+            return False
+        if config.listeners != self.config.listeners:
+            log.warning("listener changes take effect at the next restart")
+        policy.index = self.runtime.policy.index
+        self.config = config
+        self.runtime.gate = config.gate
+        self.runtime.pages = pages
+        self.runtime.tls_pages = tls_pages
+        self.runtime.policy = policy
+        await self._reload_index()
+        self.runtime.stats["reloads", "ok"] += 1
+        log.info("reloaded config, policy pack %s and templates", policy.pack.name)
+        return True
+
+    async def _registry_version(self) -> int:
+        async with self.registry.db.execute("PRAGMA data_version") as cursor:
+            (version,) = await cursor.fetchone()
+        return version
+
+    async def _watch_registry(self) -> None:
+        interval = self.config.registry_reload_interval
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                version = await self._registry_version()
+                if version != self._data_version:
+                    self._data_version = version
+                    await self._reload_index()
+            except Exception:  # a broken reload must not stop the gate: it keeps the last index
+                log.exception("registry reload failed; keeping the last index")
+
+    async def _reload_index(self) -> None:
+        index = await self.registry.load_index()
+        self.runtime.policy.index = index  # one reference swap: decisions see old or new, never a mix
+        log.info("index reloaded: %d filings", len(index))
+
+    async def _drain(self) -> None:
+        for server in self.servers:
+            server.close()
+        connections = self.runtime.connections
+        log.info("stopping: draining %d connections for up to %gs", len(connections), self.config.gate.drain_timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.gate.drain_timeout
+        while connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(connections):
+            connection.abort()
+        await asyncio.sleep(0)
