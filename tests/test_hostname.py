@@ -47,6 +47,8 @@ def test_normalises(raw: str, kind: HostKind, value: str) -> None:
         ("a" * 64 + ".cn", "label longer than 63"),
         (".".join(["a" * 60] * 5), "name longer than 253"),
         ("exa mple.cn", "not allowed"),
+        (" example.cn", "not allowed"),
+        ("example.cn\t", "not allowed"),
         ("user@example.cn", "not allowed"),
         ("example.cn:99999", "port"),
         ("example.cn:", "port"),

@@ -104,7 +104,8 @@ def _cmd_config_check(args: argparse.Namespace) -> Exit:
 def _cmd_check(args: argparse.Namespace) -> Exit:
     config = load_config(args.config, args.overrides)
     pack = load_pack(config.policy_pack)
-    explanation = asyncio.run(explain(config, pack, args.host, args.ip, args.port, args.proto, args.path))
+    host = args.host.strip()  # typed or pasted by an operator
+    explanation = asyncio.run(explain(config, pack, host, args.ip, args.port, args.proto, args.path))
     if args.json:
         print(json.dumps(explanation, ensure_ascii=False, indent=2))
     else:

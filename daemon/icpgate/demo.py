@@ -8,8 +8,8 @@ certificate store, in var/demo/). The gate decides what reaches it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import asyncio
+import contextlib
 import multiprocessing
 import ssl
 import sys

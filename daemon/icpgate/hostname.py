@@ -53,11 +53,12 @@ def normalize_host(raw: str) -> Host:
     """Normalise a Host header value, SNI or name typed by an operator.
 
     Lowercases, strips one trailing dot, an optional `:port` and IPv6 brackets, maps Unicode names
-    to A-labels and validates lengths and characters. Never raises.
+    to A-labels and validates lengths and characters. Whitespace is refused, not trimmed: the
+    name decided on must be the name the client sent. Never raises.
     """
     if len(raw) > MAX_RAW_LENGTH:
         return _invalid("longer than %d characters" % MAX_RAW_LENGTH)
-    text = raw.strip().lower()
+    text = raw.lower()
     if not text:
         return _invalid("empty")
     if text[0] == "[":

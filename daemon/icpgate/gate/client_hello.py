@@ -49,7 +49,8 @@ def parse_client_hello(data: bytes, max_size: int) -> Hello:
             return _need_more_or_error(data, offset, max_size)
         if data[offset] != HANDSHAKE:
             return _error("not a TLS handshake record (first byte 0x%02x)" % data[offset])
-        if data[offset + 1] != 3:
+        if data[offset + 1] != 3 or data[offset + 2] > 3:
+            # Record versions are 3.0-3.3; TLS 1.3 keeps 3.1/3.3 on the record layer.
             return _error("unknown TLS record version %d.%d" % (data[offset + 1], data[offset + 2]))
         length = (data[offset + 3] << 8) | data[offset + 4]
         if length == 0 or length > MAX_RECORD:
@@ -78,7 +79,7 @@ def _need_more_or_error(data: bytes, offset: int, max_size: int) -> Hello:
     rest = data[offset:]
     if rest and rest[0] != HANDSHAKE:
         return _error("not a TLS handshake record (first byte 0x%02x)" % rest[0])
-    if len(rest) > 1 and rest[1] != 3:
+    if (len(rest) > 1 and rest[1] != 3) or (len(rest) > 2 and rest[2] > 3):
         return _error("unknown TLS record version %d.%d" % (rest[1], rest[2] if len(rest) > 2 else 0))
     if offset + RECORD_HEADER > max_size:
         return _error("ClientHello larger than %d bytes" % max_size)

@@ -108,7 +108,7 @@ class HttpInspector:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        self._headers.append((name.lower(), value.strip(b" \t")))  # OWS is not part of the value
 
     def on_headers_complete(self) -> None:
         self._head_done = True
