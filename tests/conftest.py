@@ -70,8 +70,15 @@ def copy_policies(tmp_path: Path) -> Path:
 
 
 # --- the gate stack: certificates, origin and a gate, shared by the gate tests -------------------
-SAMPLE_NAMES = ["example-filed.cn", "*.example-filed.cn", "example-unfiled.cn", "*.example-unfiled.cn",
-                "example-pending.cn", "example-shop.com.cn", "localhost"]  # fmt: skip
+SAMPLE_NAMES = [
+    "example-filed.cn",
+    "*.example-filed.cn",
+    "example-unfiled.cn",
+    "*.example-unfiled.cn",
+    "example-pending.cn",
+    "example-shop.com.cn",
+    "localhost",
+]
 
 
 @pytest.fixture(scope="session")
@@ -81,8 +88,12 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("certs")
     ca = trustme.CA()
     cert = ca.issue_cert(*SAMPLE_NAMES)
-    paths = {"ca": directory / "ca.pem", "server": directory / "server.pem", "key": directory / "key.pem",
-             "cert": directory / "cert.pem"}  # fmt: skip
+    paths = {
+        "ca": directory / "ca.pem",
+        "server": directory / "server.pem",
+        "key": directory / "key.pem",
+        "cert": directory / "cert.pem",
+    }
     ca.cert_pem.write_to_path(paths["ca"])
     cert.private_key_and_cert_chain_pem.write_to_path(paths["server"])
     cert.private_key_pem.write_to_path(paths["key"])
@@ -102,22 +113,50 @@ def origin(tmp_path_factory: pytest.TempPathFactory, certs: dict[str, Path]):
 def standard_listeners(origin) -> tuple[dict[str, dict], dict[str, int]]:
     from gatekit import free_port
 
-    ports = {name: free_port() for name in ("http", "tls", "tls_echo", "tls_record", "http_record", "proxy_v1",
-                                            "proxy_v2")}  # fmt: skip
+    ports = {
+        name: free_port() for name in ("http", "tls", "tls_echo", "tls_record", "http_record", "proxy_v1", "proxy_v2")
+    }
     listeners = {
-        "http": {"address": "127.0.0.1", "port": ports["http"], "kind": "http", "backend": "127.0.0.1:%d" % origin.http},
+        "http": {
+            "address": "127.0.0.1",
+            "port": ports["http"],
+            "kind": "http",
+            "backend": "127.0.0.1:%d" % origin.http,
+        },
         "tls": {"address": "127.0.0.1", "port": ports["tls"], "kind": "tls", "backend": "127.0.0.1:%d" % origin.tls},
-        "tls_echo": {"address": "127.0.0.1", "port": ports["tls_echo"], "kind": "tls",
-                     "backend": "127.0.0.1:%d" % origin.tls_echo},
-        "tls_record": {"address": "127.0.0.1", "port": ports["tls_record"], "kind": "tls",
-                       "backend": "127.0.0.1:%d" % origin.record_port},
-        "http_record": {"address": "127.0.0.1", "port": ports["http_record"], "kind": "http",
-                        "backend": "127.0.0.1:%d" % origin.record_port},
-        "proxy_v1": {"address": "127.0.0.1", "port": ports["proxy_v1"], "kind": "tls",
-                     "backend": "127.0.0.1:%d" % origin.record_port, "proxy_protocol": "v1"},
-        "proxy_v2": {"address": "127.0.0.1", "port": ports["proxy_v2"], "kind": "http",
-                     "backend": "127.0.0.1:%d" % origin.record_port, "proxy_protocol": "v2"},
-    }  # fmt: skip
+        "tls_echo": {
+            "address": "127.0.0.1",
+            "port": ports["tls_echo"],
+            "kind": "tls",
+            "backend": "127.0.0.1:%d" % origin.tls_echo,
+        },
+        "tls_record": {
+            "address": "127.0.0.1",
+            "port": ports["tls_record"],
+            "kind": "tls",
+            "backend": "127.0.0.1:%d" % origin.record_port,
+        },
+        "http_record": {
+            "address": "127.0.0.1",
+            "port": ports["http_record"],
+            "kind": "http",
+            "backend": "127.0.0.1:%d" % origin.record_port,
+        },
+        "proxy_v1": {
+            "address": "127.0.0.1",
+            "port": ports["proxy_v1"],
+            "kind": "tls",
+            "backend": "127.0.0.1:%d" % origin.record_port,
+            "proxy_protocol": "v1",
+        },
+        "proxy_v2": {
+            "address": "127.0.0.1",
+            "port": ports["proxy_v2"],
+            "kind": "http",
+            "backend": "127.0.0.1:%d" % origin.record_port,
+            "proxy_protocol": "v2",
+        },
+    }
     return listeners, ports
 
 

@@ -8,6 +8,7 @@ records, duplicate SNI, GREASE, ECH).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -67,11 +68,26 @@ def start_origin(tmp: Path, cert_pem: Path) -> Origin:
     record_dir.mkdir(exist_ok=True)
     ports = {name: free_port() for name in ("http", "tls", "tls_echo", "record")}
     process = subprocess.Popen(
-        [sys.executable, str(ORIGIN), "--http", str(ports["http"]), "--tls", str(ports["tls"]),
-         "--tls-echo", str(ports["tls_echo"]), "--cert", str(cert_pem), "--record", str(record_dir),
-         "--record-port", str(ports["record"])],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ORIGIN),
+            "--http",
+            str(ports["http"]),
+            "--tls",
+            str(ports["tls"]),
+            "--tls-echo",
+            str(ports["tls_echo"]),
+            "--cert",
+            str(cert_pem),
+            "--record",
+            str(record_dir),
+            "--record-port",
+            str(ports["record"]),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     json.loads(process.stdout.readline())
     return Origin(ports["http"], ports["tls"], ports["tls_echo"], ports["record"], record_dir, process)
 
@@ -108,11 +124,18 @@ def gate_config(
 ) -> Path:
     """Write a config with the sample registry imported; `listeners` maps a name to its table."""
     lines = [
-        "[provider]", 'id = "IDC-EXAMPLE"', 'name = "Example IDC"', 'contact = "noc@idc.example"',
-        "[registry]", 'path = "%s"' % (tmp / "registry.db"), "reload_interval = 0.2",
-        "[policy]", 'pack = "%s"' % (pack or REPO / "policies" / "default.toml"),
-        "[gate]", "inspect_timeout = 2.0",
-    ]  # fmt: skip
+        "[provider]",
+        'id = "IDC-EXAMPLE"',
+        'name = "Example IDC"',
+        'contact = "noc@idc.example"',
+        "[registry]",
+        'path = "%s"' % (tmp / "registry.db"),
+        "reload_interval = 0.2",
+        "[policy]",
+        'pack = "%s"' % (pack or REPO / "policies" / "default.toml"),
+        "[gate]",
+        "inspect_timeout = 2.0",
+    ]
     lines += ["%s = %s" % (key, json.dumps(value)) for key, value in (gate or {}).items()]
     lines.append(upstream)
     for table in listeners.values():
@@ -121,8 +144,9 @@ def gate_config(
     path = tmp / "gate.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     if not (tmp / "registry.db").exists():
-        subprocess.run([sys.executable, "-m", "icpgate", "import", str(SAMPLES), "-c", str(path)], check=True,
-                       capture_output=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "icpgate", "import", str(SAMPLES), "-c", str(path)], check=True, capture_output=True
+        )
     return path
 
 
@@ -131,8 +155,10 @@ def start_gate(config: Path, ports: dict[str, int], env: dict[str, str] | None =
     log = log_path.open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "icpgate", "run", "-c", str(config)],
-        stdout=log, stderr=log, env={**os.environ, **(env or {})},
-    )  # fmt: skip
+        stdout=log,
+        stderr=log,
+        env={**os.environ, **(env or {})},
+    )
     gate = Gate(config, ports, process, log_path, env or {})
     for port in ports.values():
         try:
@@ -149,10 +175,8 @@ def python_hello(sni: str | None) -> bytes:
     context = ssl.create_default_context()
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = context.wrap_bio(incoming, outgoing, server_hostname=sni)
-    try:
+    with contextlib.suppress(ssl.SSLWantReadError):
         tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
     return outgoing.read()
 
 
@@ -185,9 +209,13 @@ def build_hello(
     tls13_extensions = [(0x002B, b"\x04\x03\x04\x03\x03"), (0x0033, key_share)] if tls13 else []
     all_extensions = [*extensions, *tls13_extensions]
     body = (
-        b"\x03\x03" + _filler(32) + _vector(session_id, 1) + _vector(b"\x13\x01\x13\x02\x13\x03", 2)
-        + b"\x01\x00" + _vector(b"".join(struct.pack("!H", t) + _vector(d, 2) for t, d in all_extensions), 2)
-    )  # fmt: skip
+        b"\x03\x03"
+        + _filler(32)
+        + _vector(session_id, 1)
+        + _vector(b"\x13\x01\x13\x02\x13\x03", 2)
+        + b"\x01\x00"
+        + _vector(b"".join(struct.pack("!H", t) + _vector(d, 2) for t, d in all_extensions), 2)
+    )
     handshake = b"\x01" + len(body).to_bytes(3, "big") + body
     sizes = list(record_sizes or [])
     records, offset = [], 0

@@ -101,8 +101,12 @@ NAMES = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9]{1,10}){1,3
     name=NAMES,
     key_share=st.integers(min_value=1, max_value=2000),
     splits=st.lists(st.integers(min_value=1, max_value=400), max_size=6),
-    extra=st.lists(st.tuples(st.integers(min_value=0x100, max_value=0xFE00), st.binary(max_size=40)), max_size=5, unique_by=lambda e: e[0]),
-)  # fmt: skip
+    extra=st.lists(
+        st.tuples(st.integers(min_value=0x100, max_value=0xFE00), st.binary(max_size=40)),
+        max_size=5,
+        unique_by=lambda e: e[0],
+    ),
+)
 def test_generated_hellos_agree_with_mitmproxy(name: str, key_share: int, splits: list[int], extra) -> None:
     extensions = [(kind, data) for kind, data in extra if kind not in (0x2B, 0x33)] + [server_name_extension(name)]
     hello = build_hello(extensions, key_share_size=key_share, record_sizes=splits)

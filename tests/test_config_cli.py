@@ -36,8 +36,12 @@ def test_toml_syntax_error_has_its_line(tmp_path: Path) -> None:
 def test_policy_pack_problems_are_reported(tmp_path: Path) -> None:
     policies = copy_policies(tmp_path)
     pack = policies / "default.toml"
-    pack.write_text(pack.read_text().replace('no_host = "block"', 'no_host = "maybe"').replace(
-        "exempt_domains = []", 'exempt_domains = ["com.cn"]'), encoding="utf-8")  # fmt: skip
+    pack.write_text(
+        pack.read_text()
+        .replace('no_host = "block"', 'no_host = "maybe"')
+        .replace("exempt_domains = []", 'exempt_domains = ["com.cn"]'),
+        encoding="utf-8",
+    )
     lines = pack.read_text().splitlines()
     result = run_icpgate("config", "check", "-c", str(EXAMPLE_CONFIG), "--set", 'policy.pack="%s"' % pack)
     assert result.returncode == 3

@@ -14,9 +14,20 @@ from gatekit import closed_by_peer, send_in_pieces
 def curl(port: int, host: str, *args: str, path: str = "/") -> str:
     """curl's whole answer (status line, headers, body), CRLFs kept."""
     result = subprocess.run(
-        ["curl", "-sS", "-i", "--max-time", "10", "-H", "Host: %s" % host, *args, "http://127.0.0.1:%d%s" % (port, path)],
-        capture_output=True, timeout=20,
-    )  # fmt: skip
+        [
+            "curl",
+            "-sS",
+            "-i",
+            "--max-time",
+            "10",
+            "-H",
+            "Host: %s" % host,
+            *args,
+            "http://127.0.0.1:%d%s" % (port, path),
+        ],
+        capture_output=True,
+        timeout=20,
+    )
     return result.stdout.decode()
 
 
@@ -49,15 +60,29 @@ def test_filed_site_is_relayed_untouched(gate) -> None:
     status, headers, body = split_response(result)
     assert status == 200
     assert "x-icp-gate" not in headers
-    assert json.loads(body) == {"host": "www.example-filed.cn", "method": "GET", "path": "/some/path?q=1",
-                                "body_sha256": json.loads(body)["body_sha256"], "body_length": 0, "version": "1.1"}  # fmt: skip
+    assert json.loads(body) == {
+        "host": "www.example-filed.cn",
+        "method": "GET",
+        "path": "/some/path?q=1",
+        "body_sha256": json.loads(body)["body_sha256"],
+        "body_length": 0,
+        "version": "1.1",
+    }
 
 
-@pytest.mark.parametrize(("host", "reason"), [
-    ("example-unfiled.cn", "unfiled"), ("www.example-pending.cn", "pending"), ("example-elsewhere.cn", "filed_elsewhere"),
-    ("example-cancelled.cn", "access_cancelled"), ("example-deregistered.cn", "deregistered"),
-    ("example-limited.cn", "limited"), ("example-filed.cn.evil.net", "unfiled"), ("evilexample-filed.cn", "unfiled"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("example-unfiled.cn", "unfiled"),
+        ("www.example-pending.cn", "pending"),
+        ("example-elsewhere.cn", "filed_elsewhere"),
+        ("example-cancelled.cn", "access_cancelled"),
+        ("example-deregistered.cn", "deregistered"),
+        ("example-limited.cn", "limited"),
+        ("example-filed.cn.evil.net", "unfiled"),
+        ("evilexample-filed.cn", "unfiled"),
+    ],
+)
 def test_blocked_sites_get_the_block_page(gate, host: str, reason: str) -> None:
     status, headers, body = split_response(curl(gate.ports["http"], host))
     assert status == 403
@@ -110,10 +135,12 @@ def test_keep_alive_host_switching_is_checked_per_request(gate) -> None:
 def test_pipelined_requests_stop_at_the_first_blocked_one(gate, origin) -> None:
     port = gate.ports["http_record"]
     before = len(origin.recorded())
-    pipeline = (b"GET /a HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n"
-                b"POST /b HTTP/1.1\r\nHost: example-filed.cn\r\nContent-Length: 5\r\n\r\nhello"
-                b"GET /c HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n"
-                b"GET /d HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n")  # fmt: skip
+    pipeline = (
+        b"GET /a HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n"
+        b"POST /b HTTP/1.1\r\nHost: example-filed.cn\r\nContent-Length: 5\r\n\r\nhello"
+        b"GET /c HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n"
+        b"GET /d HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n"
+    )
     sock = send_in_pieces(port, pipeline, [])
     # The recording origin never answers, so the gate waits for it to finish, then blocks.
     answer = closed_by_peer(sock, timeout=15)
@@ -122,19 +149,24 @@ def test_pipelined_requests_stop_at_the_first_blocked_one(gate, origin) -> None:
     assert recorded == [pipeline[: pipeline.index(b"GET /c")]]
 
 
-@pytest.mark.parametrize("request_bytes", [
-    b"POST / HTTP/1.1\r\nHost: example-filed.cn\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    b"POST / HTTP/1.1\r\nHost: example-filed.cn\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
-    b"POST / HTTP/1.1\r\nHost: example-filed.cn\r\nTransfer-Encoding: xchunked\r\n\r\n",
-    b"POST / HTTP/1.1\r\nHost: example-filed.cn\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\nHost: example-unfiled.cn\r\n\r\n",
-    b"GET http://example-filed.cn/ HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\n folded: header\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost : example-filed.cn\r\n\r\n",
-    b"GET / HTTP/1.1\r\n\r\n",
-    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
-    b"GET / HTTP/1.1\r\nHost: exa mple.cn\r\n\r\n",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST / HTTP/1.1\r\nHost: example-filed.cn\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: example-filed.cn\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"POST / HTTP/1.1\r\nHost: example-filed.cn\r\nTransfer-Encoding: xchunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: example-filed.cn\r\nTransfer-Encoding: chunked\r\n"
+        b"Transfer-Encoding: identity\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\nHost: example-unfiled.cn\r\n\r\n",
+        b"GET http://example-filed.cn/ HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\n folded: header\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost : example-filed.cn\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+        b"GET / HTTP/1.1\r\nHost: exa mple.cn\r\n\r\n",
+    ],
+)
 def test_smuggling_and_malformed_requests_get_400(gate, request_bytes: bytes) -> None:
     raw = exchange(gate.ports["http"], request_bytes)
     assert raw.startswith(b"HTTP/1.1 400 "), raw[:200]
@@ -142,8 +174,10 @@ def test_smuggling_and_malformed_requests_get_400(gate, request_bytes: bytes) ->
 
 
 def test_a_request_smuggled_after_a_chunked_body_is_checked(gate) -> None:
-    smuggle = (b"POST / HTTP/1.1\r\nHost: example-filed.cn\r\nTransfer-Encoding: chunked\r\n\r\n"
-               b"0\r\n\r\nGET /admin HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n")  # fmt: skip
+    smuggle = (
+        b"POST / HTTP/1.1\r\nHost: example-filed.cn\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\nGET /admin HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n"
+    )
     raw = exchange(gate.ports["http"], smuggle)
     first, _, rest = raw.partition(b"HTTP/1.1 403 ")
     assert first.startswith(b"HTTP/1.1 200") and b"reason=unfiled" in rest
@@ -152,8 +186,10 @@ def test_a_request_smuggled_after_a_chunked_body_is_checked(gate) -> None:
 def test_absolute_form_target_wins(gate) -> None:
     raw = exchange(gate.ports["http"], b"GET http://example-unfiled.cn/ HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n")
     assert b"reason=unfiled" in raw
-    raw = exchange(gate.ports["http"], b"GET http://Example-Filed.cn:80/x HTTP/1.1\r\nHost: example-filed.cn:80\r\n"
-                                       b"Connection: close\r\n\r\n")  # fmt: skip
+    raw = exchange(
+        gate.ports["http"],
+        b"GET http://Example-Filed.cn:80/x HTTP/1.1\r\nHost: example-filed.cn:80\r\nConnection: close\r\n\r\n",
+    )
     assert raw.startswith(b"HTTP/1.1 200")
 
 
@@ -177,8 +213,11 @@ def test_slowloris_header_is_blocked_after_the_timeout(gate) -> None:
 def test_h2c_is_refused(gate) -> None:
     preface = exchange(gate.ports["http"], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
     assert preface.startswith(b"HTTP/1.1 400")
-    upgrade = exchange(gate.ports["http"], b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\nConnection: Upgrade, HTTP2-Settings"
-                                           b"\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")  # fmt: skip
+    upgrade = exchange(
+        gate.ports["http"],
+        b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\nConnection: Upgrade, HTTP2-Settings"
+        b"\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
     assert upgrade.startswith(b"HTTP/1.1 400") and b"reason=invalid" in upgrade
     connect = exchange(
         gate.ports["http"], b"CONNECT example-filed.cn:443 HTTP/1.1\r\nHost: example-filed.cn:443\r\n\r\n"
@@ -213,17 +252,41 @@ def test_large_upload_is_relayed_byte_exact(gate) -> None:
 
     body = os.urandom(20 * 1024 * 1024)
     result = subprocess.run(
-        ["curl", "-sS", "--max-time", "60", "-H", "Host: example-filed.cn", "--data-binary", "@-",
-         "http://127.0.0.1:%d/upload" % gate.ports["http"]],
-        input=body, capture_output=True, timeout=90,
-    )  # fmt: skip
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "60",
+            "-H",
+            "Host: example-filed.cn",
+            "--data-binary",
+            "@-",
+            "http://127.0.0.1:%d/upload" % gate.ports["http"],
+        ],
+        input=body,
+        capture_output=True,
+        timeout=90,
+    )
     facts = json.loads(result.stdout)
     assert (facts["body_length"], facts["body_sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
     chunked = subprocess.run(
-        ["curl", "-sS", "--max-time", "60", "-H", "Host: example-filed.cn", "-H", "Transfer-Encoding: chunked",
-         "--data-binary", "@-", "http://127.0.0.1:%d/upload" % gate.ports["http"]],
-        input=body, capture_output=True, timeout=90,
-    )  # fmt: skip
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "60",
+            "-H",
+            "Host: example-filed.cn",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            "@-",
+            "http://127.0.0.1:%d/upload" % gate.ports["http"],
+        ],
+        input=body,
+        capture_output=True,
+        timeout=90,
+    )
     assert json.loads(chunked.stdout)["body_sha256"] == hashlib.sha256(body).hexdigest()
 
 

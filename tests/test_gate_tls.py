@@ -16,10 +16,21 @@ from gatekit import build_hello, closed_by_peer, python_hello, send_in_pieces, s
 
 def curl_https(port: int, host: str, ca, *args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        ["curl", "-sS", "--max-time", "10", "--cacert", str(ca), "--resolve", "%s:%d:127.0.0.1" % (host, port),
-         *args, "https://%s:%d/tls-path" % (host, port)],
-        capture_output=True, timeout=20,
-    )  # fmt: skip
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            str(ca),
+            "--resolve",
+            "%s:%d:127.0.0.1" % (host, port),
+            *args,
+            "https://%s:%d/tls-path" % (host, port),
+        ],
+        capture_output=True,
+        timeout=20,
+    )
 
 
 def test_curl_filed_passes_untouched(gate, certs) -> None:
@@ -39,8 +50,11 @@ def test_openssl_s_client(gate) -> None:
     def s_client(name: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["openssl", "s_client", "-connect", "127.0.0.1:%d" % gate.ports["tls"], "-servername", name, "-brief"],
-            input="", capture_output=True, text=True, timeout=20,
-        )  # fmt: skip
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
 
     filed = s_client("example-filed.cn")
     assert "CONNECTION ESTABLISHED" in filed.stderr, filed.stderr
@@ -51,14 +65,14 @@ def test_openssl_s_client(gate) -> None:
 
 def test_python_ssl_and_no_sni(gate, certs) -> None:
     context = ssl.create_default_context(cafile=str(certs["ca"]))
-    with socket.create_connection(("127.0.0.1", gate.ports["tls"]), timeout=10) as raw:
-        with context.wrap_socket(raw, server_hostname="example-filed.cn") as tls:
-            tls.sendall(b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\nConnection: close\r\n\r\n")
-            assert tls.recv(100).startswith(b"HTTP/1.1 200")
+    raw = socket.create_connection(("127.0.0.1", gate.ports["tls"]), timeout=10)
+    with context.wrap_socket(raw, server_hostname="example-filed.cn") as tls:
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\nConnection: close\r\n\r\n")
+        assert tls.recv(100).startswith(b"HTTP/1.1 200")
     context.check_hostname = False
-    with socket.create_connection(("127.0.0.1", gate.ports["tls"]), timeout=10) as raw:
-        with pytest.raises((ConnectionResetError, ssl.SSLError)):
-            context.wrap_socket(raw, server_hostname=None)  # no SNI: no_host, blocked
+    raw = socket.create_connection(("127.0.0.1", gate.ports["tls"]), timeout=10)
+    with raw, pytest.raises((ConnectionResetError, ssl.SSLError)):
+        context.wrap_socket(raw, server_hostname=None)  # no SNI: no_host, blocked
 
 
 def test_http2_through_pass_through(gate, certs, tmp_path) -> None:
@@ -77,17 +91,29 @@ def test_http2_through_pass_through(gate, certs, tmp_path) -> None:
     nginx = subprocess.Popen(["/usr/sbin/nginx", "-c", str(conf), "-p", str(tmp_path)], stderr=subprocess.PIPE)
     try:
         wait_for_port(origin_port)
-        listeners = {"tls": {"address": "127.0.0.1", "port": gate_port, "kind": "tls",
-                             "backend": "127.0.0.1:%d" % origin_port}}  # fmt: skip
+        listeners = {
+            "tls": {"address": "127.0.0.1", "port": gate_port, "kind": "tls", "backend": "127.0.0.1:%d" % origin_port}
+        }
         own_gate = start_gate(gate_config(tmp_path, listeners), {"tls": gate_port})
         try:
             result = curl_https(gate_port, "example-filed.cn", certs["ca"], "--http2", "-w", "%{http_version}")
             assert result.stdout == b"h2 origin\n2", result
             h2load = subprocess.run(
-                ["h2load", "-n", "200", "-c", "4", "-m", "8", "--connect-to=127.0.0.1:%d" % gate_port,
-                 "https://example-filed.cn:%d/" % gate_port],
-                capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
+                [
+                    "h2load",
+                    "-n",
+                    "200",
+                    "-c",
+                    "4",
+                    "-m",
+                    "8",
+                    "--connect-to=127.0.0.1:%d" % gate_port,
+                    "https://example-filed.cn:%d/" % gate_port,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert "200 succeeded, 0 failed" in h2load.stdout, h2load.stdout
             assert "Application protocol: h2" in h2load.stdout
         finally:
@@ -167,18 +193,18 @@ def test_stalled_hello_fails_closed(gate, origin) -> None:
 def test_large_transfer_both_ways_is_byte_exact(gate, certs) -> None:
     payload = os.urandom(32 * 1024 * 1024)
     context = ssl.create_default_context(cafile=str(certs["ca"]))
-    with socket.create_connection(("127.0.0.1", gate.ports["tls_echo"]), timeout=30) as raw:
-        with context.wrap_socket(raw, server_hostname="example-filed.cn") as tls:
-            sender = threading.Thread(target=tls.sendall, args=(payload,))
-            sender.start()
-            echoed = hashlib.sha256()
-            received = 0
-            while received < len(payload):
-                chunk = tls.recv(1 << 20)
-                assert chunk, "echo ended early"
-                echoed.update(chunk)
-                received += len(chunk)
-            sender.join()
+    raw = socket.create_connection(("127.0.0.1", gate.ports["tls_echo"]), timeout=30)
+    with context.wrap_socket(raw, server_hostname="example-filed.cn") as tls:
+        sender = threading.Thread(target=tls.sendall, args=(payload,))
+        sender.start()
+        echoed = hashlib.sha256()
+        received = 0
+        while received < len(payload):
+            chunk = tls.recv(1 << 20)
+            assert chunk, "echo ended early"
+            echoed.update(chunk)
+            received += len(chunk)
+        sender.join()
     assert echoed.hexdigest() == hashlib.sha256(payload).hexdigest()
 
 

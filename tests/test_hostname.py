@@ -74,8 +74,12 @@ def test_refuses_with_reason(raw: str, reason: str) -> None:
 
 def test_parent_names_walks_every_label() -> None:
     assert list(parent_names("a.b.example.com.cn")) == [
-        "a.b.example.com.cn", "b.example.com.cn", "example.com.cn", "com.cn", "cn",
-    ]  # fmt: skip
+        "a.b.example.com.cn",
+        "b.example.com.cn",
+        "example.com.cn",
+        "com.cn",
+        "cn",
+    ]
 
 
 @given(st.text(max_size=300))

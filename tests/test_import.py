@@ -121,7 +121,9 @@ def test_reimport_updates_and_replaces_domains_and_access(sample_registry: Path,
         ).fetchone()
         assert status == "deregistered"
         assert {n for (n,) in conn.execute("SELECT name FROM domains WHERE filing_id = ?", (filing_id,))} == {
-            "example-filed.cn", "example-filed.com"}  # fmt: skip
+            "example-filed.cn",
+            "example-filed.com",
+        }
         assert conn.execute("SELECT COUNT(*) FROM access WHERE filing_id = ?", (filing_id,)).fetchone()[0] == 0
 
 

@@ -58,10 +58,22 @@ def test_irregular_forms_warn(text: str, normalized: str, warning: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "ICP备12345678号", "X ICP备12345678号", "京ICP备号", "京ICP备123号", "京ICP备123456789012号",
-     "京ICP备12345678号-0", "京ICP备12345678号-a", "京ICP证1号", "京公网安备110108号", "京ICX备12345678号",
-     "hello", "京ICP备12345678号-1-2"],
-)  # fmt: skip
+    [
+        "",
+        "ICP备12345678号",
+        "X ICP备12345678号",
+        "京ICP备号",
+        "京ICP备123号",
+        "京ICP备123456789012号",
+        "京ICP备12345678号-0",
+        "京ICP备12345678号-a",
+        "京ICP证1号",
+        "京公网安备110108号",
+        "京ICX备12345678号",
+        "hello",
+        "京ICP备12345678号-1-2",
+    ],
+)
 def test_garbage_is_refused(text: str) -> None:
     with pytest.raises(LicenceError):
         parse_licence(text)

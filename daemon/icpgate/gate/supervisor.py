@@ -37,10 +37,19 @@ def run_gate(config_path: Path, overrides: tuple[str, ...]) -> int:
 
 
 def _run_worker(config_path: Path, overrides: tuple[str, ...], on_ready, *, watchdog: bool) -> int:
+    """Run one worker; with `watchdog`, ping systemd's watchdog from the moment it is ready."""
+
     async def main() -> None:
-        pinger = asyncio.get_running_loop().create_task(_watchdog()) if watchdog else None
+        pinger: asyncio.Task | None = None
+
+        def ready() -> None:
+            nonlocal pinger
+            on_ready()
+            if watchdog:
+                pinger = asyncio.get_running_loop().create_task(_watchdog())
+
         try:
-            await Worker(config_path, overrides, on_ready).run()
+            await Worker(config_path, overrides, ready).run()
         finally:
             if pinger:
                 pinger.cancel()
