@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from gatekit import closed_by_peer, free_port, gate_config, python_hello, send_in_pieces, start_gate, wait_for_port
 
 from conftest import copy_policies, sample_records, write_ndjson
-from gatekit import closed_by_peer, free_port, gate_config, python_hello, send_in_pieces, start_gate, wait_for_port
 
 
 def http_get(port: int, host: str, path: str = "/") -> bytes:
@@ -81,11 +81,25 @@ def test_an_approval_imported_while_running_is_served_within_seconds(tmp_path: P
     gate = start_gate(config, {"http": port})
     try:
         assert b"reason=unfiled" in http_get(port, "www.example-newly-approved.cn")
-        record = sample_records()[0] | {"licence": "京ICP备20249999号-1", "subject_licence": "京ICP备20249999号",
-                                        "domains": ["example-newly-approved.cn"]}  # fmt: skip
+        record = sample_records()[0] | {
+            "licence": "京ICP备20249999号-1",
+            "subject_licence": "京ICP备20249999号",
+            "domains": ["example-newly-approved.cn"],
+        }
         imported = time.monotonic()
-        subprocess.run([sys.executable, "-m", "icpgate", "import", str(write_ndjson(tmp_path / "new.ndjson", [record])),
-                        "-c", str(config)], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "icpgate",
+                "import",
+                str(write_ndjson(tmp_path / "new.ndjson", [record])),
+                "-c",
+                str(config),
+            ],
+            check=True,
+            capture_output=True,
+        )
         wait_until(lambda: status_of(http_get(port, "www.example-newly-approved.cn")) == 200, timeout=5)
         assert time.monotonic() - imported < 5
     finally:
@@ -99,9 +113,11 @@ def test_ready_is_notified_after_the_listeners_are_bound(tmp_path: Path, origin)
     receiver.settimeout(30)
     port = free_port()
     config = gate_config(tmp_path, one_http_listener(port, origin.http))
-    process = subprocess.Popen([sys.executable, "-m", "icpgate", "run", "-c", str(config)],
-                               env={**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"},
-                               stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "icpgate", "run", "-c", str(config)],
+        env={**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"},
+        stderr=subprocess.DEVNULL,
+    )
     try:
         message = receiver.recv(256).decode()
         assert message == "READY=1"
@@ -147,8 +163,9 @@ def test_sigterm_drains_open_relays(tmp_path: Path, origin, certs) -> None:
     import ssl
 
     port = free_port()
-    listeners = {"tls": {"address": "127.0.0.1", "port": port, "kind": "tls",
-                         "backend": "127.0.0.1:%d" % origin.tls_echo}}  # fmt: skip
+    listeners = {
+        "tls": {"address": "127.0.0.1", "port": port, "kind": "tls", "backend": "127.0.0.1:%d" % origin.tls_echo}
+    }
     gate = start_gate(gate_config(tmp_path, listeners, gate={"drain_timeout": 2.0}), {"tls": port})
     context = ssl.create_default_context(cafile=str(certs["ca"]))
     tls = context.wrap_socket(
@@ -171,8 +188,10 @@ def test_sigterm_drains_open_relays(tmp_path: Path, origin, certs) -> None:
 def test_backend_down_gives_502_on_http_and_a_close_on_tls(tmp_path: Path) -> None:
     dead = free_port()
     http_port, tls_port = free_port(), free_port()
-    listeners = {"http": {"address": "127.0.0.1", "port": http_port, "kind": "http", "backend": "127.0.0.1:%d" % dead},
-                 "tls": {"address": "127.0.0.1", "port": tls_port, "kind": "tls", "backend": "127.0.0.1:%d" % dead}}  # fmt: skip
+    listeners = {
+        "http": {"address": "127.0.0.1", "port": http_port, "kind": "http", "backend": "127.0.0.1:%d" % dead},
+        "tls": {"address": "127.0.0.1", "port": tls_port, "kind": "tls", "backend": "127.0.0.1:%d" % dead},
+    }
     gate = start_gate(gate_config(tmp_path, listeners), {"http": http_port, "tls": tls_port})
     try:
         answer = http_get(http_port, "example-filed.cn")
@@ -186,8 +205,9 @@ def test_backend_down_gives_502_on_http_and_a_close_on_tls(tmp_path: Path) -> No
 
 def test_connection_limit_refuses_cleanly(tmp_path: Path, origin) -> None:
     port = free_port()
-    gate = start_gate(gate_config(tmp_path, one_http_listener(port, origin.http), gate={"max_connections": 5}),
-                      {"http": port})  # fmt: skip
+    gate = start_gate(
+        gate_config(tmp_path, one_http_listener(port, origin.http), gate={"max_connections": 5}), {"http": port}
+    )
     try:
         held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(5)]
         time.sleep(0.3)
@@ -255,18 +275,42 @@ def test_tls_page_action(tmp_path: Path, origin, certs, source: str) -> None:
     gate = start_gate(gate_config(tmp_path, listeners, gate=gate_keys, pack=policies / "default.toml"), {"tls": port})
     try:
         result = subprocess.run(
-            ["curl", "-sS", "-i", "--max-time", "10", "--cacert", str(ca), "--resolve",
-             "www.example-unfiled.cn:%d:127.0.0.1" % port, "-H", "Accept: application/json",
-             "https://www.example-unfiled.cn:%d/" % port],
-            capture_output=True, timeout=20,
-        )  # fmt: skip
+            [
+                "curl",
+                "-sS",
+                "-i",
+                "--max-time",
+                "10",
+                "--cacert",
+                str(ca),
+                "--resolve",
+                "www.example-unfiled.cn:%d:127.0.0.1" % port,
+                "-H",
+                "Accept: application/json",
+                "https://www.example-unfiled.cn:%d/" % port,
+            ],
+            capture_output=True,
+            timeout=20,
+        )
         assert result.returncode == 0, result.stderr
         head, _, body = result.stdout.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 403")
         assert json.loads(body)["reason"] == "unfiled" and json.loads(body)["domain"] == "www.example-unfiled.cn"
-        filed = subprocess.run(["curl", "-sS", "--max-time", "10", "--cacert", str(certs["ca"]), "--resolve",
-                                "example-filed.cn:%d:127.0.0.1" % port, "https://example-filed.cn:%d/" % port],
-                               capture_output=True, timeout=20)  # fmt: skip
+        filed = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "--cacert",
+                str(certs["ca"]),
+                "--resolve",
+                "example-filed.cn:%d:127.0.0.1" % port,
+                "https://example-filed.cn:%d/" % port,
+            ],
+            capture_output=True,
+            timeout=20,
+        )
         assert b'"host": "example-filed.cn' in filed.stdout  # allowed TLS is still not terminated
     finally:
         assert gate.stop() == 0
@@ -300,8 +344,9 @@ def test_acme_exception(tmp_path: Path, origin) -> None:
     policies = copy_policies(tmp_path)
     edit_pack(policies, "acme_http01 = false", "acme_http01 = true")
     port = free_port()
-    gate = start_gate(gate_config(tmp_path, one_http_listener(port, origin.http), pack=policies / "default.toml"),
-                      {"http": port})  # fmt: skip
+    gate = start_gate(
+        gate_config(tmp_path, one_http_listener(port, origin.http), pack=policies / "default.toml"), {"http": port}
+    )
     try:
         assert status_of(http_get(port, "example-pending.cn", "/.well-known/acme-challenge/tok")) == 200
         assert status_of(http_get(port, "example-pending.cn", "/index.html")) == 403
@@ -313,8 +358,9 @@ def test_an_invalid_config_binds_nothing(tmp_path: Path, origin) -> None:
     port = free_port()
     config = gate_config(tmp_path, one_http_listener(port, origin.http))
     config.write_text(config.read_text().replace('kind = "http"', 'kind = "udp"'))
-    result = subprocess.run([sys.executable, "-m", "icpgate", "run", "-c", str(config)], capture_output=True,
-                            text=True, timeout=30)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "icpgate", "run", "-c", str(config)], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 3
     assert "listeners[0].kind: must be one of 'http', 'tls'" in result.stderr
     with pytest.raises(OSError):
@@ -325,6 +371,7 @@ def test_missing_registry_is_refused(tmp_path: Path, origin) -> None:
     port = free_port()
     config = gate_config(tmp_path, one_http_listener(port, origin.http))
     (tmp_path / "registry.db").unlink()
-    result = subprocess.run([sys.executable, "-m", "icpgate", "run", "-c", str(config)], capture_output=True,
-                            text=True, timeout=30)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "icpgate", "run", "-c", str(config)], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 5 and "import filings first" in result.stderr

@@ -7,9 +7,12 @@ and checked once, at start and on reload; rendering is a string substitution.
 from __future__ import annotations
 
 import html
+import itertools
 import json
+import re
 import secrets
 import string
+import time
 import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,15 +23,36 @@ from ..policy_pack import BlockSettings
 from ..tomlschema import ConfigError, Problem
 
 MESSAGE_KEYS = ("title_zh", "title_en", "why_zh", "why_en", "todo_zh", "todo_en")
+# Fields that differ per request; everything else in a page is filled in once, when it is loaded.
+_PER_REQUEST = re.compile(r"\$\{?(domain|licence|request_id|time)\b\}?")
 STATUS_TEXT = {400: "Bad Request", 403: "Forbidden", 451: "Unavailable For Legal Reasons", 502: "Bad Gateway",
                503: "Service Unavailable"}  # fmt: skip
 # Reasons a block can carry; `filed`, `exempt` and `not_enforced` never block.
 BLOCK_REASONS = tuple(r for r in Reason if r not in (Reason.FILED, Reason.EXEMPT, Reason.NOT_ENFORCED))
 
 
+_REQUEST_PREFIX = secrets.token_hex(4)  # per process: ids from different workers never collide
+_request_counter = itertools.count(1)
+
+
 def new_request_id() -> str:
-    """Short enough to read off a screenshot, random enough to find one request in the logs."""
-    return secrets.token_hex(8)
+    """Short enough to read off a screenshot, unique enough to find one request in the logs."""
+    return "%s%08x" % (_REQUEST_PREFIX, next(_request_counter) & 0xFFFFFFFF)
+
+
+class _Clock:
+    """The block page's timestamp, formatted once per second rather than once per block."""
+
+    second = -1
+    text = ""
+
+    @classmethod
+    def now(cls) -> str:
+        second = int(time.time())
+        if second != cls.second:
+            cls.second = second
+            cls.text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return cls.text
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,16 +68,33 @@ class BlockPages:
         self.settings = settings
         self.operator = operator
         self.messages = _load_messages(settings.messages)
-        self.templates = {reason: _load_template(settings.page_for(reason.value)) for reason in BLOCK_REASONS}
+        self.pages = {reason: self._compile(reason) for reason in BLOCK_REASONS}
+
+    def _compile(self, reason: Reason) -> list[bytes | str]:
+        """The page with everything but the per-request fields filled in, split around those.
+
+        Even positions are literal HTML (encoded once, here), odd positions name a per-request field.
+        """
+        status = 400 if reason is Reason.INVALID else self.settings.http_status
+        fixed = {
+            "reason": reason.value,
+            "status": str(status),
+            "operator_name": self.operator.name or "—",
+            "operator_contact": self.operator.contact or "—",
+            **self.messages[reason.value],
+        }
+        escaped = {key: html.escape(value) for key, value in fixed.items()}
+        text = _load_template(self.settings.page_for(reason.value)).safe_substitute(escaped)
+        return [part if index % 2 else part.encode() for index, part in enumerate(_PER_REQUEST.split(text))]
 
     def http_response(self, verdict: Verdict, request_id: str, *, json_body: bool, head_only: bool) -> bytes:
         """A complete HTTP/1.1 response that ends the connection."""
         status = 400 if verdict.reason is Reason.INVALID else self.settings.http_status
-        facts = self.facts(verdict, request_id, status)
         if json_body:
+            facts = self.facts(verdict, request_id, status)
             body, content_type = json.dumps(facts, ensure_ascii=False).encode(), "application/json; charset=utf-8"
         else:
-            body, content_type = self._html(verdict.reason, facts), "text/html; charset=utf-8"
+            body, content_type = self._html(verdict, request_id), "text/html; charset=utf-8"
         header = "blocked; reason=%s; id=%s" % (verdict.reason.value, request_id)
         return _response(status, content_type, body, header, head_only)
 
@@ -71,23 +112,18 @@ class BlockPages:
             "licence": verdict.filing.licence if verdict.filing else None,
             "operator": {"name": self.operator.name, "contact": self.operator.contact},
             "request_id": request_id,
-            "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "time": _Clock.now(),
         }
 
-    def _html(self, reason: Reason, facts: dict) -> bytes:
+    def _html(self, verdict: Verdict, request_id: str) -> bytes:
         fields = {
-            "domain": facts["domain"] or "—",
-            "reason": facts["reason"],
-            "licence": facts["licence"] or "—",
-            "operator_name": self.operator.name or "—",
-            "operator_contact": self.operator.contact or "—",
-            "request_id": facts["request_id"],
-            "time": facts["time"],
-            "status": str(facts["status"]),
+            "domain": html.escape(verdict.host) if verdict.host else "—",
+            "licence": html.escape(verdict.filing.licence) if verdict.filing else "—",
+            "request_id": request_id,
+            "time": _Clock.now(),
         }
-        fields.update(self.messages[reason.value])
-        escaped = {key: html.escape(value) for key, value in fields.items()}
-        return self.templates[reason].safe_substitute(escaped).encode()
+        parts = self.pages[verdict.reason]
+        return b"".join(fields[part].encode() if index % 2 else part for index, part in enumerate(parts))
 
 
 def error_response(status: int, message: str, request_id: str) -> bytes:

@@ -23,6 +23,9 @@ PENDING_LIMIT = 256 * 1024  # client bytes held while the upstream connects; rea
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
+DECISION_CACHE_SIZE = 4096
+
+
 @dataclass
 class Runtime:
     """One worker's shared state. `policy` and `pages` are replaced whole on reload."""
@@ -36,6 +39,29 @@ class Runtime:
     # Local addresses of our own upstream connections: an accepted connection from one of them
     # is the gate connecting to itself (original_dst without NAT), refused before it loops.
     upstream_sources: set[Address] = field(default_factory=set)
+    _decisions: dict[tuple, Verdict] = field(default_factory=dict)
+    _decisions_for: tuple[object, object] = (None, None)  # the (policy, index) the cache belongs to
+
+    def decide(self, host: str | None, dst: Address, kind: str, path: str | None) -> Verdict:
+        """`Policy.decide`, remembered per (host, destination, kind) while policy and index stay.
+
+        Decisions are pure functions of those, so a remembered one is the one `decide` would
+        give; a reload or index swap brings new objects and so an empty cache. The ACME
+        exception makes the path matter too, so with it on, plain HTTP is not remembered.
+        """
+        policy = self.policy
+        if self._decisions_for[0] is not policy or self._decisions_for[1] is not policy.index:
+            self._decisions = {}
+            self._decisions_for = (policy, policy.index)
+        if policy.pack.acme_http01 and kind == "http":
+            return policy.decide(host, dst[0], dst[1], kind, path)
+        key = (host, dst, kind)
+        verdict = self._decisions.get(key)
+        if verdict is None:
+            if len(self._decisions) >= DECISION_CACHE_SIZE:
+                self._decisions = {}  # junk hosts must not grow memory; popular hosts come back at once
+            verdict = self._decisions[key] = policy.decide(host, dst[0], dst[1], kind, path)
+        return verdict
 
 
 class Listener:
@@ -79,6 +105,27 @@ class GateConnection(asyncio.Protocol):
     """Client side. Subclasses implement `inspect` (bytes before the relay is open) and blocking."""
 
     kind = ""
+    __slots__ = (
+        "__weakref__",
+        "_client_eof",
+        "_closing",
+        "_connect_task",
+        "_deadline",
+        "_last_activity",
+        "_pending",
+        "_read_pauses",
+        "_timer",
+        "_upstream_eof",
+        "_upstream_protocol",
+        "_upstream_source",
+        "client",
+        "destination",
+        "listener",
+        "loop",
+        "runtime",
+        "transport",
+        "upstream",
+    )  # fmt: skip
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
@@ -180,12 +227,12 @@ class GateConnection(asyncio.Protocol):
 
     # --- relay ------------------------------------------------------------------------------
     def decide(self, host: str | None, path: str | None = None) -> Verdict:
-        verdict = self.runtime.policy.decide(host, self.destination[0], self.destination[1], self.kind, path)
+        verdict = self.runtime.decide(host, self.destination, self.kind, path)
         self.count_decision(verdict)
         return verdict
 
     def count_decision(self, verdict: Verdict) -> None:
-        self.runtime.stats["decisions", self.kind, verdict.action.value, verdict.reason.value] += 1
+        self.runtime.stats["decisions", self.kind, verdict.action, verdict.reason] += 1
 
     def inspection_done(self) -> None:
         """Inspection passed: from here on the idle timeout governs the connection."""

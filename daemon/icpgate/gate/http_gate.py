@@ -12,6 +12,7 @@ SWITCH_STATUS_LINE = 16  # enough of the backend's answer to read "HTTP/1.1 101"
 
 class HttpConnection(GateConnection):
     kind = "http"
+    __slots__ = ("_final_answer", "_switch_answer", "_switch_method", "_tunnel", "inspector")
 
     def __init__(self, listener) -> None:
         super().__init__(listener)
@@ -81,7 +82,7 @@ class HttpConnection(GateConnection):
             json_body=request is not None and request.accepts_json(),
             head_only=request is not None and request.method == "HEAD",
         )
-        self.runtime.stats["blocks", "http", verdict.reason.value] += 1
+        self.runtime.stats["blocks", "http", verdict.reason] += 1
         if self.upstream is None and self._connect_task is None:
             self.reply_and_close(answer)
             return

@@ -82,6 +82,21 @@ class _State(Enum):
 class HttpInspector:
     """One per client connection. `feed` yields events; stop iterating to stop processing."""
 
+    __slots__ = (
+        "_buffer",
+        "_complete",
+        "_head_done",
+        "_headers",
+        "_parser",
+        "_remaining",
+        "_repeated",
+        "_scanned",
+        "_state",
+        "_upgrade_offset",
+        "_url",
+        "max_header_size",
+    )  # fmt: skip
+
     def __init__(self, max_header_size: int) -> None:
         self.max_header_size = max_header_size
         self._parser = httptools.HttpRequestParser(self)
@@ -93,7 +108,8 @@ class HttpInspector:
 
     def _begin_request(self) -> None:
         self._url = bytearray()
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._headers: dict[bytes, bytes] = {}  # first value of each header
+        self._repeated: set[bytes] = set()  # names seen more than once
         self._head_done = False
         self._complete = False
         self._upgrade_offset: int | None = None
@@ -108,7 +124,11 @@ class HttpInspector:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value.strip(b" \t")))  # OWS is not part of the value
+        name = name.lower()
+        if name in self._headers:
+            self._repeated.add(name)
+        else:
+            self._headers[name] = value.strip(b" \t")  # OWS is not part of the value
 
     def on_headers_complete(self) -> None:
         self._head_done = True
@@ -127,6 +147,10 @@ class HttpInspector:
             self._begin_request()
 
     def feed(self, data: bytes) -> Iterator[Event]:
+        if not self._buffer and self._state is _State.HEAD and self._is_one_whole_head(data):
+            # The common case, one complete bodiless head per read: no buffering, no copies.
+            yield self._head(data)
+            return
         self._buffer += data
         while self._buffer and self._state is not _State.FAILED:
             if self._state is _State.AWAIT_SWITCH:
@@ -146,6 +170,23 @@ class HttpInspector:
                 raw = bytes(self._buffer)
                 self._buffer.clear()
                 yield Tunnel(raw)
+
+    def _is_one_whole_head(self, data: bytes) -> bool:
+        return (
+            len(data) <= self.max_header_size
+            and data.find(HEAD_END) == len(data) - len(HEAD_END)
+            and not data.startswith(b"PRI * HTTP/2")
+            and not data.startswith(b"\r\n")
+        )
+
+    def _head(self, raw: bytes) -> Event:
+        """Parse one complete header section that ends exactly at the end of `raw`."""
+        error = self._parse(raw)
+        if error:
+            return self._fail(error)
+        if not self._head_done:
+            return self._fail("malformed HTTP: incomplete request head")
+        return self._finish_head(raw)
 
     def _fail(self, message: str) -> Invalid:
         self._state = _State.FAILED
@@ -205,17 +246,13 @@ class HttpInspector:
     def _request_head(self) -> RequestHead:
         parser = self._parser
         method = parser.get_method().decode("ascii", "replace")
-        headers: dict[bytes, bytes] = {}
-        counts: dict[bytes, int] = {}
-        for name, value in self._headers:
-            headers.setdefault(name, value)
-            counts[name] = counts.get(name, 0) + 1
+        headers = self._headers
         target = bytes(self._url)
         request = RequestHead(method, target, parser.get_http_version(), None, headers)
-        request.error = _framing_error(counts, headers, request.version)
+        request.error = _framing_error(self._repeated, headers, request.version)
         host_header = headers.get(b"host")
         authority = _authority(target, method)
-        if counts.get(b"host", 0) > 1:
+        if b"host" in self._repeated:
             request.error = request.error or "more than one Host header"
         elif authority is not None:
             if authority == "":
@@ -265,18 +302,18 @@ class HttpInspector:
         return Body(chunk)
 
 
-def _framing_error(counts: dict[bytes, int], headers: dict[bytes, bytes], version: str) -> str:
+def _framing_error(repeated: set[bytes], headers: dict[bytes, bytes], version: str) -> str:
     """Ambiguous framing is how requests are smuggled past a gate: refuse it (DESIGN §4)."""
-    has_length = b"content-length" in counts
-    has_encoding = b"transfer-encoding" in counts
+    has_length = b"content-length" in headers
+    has_encoding = b"transfer-encoding" in headers
     if has_length and has_encoding:
         return "Content-Length together with Transfer-Encoding"
-    if counts.get(b"content-length", 0) > 1:
+    if b"content-length" in repeated:
         return "more than one Content-Length"
     if has_length and not headers[b"content-length"].isdigit():
         return "malformed Content-Length"
     if has_encoding:
-        if counts[b"transfer-encoding"] > 1 or headers[b"transfer-encoding"].strip().lower() != b"chunked":
+        if b"transfer-encoding" in repeated or headers[b"transfer-encoding"].lower() != b"chunked":
             return "Transfer-Encoding other than a single chunked"
         if version == "1.0":
             return "Transfer-Encoding in an HTTP/1.0 request"

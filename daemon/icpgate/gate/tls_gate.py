@@ -20,6 +20,7 @@ ALERT_DECODE_ERROR = b"\x15\x03\x03\x00\x02\x02\x32"
 
 class TlsConnection(GateConnection):
     kind = "tls"
+    __slots__ = ("_hello", "_page", "_verdict")
 
     def __init__(self, listener) -> None:
         super().__init__(listener)
@@ -51,7 +52,7 @@ class TlsConnection(GateConnection):
         self.send_upstream(replay)
 
     def _block(self, verdict: Verdict) -> None:
-        self.runtime.stats["blocks", "tls", verdict.reason.value] += 1
+        self.runtime.stats["blocks", "tls", verdict.reason] += 1
         action = self.runtime.pages.settings.tls_action
         if action == "page" and verdict.reason is not Reason.INVALID and self.runtime.tls_pages is not None:
             self._start_page(verdict)
