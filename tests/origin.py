@@ -78,7 +78,8 @@ async def main(args: argparse.Namespace) -> None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(args.cert)
     if args.http:
-        await web.TCPSite(runner, "127.0.0.1", args.http).start()
+        for address in args.bind.split(","):
+            await web.TCPSite(runner, address, args.http).start()
     if args.tls:
         await web.TCPSite(runner, "127.0.0.1", args.tls, ssl_context=context).start()
     if args.tls_echo:
@@ -93,6 +94,7 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--http", type=int)
+    parser.add_argument("--bind", default="127.0.0.1", help="addresses for --http, comma-separated")
     parser.add_argument("--tls", type=int)
     parser.add_argument("--tls-echo", type=int)
     parser.add_argument("--cert")

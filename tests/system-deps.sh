@@ -7,13 +7,12 @@ checks=(
   "command -v openssl|openssl"
   "test -x /usr/sbin/nginx|nginx"
   "test -e /usr/lib/nginx/modules/ngx_stream_module.so|libnginx-mod-stream"
-  "test -x /usr/sbin/dnsmasq|dnsmasq-base"
   "command -v h2load|nghttp2-client"
   "command -v chromium|chromium"
   "fc-list :lang=zh 2>/dev/null | grep -q .|fonts-wqy-microhei"
-  "command -v promtool|prometheus"
   "command -v systemd-analyze|systemd"
   "command -v ip|iproute2"
+  "command -v iptables && command -v ip6tables|iptables"
 )
 missing=()
 for entry in "${checks[@]}"; do
