@@ -111,51 +111,19 @@ def origin(tmp_path_factory: pytest.TempPathFactory, certs: dict[str, Path]):
 
 
 def standard_listeners(origin) -> tuple[dict[str, dict], dict[str, int]]:
-    from gatekit import free_port
+    from gatekit import free_port, listener
 
     ports = {
         name: free_port() for name in ("http", "tls", "tls_echo", "tls_record", "http_record", "proxy_v1", "proxy_v2")
     }
     listeners = {
-        "http": {
-            "address": "127.0.0.1",
-            "port": ports["http"],
-            "kind": "http",
-            "backend": "127.0.0.1:%d" % origin.http,
-        },
-        "tls": {"address": "127.0.0.1", "port": ports["tls"], "kind": "tls", "backend": "127.0.0.1:%d" % origin.tls},
-        "tls_echo": {
-            "address": "127.0.0.1",
-            "port": ports["tls_echo"],
-            "kind": "tls",
-            "backend": "127.0.0.1:%d" % origin.tls_echo,
-        },
-        "tls_record": {
-            "address": "127.0.0.1",
-            "port": ports["tls_record"],
-            "kind": "tls",
-            "backend": "127.0.0.1:%d" % origin.record_port,
-        },
-        "http_record": {
-            "address": "127.0.0.1",
-            "port": ports["http_record"],
-            "kind": "http",
-            "backend": "127.0.0.1:%d" % origin.record_port,
-        },
-        "proxy_v1": {
-            "address": "127.0.0.1",
-            "port": ports["proxy_v1"],
-            "kind": "tls",
-            "backend": "127.0.0.1:%d" % origin.record_port,
-            "proxy_protocol": "v1",
-        },
-        "proxy_v2": {
-            "address": "127.0.0.1",
-            "port": ports["proxy_v2"],
-            "kind": "http",
-            "backend": "127.0.0.1:%d" % origin.record_port,
-            "proxy_protocol": "v2",
-        },
+        "http": listener(ports["http"], "http", origin.http),
+        "tls": listener(ports["tls"], "tls", origin.tls),
+        "tls_echo": listener(ports["tls_echo"], "tls", origin.tls_echo),
+        "tls_record": listener(ports["tls_record"], "tls", origin.record_port),
+        "http_record": listener(ports["http_record"], "http", origin.record_port),
+        "proxy_v1": listener(ports["proxy_v1"], "tls", origin.record_port, proxy_protocol="v1"),
+        "proxy_v2": listener(ports["proxy_v2"], "http", origin.record_port, proxy_protocol="v2"),
     }
     return listeners, ports
 

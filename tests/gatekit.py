@@ -119,6 +119,14 @@ class Gate:
         return self.process.returncode
 
 
+def listener(port: int, kind: str, backend_port: int | None = None, **extra: str) -> dict[str, object]:
+    """A `[[listeners]]` table on loopback; `backend_port` sends allowed traffic to 127.0.0.1:that."""
+    table: dict[str, object] = {"address": "127.0.0.1", "port": port, "kind": kind}
+    if backend_port is not None:
+        table["backend"] = "127.0.0.1:%d" % backend_port
+    return table | extra
+
+
 def gate_config(
     tmp: Path, listeners: dict[str, dict], *, gate: dict | None = None, upstream: str = "", pack: Path | None = None
 ) -> Path:

@@ -13,7 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
-from gatekit import closed_by_peer, free_port, gate_config, python_hello, send_in_pieces, start_gate, wait_for_port
+from gatekit import (
+    closed_by_peer,
+    free_port,
+    gate_config,
+    listener,
+    python_hello,
+    send_in_pieces,
+    start_gate,
+    wait_for_port,
+)
 
 from conftest import copy_policies, sample_records, write_ndjson
 
@@ -34,9 +43,8 @@ def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1]) if response else 0
 
 
-def one_http_listener(port: int, backend_port: int, **extra) -> dict[str, dict]:
-    table = {"address": "127.0.0.1", "port": port, "kind": "http", "backend": "127.0.0.1:%d" % backend_port}
-    return {"http": {**table, **extra}}
+def one_http_listener(port: int, backend_port: int) -> dict[str, dict]:
+    return {"http": listener(port, "http", backend_port)}
 
 
 def edit_pack(policies: Path, old: str, new: str) -> Path:
@@ -163,9 +171,7 @@ def test_sigterm_drains_open_relays(tmp_path: Path, origin, certs) -> None:
     import ssl
 
     port = free_port()
-    listeners = {
-        "tls": {"address": "127.0.0.1", "port": port, "kind": "tls", "backend": "127.0.0.1:%d" % origin.tls_echo}
-    }
+    listeners = {"tls": listener(port, "tls", origin.tls_echo)}
     gate = start_gate(gate_config(tmp_path, listeners, gate={"drain_timeout": 2.0}), {"tls": port})
     context = ssl.create_default_context(cafile=str(certs["ca"]))
     tls = context.wrap_socket(
@@ -188,10 +194,7 @@ def test_sigterm_drains_open_relays(tmp_path: Path, origin, certs) -> None:
 def test_backend_down_gives_502_on_http_and_a_close_on_tls(tmp_path: Path) -> None:
     dead = free_port()
     http_port, tls_port = free_port(), free_port()
-    listeners = {
-        "http": {"address": "127.0.0.1", "port": http_port, "kind": "http", "backend": "127.0.0.1:%d" % dead},
-        "tls": {"address": "127.0.0.1", "port": tls_port, "kind": "tls", "backend": "127.0.0.1:%d" % dead},
-    }
+    listeners = {"http": listener(http_port, "http", dead), "tls": listener(tls_port, "tls", dead)}
     gate = start_gate(gate_config(tmp_path, listeners), {"http": http_port, "tls": tls_port})
     try:
         answer = http_get(http_port, "example-filed.cn")
@@ -253,7 +256,7 @@ def test_tls_alert_action(tmp_path: Path, origin) -> None:
     policies = copy_policies(tmp_path)
     edit_pack(policies, 'tls_action = "reset"', 'tls_action = "alert"')
     port = free_port()
-    listeners = {"tls": {"address": "127.0.0.1", "port": port, "kind": "tls", "backend": "127.0.0.1:%d" % origin.tls}}
+    listeners = {"tls": listener(port, "tls", origin.tls)}
     gate = start_gate(gate_config(tmp_path, listeners, pack=policies / "default.toml"), {"tls": port})
     try:
         sock = send_in_pieces(port, python_hello("example-unfiled.cn"), [])
@@ -267,7 +270,7 @@ def test_tls_page_action(tmp_path: Path, origin, certs, source: str) -> None:
     policies = copy_policies(tmp_path)
     edit_pack(policies, 'tls_action = "reset"', 'tls_action = "page"')
     port = free_port()
-    listeners = {"tls": {"address": "127.0.0.1", "port": port, "kind": "tls", "backend": "127.0.0.1:%d" % origin.tls}}
+    listeners = {"tls": listener(port, "tls", origin.tls)}
     if source == "operator_certificate":
         gate_keys, ca = {"tls_certificate": str(certs["cert"]), "tls_key": str(certs["key"])}, certs["ca"]
     else:
@@ -318,7 +321,7 @@ def test_tls_page_action(tmp_path: Path, origin, certs, source: str) -> None:
 
 def test_static_upstream_map(tmp_path: Path, origin) -> None:
     port = free_port()
-    listeners = {"http": {"address": "127.0.0.1", "port": port, "kind": "http"}}
+    listeners = {"http": listener(port, "http")}
     upstream = '[upstream]\nmode = "static"\nstatic = { "127.0.0.1:%d" = "127.0.0.1:%d" }' % (port, origin.http)
     gate = start_gate(gate_config(tmp_path, listeners, upstream=upstream), {"http": port})
     try:
@@ -329,7 +332,7 @@ def test_static_upstream_map(tmp_path: Path, origin) -> None:
 
 def test_original_dst_without_nat_does_not_loop(tmp_path: Path) -> None:
     port = free_port()
-    listeners = {"http": {"address": "127.0.0.1", "port": port, "kind": "http"}}
+    listeners = {"http": listener(port, "http")}
     gate = start_gate(gate_config(tmp_path, listeners), {"http": port})
     try:
         answer = http_get(port, "example-filed.cn")  # the original destination is the gate itself

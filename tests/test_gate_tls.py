@@ -77,7 +77,7 @@ def test_python_ssl_and_no_sni(gate, certs) -> None:
 
 def test_http2_through_pass_through(gate, certs, tmp_path) -> None:
     """curl --http2 to an nginx origin: ALPN and HTTP/2 frames pass the gate untouched."""
-    from gatekit import free_port, gate_config, start_gate, wait_for_port
+    from gatekit import free_port, gate_config, listener, start_gate, wait_for_port
 
     origin_port, gate_port = free_port(), free_port()
     conf = tmp_path / "nginx.conf"
@@ -91,9 +91,7 @@ def test_http2_through_pass_through(gate, certs, tmp_path) -> None:
     nginx = subprocess.Popen(["/usr/sbin/nginx", "-c", str(conf), "-p", str(tmp_path)], stderr=subprocess.PIPE)
     try:
         wait_for_port(origin_port)
-        listeners = {
-            "tls": {"address": "127.0.0.1", "port": gate_port, "kind": "tls", "backend": "127.0.0.1:%d" % origin_port}
-        }
+        listeners = {"tls": listener(gate_port, "tls", origin_port)}
         own_gate = start_gate(gate_config(tmp_path, listeners), {"tls": gate_port})
         try:
             result = curl_https(gate_port, "example-filed.cn", certs["ca"], "--http2", "-w", "%{http_version}")

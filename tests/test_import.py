@@ -181,3 +181,19 @@ def digest_of_empty(tmp_path: Path) -> str:
 
     asyncio.run(create())
     return digest(empty)
+
+
+def test_skip_invalid_drops_every_conflict_beyond_the_reported_ones(config_path: Path, tmp_path: Path) -> None:
+    """More conflicts than the report lists (1,000): all of them are skipped, none reach the merge."""
+    template = sample_records()[0]
+    records = []
+    for number in range(1, 1202):
+        subject = "京ICP备2099%04d号" % number
+        records.append(
+            template | {"licence": subject + "-1", "subject_licence": subject, "domains": ["same.example.cn"]}
+        )
+    code, report = import_json(config_path, write_ndjson(tmp_path / "many.ndjson", records), "--skip-invalid")
+    assert code == 0 and report["committed"]
+    assert (report["records"], report["skipped"], report["error_count"]) == (1, 1200, 1200)
+    assert len(report["errors"]) == 1000
+    assert report["errors"][0]["message"] == "domain same.example.cn is also in the record at line 1"

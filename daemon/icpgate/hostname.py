@@ -40,10 +40,6 @@ class Host(NamedTuple):
     value: str
     error: str = ""
 
-    @property
-    def is_ip(self) -> bool:
-        return self.kind is HostKind.IPV4 or self.kind is HostKind.IPV6
-
 
 def _invalid(reason: str) -> Host:
     return Host(HostKind.INVALID, "", reason)

@@ -105,11 +105,6 @@ class Registry:
         self.db = db
         self.path = path
 
-    async def filing_count(self) -> int:
-        async with self.db.execute("SELECT COUNT(*) FROM filings") as cursor:
-            (count,) = await cursor.fetchone()
-        return count
-
     async def import_filings(
         self,
         items: Iterable[ParsedFiling | RecordError],
@@ -128,12 +123,16 @@ class Registry:
                 if statement.strip():
                     await self.db.execute(statement)
             await self._stage(items, report, progress)
-            for error in await self._conflicts():
+            parse_errors = report.error_count  # records that were never staged
+            conflicts = await self._conflicts()
+            for error in conflicts:
                 report.add_error(error)
             if report.error_count and not skip_invalid:
                 await self.db.execute("ROLLBACK")
                 return report
-            await self._drop_conflicting_lines(report)
+            dropped = await self._drop_lines({error.line for error in conflicts})
+            report.records -= dropped
+            report.skipped = parse_errors + dropped
             await self._merge(report)
             await self.db.execute(
                 "INSERT INTO imports (source, format, started_at, finished_at, records, inserted, updated, skipped)"
@@ -194,8 +193,9 @@ class Registry:
                 " GROUP BY licence HAVING COUNT(*) > 1) f USING (licence) WHERE s.line > f.first"
             ),
             (
-                "SELECT s.line, 'domains', 'domain ' || s.name || ' is also in ' || o.licence || ' at line ' || o.line"
-                " FROM stage_domains s JOIN stage_domains o ON o.name = s.name AND o.line < s.line"
+                "SELECT s.line, 'domains', 'domain ' || s.name || ' is also in the record at line ' || f.first"
+                " FROM stage_domains s JOIN (SELECT name, MIN(line) AS first FROM stage_domains"
+                " GROUP BY name HAVING COUNT(*) > 1) f USING (name) WHERE s.line > f.first"
             ),
             (
                 "SELECT s.line, 'domains', 'domain ' || s.name || ' is already filed under ' || f.licence"
@@ -209,20 +209,18 @@ class Registry:
                 errors.extend(RecordError(line, fld, msg) for line, fld, msg in await cursor.fetchall())
         return errors
 
-    async def _drop_conflicting_lines(self, report: ImportReport) -> None:
-        lines = sorted({e.line for e in report.errors if e.line})
+    async def _drop_lines(self, lines: set[int]) -> int:
+        """Unstage the records at these lines (all of them, not only the reported ones)."""
         if not lines:
-            return
+            return 0
         await self.db.execute("CREATE TEMP TABLE IF NOT EXISTS bad_lines (line INTEGER PRIMARY KEY)")
         await self.db.execute("DELETE FROM bad_lines")
-        await self.db.executemany("INSERT OR IGNORE INTO bad_lines VALUES (?)", [(n,) for n in lines])
+        await self.db.executemany("INSERT INTO bad_lines VALUES (?)", [(line,) for line in sorted(lines)])
         bad_licences = "SELECT licence FROM stage_filings WHERE line IN (SELECT line FROM bad_lines)"
         await self.db.execute("DELETE FROM stage_access WHERE licence IN (%s)" % bad_licences)
         await self.db.execute("DELETE FROM stage_domains WHERE licence IN (%s)" % bad_licences)
         async with self.db.execute("DELETE FROM stage_filings WHERE line IN (SELECT line FROM bad_lines)") as cursor:
-            dropped = cursor.rowcount
-        report.records -= dropped
-        report.skipped = report.error_count
+            return cursor.rowcount
 
     async def _merge(self, report: ImportReport) -> None:
         async with self.db.execute("SELECT COUNT(*) FROM stage_filings JOIN filings USING (licence)") as cursor:

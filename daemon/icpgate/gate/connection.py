@@ -116,8 +116,8 @@ class GateConnection(asyncio.Protocol):
         "_read_pauses",
         "_timer",
         "_upstream_eof",
-        "_upstream_protocol",
         "_upstream_source",
+        "_upstream_write_closed",
         "client",
         "destination",
         "listener",
@@ -135,7 +135,7 @@ class GateConnection(asyncio.Protocol):
         self.client: Address = ("", 0)
         self.destination: Address = ("", 0)
         self.upstream: asyncio.Transport | None = None
-        self._upstream_protocol: UpstreamProtocol | None = None
+        self._upstream_write_closed = False  # the client's EOF: passed on, or due once connected
         self._connect_task: asyncio.Task | None = None
         self._pending = bytearray()  # for the upstream, until it is connected
         self._read_pauses: set[str] = set()
@@ -181,8 +181,7 @@ class GateConnection(asyncio.Protocol):
             # EOF before the inspection finished: nothing was allowed, nothing to relay.
             self.inspection_ended_early()
             return False
-        if self.upstream is not None and not self._pending and self.upstream.can_write_eof():
-            self.upstream.write_eof()
+        self.close_upstream_writes()
         if self._upstream_eof:
             self.close()
         return True
@@ -256,7 +255,7 @@ class GateConnection(asyncio.Protocol):
             self.upstream_failed()
             return
         try:
-            transport, protocol = await asyncio.wait_for(
+            transport, _ = await asyncio.wait_for(
                 self.loop.create_connection(lambda: UpstreamProtocol(self), backend[0], backend[1]),
                 self.runtime.gate.connect_timeout,
             )
@@ -275,15 +274,20 @@ class GateConnection(asyncio.Protocol):
             self._upstream_source = (source[0], source[1])
             self.runtime.upstream_sources.add(self._upstream_source)
         self.upstream = transport
-        self._upstream_protocol = protocol
         if self.listener.config.proxy_protocol:
             transport.write(proxy_header(self.listener.config.proxy_protocol, self.client, self.destination))
         if self._pending:
             transport.write(bytes(self._pending))
             self._pending.clear()
         self.resume_client_reading("connecting")
-        if self._client_eof and transport.can_write_eof():
+        if self._upstream_write_closed and transport.can_write_eof():
             transport.write_eof()
+
+    def close_upstream_writes(self) -> None:
+        """Pass the client's EOF on to the backend now, or as soon as the connection to it is up."""
+        self._upstream_write_closed = True
+        if self.upstream is not None and self.upstream.can_write_eof():
+            self.upstream.write_eof()
 
     def from_upstream(self, data: bytes) -> None:
         self._last_activity = self.loop.time()

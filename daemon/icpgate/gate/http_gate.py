@@ -90,6 +90,9 @@ class HttpConnection(GateConnection):
         self._final_answer = answer
         self.pause_client_reading("blocked")
         self.restart_inspect_deadline()  # bounds the wait for the backend
+        # EOF tells a connected backend nothing more is coming, so it can finish and close. Not
+        # while still connecting: EOF right behind the requests makes some backends (aiohttp)
+        # drop their answers; those connections wait for the backend or the deadline instead.
         if self.upstream is not None and self.upstream.can_write_eof():
             self.upstream.write_eof()
 

@@ -57,6 +57,7 @@ class Worker:
         self.config: Config | None = None
         self.runtime: Runtime | None = None
         self.servers: list[asyncio.Server] = []
+        self.listeners: list[Listener] = []
         self.registry: Registry | None = None
         self._stopping = asyncio.Event()
         self._data_version = None
@@ -86,6 +87,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         for listener_config in listeners:
             listener = Listener(self.runtime, listener_config, UpstreamResolver(self.config.upstream, listener_config))
+            self.listeners.append(listener)
             factory = CONNECTION_KINDS[listener_config.kind]
             server = await loop.create_server(
                 lambda factory=factory, listener=listener: factory(listener),
@@ -110,6 +112,8 @@ class Worker:
             return False
         if config.listeners != self.config.listeners:
             log.warning("listener changes take effect at the next restart")
+        for listener in self.listeners:  # upstream mode and static map apply to new connections
+            listener.resolver = UpstreamResolver(config.upstream, listener.config)
         policy.index = self.runtime.policy.index
         self.config = config
         self.runtime.gate = config.gate
