@@ -252,6 +252,41 @@ def test_a_thousand_concurrent_connections(tmp_path: Path, origin) -> None:
     assert "Traceback" not in gate.log()
 
 
+def test_the_gate_raises_its_open_file_limit(tmp_path: Path, origin) -> None:
+    """Started with a soft limit of 256 descriptors, the gate still holds 300 relays (600 sockets)."""
+    import resource
+
+    port = free_port()
+    config = gate_config(tmp_path, one_http_listener(port, origin.http))
+    log = (tmp_path / "gate.log").open("w")
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    process = subprocess.Popen([sys.executable, "-m", "icpgate", "run", "-c", str(config)], stdout=log, stderr=log,
+                               preexec_fn=low_soft_limit)  # fmt: skip
+    wait_for_port(port)
+
+    async def hold_open(count: int) -> list[bytes]:
+        async def one(number: int) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /%d HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n" % number)
+            head = await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(1.0)  # every relay is open at once
+            writer.close()
+            return head
+
+        return await asyncio.gather(*(one(n) for n in range(count)))
+
+    try:
+        answers = asyncio.run(hold_open(300))
+        assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers)
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0
+    assert "Too many open files" not in (tmp_path / "gate.log").read_text()
+
+
 def test_tls_alert_action(tmp_path: Path, origin) -> None:
     policies = copy_policies(tmp_path)
     edit_pack(policies, 'tls_action = "reset"', 'tls_action = "alert"')

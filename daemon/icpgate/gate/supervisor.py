@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import select
 import signal
 import time
@@ -31,9 +32,22 @@ def run_gate(config_path: Path, overrides: tuple[str, ...]) -> int:
     """`icpgate run`: check everything first, so a bad config fails before anything binds."""
     config = load_config(config_path, overrides)
     build_runtime_parts(config)
+    _raise_file_limit(config.gate.max_connections)
     if config.gate.workers == 1:
         return _run_worker(config_path, overrides, lambda: notify("READY=1"), watchdog=True)
     return Supervisor(config_path, overrides, config.gate.workers, config.gate.drain_timeout).run()
+
+
+def _raise_file_limit(max_connections: int) -> None:
+    """A relay holds two descriptors; shells start programs with a soft limit of 1024. Raise the
+    soft limit to the hard one (as proxies do) and say so when even that is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    needed = 2 * max_connections + 64
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        log.warning("open-file limit %d is below the %d that gate.max_connections = %d needs", hard, needed,
+                    max_connections)  # fmt: skip
 
 
 def _run_worker(config_path: Path, overrides: tuple[str, ...], on_ready, *, watchdog: bool) -> int:
