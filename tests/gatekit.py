@@ -51,6 +51,7 @@ class Origin:
     tls: int
     tls_echo: int
     record_port: int
+    hold: int
     record_dir: Path
     process: subprocess.Popen
 
@@ -66,7 +67,8 @@ class Origin:
 def start_origin(tmp: Path, cert_pem: Path) -> Origin:
     record_dir = tmp / "recorded"
     record_dir.mkdir(exist_ok=True)
-    ports = {name: free_port() for name in ("http", "tls", "tls_echo", "record")}
+    ports = {name: free_port() for name in ("http", "tls", "tls_echo", "record", "hold")}
+    errors = (tmp / "origin.log").open("w")  # a file, not a pipe nobody reads: a full pipe stalls it
     process = subprocess.Popen(
         [
             sys.executable,
@@ -83,13 +85,15 @@ def start_origin(tmp: Path, cert_pem: Path) -> Origin:
             str(record_dir),
             "--record-port",
             str(ports["record"]),
+            "--hold",
+            str(ports["hold"]),
         ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=errors,
         text=True,
     )
     json.loads(process.stdout.readline())
-    return Origin(ports["http"], ports["tls"], ports["tls_echo"], ports["record"], record_dir, process)
+    return Origin(ports["http"], ports["tls"], ports["tls_echo"], ports["record"], ports["hold"], record_dir, process)
 
 
 @dataclass

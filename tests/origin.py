@@ -3,6 +3,7 @@
 - `--http` / `--tls`: an aiohttp app answering with what it received (host, method, path, a
   SHA-256 of the body) and echoing WebSocket messages on /ws; TLS with the given certificate.
 - `--tls-echo`: TLS that echoes every byte back (checksums over large transfers).
+- `--hold`: plain TCP that reads, discards, and never closes its side, even after EOF.
 - `--record DIR`: plain TCP that stores every connection's bytes in DIR/<n>.bin, unchanged.
 """
 
@@ -53,6 +54,16 @@ class Echo(asyncio.Protocol):
         return False
 
 
+class Holder(asyncio.Protocol):
+    """Reads and discards, and keeps its side open after the peer's EOF: a backend that never finishes."""
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return True
+
+
 class Recorder(asyncio.Protocol):
     count = 0
 
@@ -84,6 +95,8 @@ async def main(args: argparse.Namespace) -> None:
         await web.TCPSite(runner, "127.0.0.1", args.tls, ssl_context=context).start()
     if args.tls_echo:
         await loop.create_server(Echo, "127.0.0.1", args.tls_echo, ssl=context)
+    if args.hold:
+        await loop.create_server(Holder, "127.0.0.1", args.hold)
     if args.record:
         directory = Path(args.record)
         await loop.create_server(lambda: Recorder(directory), "127.0.0.1", args.record_port)
@@ -98,6 +111,7 @@ if __name__ == "__main__":
     parser.add_argument("--tls", type=int)
     parser.add_argument("--tls-echo", type=int)
     parser.add_argument("--cert")
+    parser.add_argument("--hold", type=int)
     parser.add_argument("--record")
     parser.add_argument("--record-port", type=int)
     asyncio.run(main(parser.parse_args()))

@@ -191,6 +191,23 @@ def test_sigterm_drains_open_relays(tmp_path: Path, origin, certs) -> None:
     tls.close()
 
 
+def test_a_half_closed_relay_is_closed_after_the_half_close_timeout(tmp_path: Path, origin) -> None:
+    """The client finishes sending; the backend never closes its side. The gate passes the EOF on,
+    keeps the relay for half_close_timeout, then closes it."""
+    port = free_port()
+    listeners = {"tls": listener(port, "tls", origin.hold)}
+    gate = start_gate(gate_config(tmp_path, listeners, gate={"half_close_timeout": 1.0}), {"tls": port})
+    try:
+        hello = python_hello("example-filed.cn")
+        sock = send_in_pieces(port, hello, [])
+        sock.shutdown(socket.SHUT_WR)
+        started = time.monotonic()
+        assert closed_by_peer(sock, timeout=15) in ("closed", "reset")
+        assert 0.5 < time.monotonic() - started < 5
+    finally:
+        assert gate.stop() == 0
+
+
 def test_backend_down_gives_502_on_http_and_a_close_on_tls(tmp_path: Path) -> None:
     dead = free_port()
     http_port, tls_port = free_port(), free_port()

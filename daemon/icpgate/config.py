@@ -89,6 +89,7 @@ CONFIG_SPEC = {
         "max_hello_size": Field((int,), 16384, lambda v: None if 512 <= v <= 65536 else "must be 512 to 65536"),
         "max_header_size": Field((int,), 32768, lambda v: None if 1024 <= v <= 1048576 else "must be 1024 to 1048576"),
         "idle_timeout": Field((int, float), 300.0, _positive),
+        "half_close_timeout": Field((int, float), 30.0, _positive),
         "connect_timeout": Field((int, float), 5.0, _positive),
         "drain_timeout": Field((int, float), 10.0, lambda v: None if v >= 0 else "must be 0 or more"),
         "tls_certificate": Field((str,), ""),
@@ -140,6 +141,7 @@ class GateConfig:
     max_hello_size: int
     max_header_size: int
     idle_timeout: float
+    half_close_timeout: float  # a relay one side has finished (sent EOF) lives at most this long idle
     connect_timeout: float
     drain_timeout: float
     tls_certificate: Path | None  # the operator's certificate for the TLS block page
@@ -188,6 +190,7 @@ def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Conf
             max_hello_size=gate["max_hello_size"],
             max_header_size=gate["max_header_size"],
             idle_timeout=float(gate["idle_timeout"]),
+            half_close_timeout=float(gate["half_close_timeout"]),
             connect_timeout=float(gate["connect_timeout"]),
             drain_timeout=float(gate["drain_timeout"]),
             tls_certificate=_resolve_optional(base, gate["tls_certificate"]),

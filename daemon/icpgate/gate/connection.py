@@ -177,6 +177,7 @@ class GateConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._client_eof = True
+        self._half_closed()
         if self.upstream is None and self._connect_task is None:
             # EOF before the inspection finished: nothing was allowed, nothing to relay.
             self.inspection_ended_early()
@@ -295,6 +296,7 @@ class GateConnection(asyncio.Protocol):
 
     def upstream_eof(self) -> bool:
         self._upstream_eof = True
+        self._half_closed()
         if self.transport is not None and not self.transport.is_closing() and self.transport.can_write_eof():
             self.transport.write_eof()
         if self._client_eof:
@@ -391,12 +393,26 @@ class GateConnection(asyncio.Protocol):
             return
         if self._closing:
             return
+        limit = self._idle_limit()
         idle = now - self._last_activity
-        if idle >= gate.idle_timeout:
+        if idle >= limit:
             self.runtime.stats["idle_timeouts", self.kind] += 1
             self.abort()
             return
-        self._timer = self.loop.call_later(gate.idle_timeout - idle, self._on_timer)
+        self._timer = self.loop.call_later(limit - idle, self._on_timer)
+
+    def _idle_limit(self) -> float:
+        """Once either side has finished (EOF), the other gets the shorter half-close timeout."""
+        gate = self.runtime.gate
+        if self._client_eof or self._upstream_eof:
+            return min(gate.idle_timeout, gate.half_close_timeout)
+        return gate.idle_timeout
+
+    def _half_closed(self) -> None:
+        """Bring the timer forward to the half-close limit (it may be set for the idle timeout)."""
+        if self._deadline is None and not self._closing:
+            self._cancel_timer()
+            self._timer = self.loop.call_later(self._idle_limit(), self._on_timer)
 
     def restart_inspect_deadline(self) -> None:
         """A new HTTP request head has begun: it must be complete within the inspection timeout."""
