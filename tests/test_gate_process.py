@@ -422,11 +422,13 @@ def test_an_invalid_config_binds_nothing(tmp_path: Path, origin) -> None:
         wait_for_port(port, timeout=0.5)
 
 
-def test_missing_registry_is_refused(tmp_path: Path, origin) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_missing_registry_is_refused(tmp_path: Path, origin, workers: int) -> None:
     port = free_port()
-    config = gate_config(tmp_path, one_http_listener(port, origin.http))
+    config = gate_config(tmp_path, one_http_listener(port, origin.http), gate={"workers": workers})
     (tmp_path / "registry.db").unlink()
     result = subprocess.run(
         [sys.executable, "-m", "icpgate", "run", "-c", str(config)], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 5 and "import filings first" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -19,6 +19,7 @@ from pathlib import Path
 import uvloop
 
 from ..config import load_config
+from ..registry import RegistryError
 from ..sdnotify import notify, watchdog_interval
 from .worker import Worker, build_runtime_parts
 
@@ -32,6 +33,8 @@ def run_gate(config_path: Path, overrides: tuple[str, ...]) -> int:
     """`icpgate run`: check everything first, so a bad config fails before anything binds."""
     config = load_config(config_path, overrides)
     build_runtime_parts(config)
+    if not config.registry_path.is_file():  # before forking: one clear error, not one per worker
+        raise RegistryError("registry %s does not exist: import filings first (icpgate import)" % config.registry_path)
     _raise_file_limit(config.gate.max_connections)
     if config.gate.workers == 1:
         return _run_worker(config_path, overrides, lambda: notify("READY=1"), watchdog=True)
