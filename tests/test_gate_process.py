@@ -423,6 +423,22 @@ def test_an_invalid_config_binds_nothing(tmp_path: Path, origin) -> None:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
+def test_a_port_in_use_is_a_clear_error(tmp_path: Path, origin, workers: int) -> None:
+    port = free_port()
+    config = gate_config(tmp_path, one_http_listener(port, origin.http), gate={"workers": workers})
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "icpgate", "run", "-c", str(config)], capture_output=True, text=True, timeout=60
+        )
+    assert result.returncode == 6, result.stderr
+    assert "cannot listen on 127.0.0.1:%d/http" % port in result.stderr
+    assert "address already in use" in result.stderr.lower()
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 def test_missing_registry_is_refused(tmp_path: Path, origin, workers: int) -> None:
     port = free_port()
     config = gate_config(tmp_path, one_http_listener(port, origin.http), gate={"workers": workers})

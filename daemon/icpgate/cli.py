@@ -29,6 +29,7 @@ class Exit(IntEnum):
     CONFIG = 3  # the config or the policy pack is invalid
     DATA = 4  # an import was refused; nothing was imported
     REGISTRY = 5  # the registry database cannot be used
+    START = 6  # `run`: the gate could not start (a listener cannot bind, workers do not come up)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,12 +84,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> Exit:
+    # Imported here: the gate (uvloop, the whole hot path) is not needed by the other commands.
     from .gate.supervisor import run_gate
+    from .gate.worker import GateStartError
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    return Exit(run_gate(args.config, tuple(args.overrides)))
+    try:
+        return Exit(run_gate(args.config, tuple(args.overrides)))
+    except GateStartError as error:
+        print("cannot start: %s" % error, file=sys.stderr)
+        return Exit.START
 
 
 def _cmd_config_check(args: argparse.Namespace) -> Exit:

@@ -138,9 +138,6 @@ class HttpConnection(GateConnection):
         self.count_decision(verdict)
         self._block(verdict, None)
 
-    def inspection_ended_early(self) -> None:
-        self.close()
-
     def refuse_full(self) -> None:
         self.reply_and_close(error_response(503, "too many connections", new_request_id()))
 

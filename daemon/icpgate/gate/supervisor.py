@@ -21,7 +21,7 @@ import uvloop
 from ..config import load_config
 from ..registry import RegistryError
 from ..sdnotify import notify, watchdog_interval
-from .worker import Worker, build_runtime_parts
+from .worker import GateStartError, Worker, build_runtime_parts
 
 log = logging.getLogger("icpgate.supervisor")
 RESTART_DELAY = 1.0
@@ -99,9 +99,8 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, lambda received, _frame: self._signals.append(received))
         if not self._await_ready(ready_read):
-            log.error("workers did not become ready; stopping")
             self._stop()
-            return 1
+            raise GateStartError("the workers did not become ready (their errors are logged above)")
         notify("READY=1")
         log.info("%d workers ready", self.count)
         interval = watchdog_interval()
@@ -134,6 +133,8 @@ class Supervisor:
                 code = _run_worker(
                     self.config_path, self.overrides, lambda: os.write(ready_write, b"1"), watchdog=False
                 )
+            except GateStartError as error:
+                log.error("worker %d: %s", number, error)
             except BaseException:
                 log.exception("worker %d failed", number)
             finally:

@@ -92,9 +92,6 @@ class TlsConnection(GateConnection):
         self.count_decision(verdict)
         self._block(verdict)
 
-    def inspection_ended_early(self) -> None:
-        self.close()
-
     def refuse_full(self) -> None:
         self.reset()
 

@@ -42,6 +42,10 @@ def build_runtime_parts(config: Config) -> tuple[Policy, BlockPages, TlsBlockPag
     return Policy(pack.policy, config.provider.id, EMPTY_INDEX), pages, tls_pages
 
 
+class GateStartError(RuntimeError):
+    """The gate cannot start serving (a listener cannot bind, workers do not come up)."""
+
+
 def _freeze_index() -> None:
     """Move everything alive now, the index above all, out of the collector's sight: its
     million objects never form cycles, and walking them on every full collection stalls the gate."""
@@ -89,14 +93,19 @@ class Worker:
             listener = Listener(self.runtime, listener_config, UpstreamResolver(self.config.upstream, listener_config))
             self.listeners.append(listener)
             factory = CONNECTION_KINDS[listener_config.kind]
-            server = await loop.create_server(
-                lambda factory=factory, listener=listener: factory(listener),
-                listener_config.address,
-                listener_config.port,
-                family=socket.AF_INET6 if ":" in listener_config.address else socket.AF_INET,
-                reuse_port=True,
-                backlog=BACKLOG,
-            )
+            try:
+                server = await loop.create_server(
+                    lambda factory=factory, listener=listener: factory(listener),
+                    listener_config.address,
+                    listener_config.port,
+                    family=socket.AF_INET6 if ":" in listener_config.address else socket.AF_INET,
+                    reuse_port=True,
+                    backlog=BACKLOG,
+                )
+            except OSError as error:
+                raise GateStartError(
+                    "cannot listen on %s: %s" % (listener_config.name, error.strerror or error)
+                ) from None
             self.servers.append(server)
             log.info("listening on %s", listener_config.name)
 
