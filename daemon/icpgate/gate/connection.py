@@ -36,9 +36,11 @@ class Runtime:
     tls_pages: object | None = None  # a TlsBlockPages when the pack's TLS action is "page"
     connections: set[GateConnection] = field(default_factory=set)
     stats: Counter = field(default_factory=Counter)
-    # Local addresses of our own upstream connections: an accepted connection from one of them
-    # is the gate connecting to itself (original_dst without NAT), refused before it loops.
-    upstream_sources: set[Address] = field(default_factory=set)
+    # (local, remote) of our own upstream connections. An accepted connection whose (peer, local)
+    # is one of them is the gate connecting to itself (original_dst without NAT), refused before
+    # it loops. The whole 4-tuple: the kernel reuses a local port towards other destinations, so
+    # a client may legitimately come from a port one of our upstream connections also uses.
+    own_connections: set[tuple[Address, Address]] = field(default_factory=set)
     _decisions: dict[tuple, Verdict] = field(default_factory=dict)
     _decisions_for: tuple[object, object] = (None, None)  # the (policy, index) the cache belongs to
 
@@ -115,8 +117,8 @@ class GateConnection(asyncio.Protocol):
         "_pending",
         "_read_pauses",
         "_timer",
+        "_upstream_ends",
         "_upstream_eof",
-        "_upstream_source",
         "_upstream_write_closed",
         "client",
         "destination",
@@ -146,7 +148,7 @@ class GateConnection(asyncio.Protocol):
         # Inspection must finish by this time; once closing, the final answer must be written by it.
         self._deadline: float | None = None
         self._last_activity = 0.0
-        self._upstream_source: Address | None = None
+        self._upstream_ends: tuple[Address, Address] | None = None
 
     # --- client transport callbacks ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -154,8 +156,9 @@ class GateConnection(asyncio.Protocol):
         runtime = self.runtime
         runtime.stats["connections", self.kind] += 1
         peer = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
         self.client = (peer[0], peer[1])
-        if self.client in runtime.upstream_sources:
+        if (self.client, (local[0], local[1])) in runtime.own_connections:
             runtime.stats["refused_loop"] += 1
             transport.abort()
             return
@@ -165,7 +168,6 @@ class GateConnection(asyncio.Protocol):
             self.refuse_full()
             return
         sock = transport.get_extra_info("socket")
-        local = transport.get_extra_info("sockname") or ("", 0)
         self.destination = original_destination(sock, sock.family) if sock is not None else None
         self.destination = self.destination or (local[0], local[1])
         self._last_activity = self.loop.time()
@@ -270,10 +272,10 @@ class GateConnection(asyncio.Protocol):
         if self._closing or self.transport is None or self.transport.is_closing():
             transport.abort()
             return
-        source = transport.get_extra_info("sockname")
-        if source:
-            self._upstream_source = (source[0], source[1])
-            self.runtime.upstream_sources.add(self._upstream_source)
+        source, remote = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+        if source and remote:
+            self._upstream_ends = ((source[0], source[1]), (remote[0], remote[1]))
+            self.runtime.own_connections.add(self._upstream_ends)
         self.upstream = transport
         if self.listener.config.proxy_protocol:
             transport.write(proxy_header(self.listener.config.proxy_protocol, self.client, self.destination))
@@ -304,8 +306,8 @@ class GateConnection(asyncio.Protocol):
         return True
 
     def upstream_lost(self, exc: Exception | None) -> None:
-        if self._upstream_source is not None:
-            self.runtime.upstream_sources.discard(self._upstream_source)
+        if self._upstream_ends is not None:
+            self.runtime.own_connections.discard(self._upstream_ends)
         self.upstream = None
         if self.transport is None or self.transport.is_closing():
             return
