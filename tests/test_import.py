@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SAMPLE_CSV, SAMPLES, run_icpgate, sample_records, write_ndjson
+from icpgate.registry import MIGRATIONS
 
 
 def registry_path(config: Path) -> Path:
@@ -20,7 +21,7 @@ def digest(db: Path) -> str:
     """A digest of the registry's contents (not its bytes: WAL files differ)."""
     with sqlite3.connect(db) as conn:
         rows = [conn.execute("SELECT * FROM %s ORDER BY 1, 2" % t).fetchall() for t in ("filings", "domains", "access")]
-    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False, default=bytes.hex).encode()).hexdigest()
 
 
 def import_json(config: Path, path: Path, *extra: str) -> tuple[int, dict]:
@@ -32,7 +33,7 @@ def test_sample_import_stores_every_filing(sample_registry: Path) -> None:
     with sqlite3.connect(registry_path(sample_registry)) as conn:
         assert conn.execute("SELECT COUNT(*) FROM filings").fetchone()[0] == len(sample_records())
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         assert conn.execute("SELECT COUNT(*) FROM imports").fetchone()[0] == 1
 
 

@@ -30,6 +30,7 @@ class Exit(IntEnum):
     DATA = 4  # an import was refused; nothing was imported
     REGISTRY = 5  # the registry database cannot be used
     START = 6  # `run`: the gate could not start (a listener cannot bind, workers do not come up)
+    FEED = 7  # `feed sync`/`diff`: no source could be reached (refused feed data is DATA)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,12 +57,30 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("file", type=Path)
     imp.add_argument("--format", choices=("ndjson", "csv"), help="default: from the file suffix")
     imp.add_argument("--skip-invalid", action="store_true", help="import the good records, skip the bad ones")
+    imp.add_argument("--replace", action="store_true", help="the file is the whole registry: remove filings not in it")
     imp.add_argument("--json", action="store_true", help="print the import report as JSON")
     imp.set_defaults(handler=_cmd_import)
 
     run = commands.add_parser("run", parents=[common], help="run the gate")
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     run.set_defaults(handler=_cmd_run)
+
+    feed = commands.add_parser("feed", help="the approved-filings feed")
+    feed_commands = feed.add_subparsers(dest="feed_command", required=True)
+    sync = feed_commands.add_parser("sync", parents=[common], help="sync the registry from feed.urls once")
+    sync.add_argument("--force", action="store_true", help="apply even what the guards refuse (see feed diff)")
+    sync.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    sync.set_defaults(handler=_cmd_feed_sync)
+    diff = feed_commands.add_parser("diff", parents=[common], help="show what the next sync would change")
+    diff.add_argument("--json", action="store_true", help="print the difference as JSON")
+    diff.set_defaults(handler=_cmd_feed_diff)
+    status = feed_commands.add_parser("status", parents=[common], help="serial, freshness and the last sync")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(handler=_cmd_feed_status)
+    serve = feed_commands.add_parser("serve", parents=[common], help="publish the registry to edge gates")
+    serve.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve on")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.set_defaults(handler=_cmd_feed_serve)
 
     config = commands.add_parser("config", help="config commands")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -88,14 +107,77 @@ def _cmd_run(args: argparse.Namespace) -> Exit:
     from .gate.supervisor import run_gate
     from .gate.worker import GateStartError
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    config = load_config(args.config, args.overrides)
+    service = None
+    if config.feed.urls:
+        from .feed.client import run_feed
+        from .feed.signing import KeyFileError, load_public_keys
+
+        try:
+            load_public_keys(config.feed.public_keys)
+        except KeyFileError as error:
+            print("config error: feed.public_keys: %s" % error, file=sys.stderr)
+            return Exit.CONFIG
+        service = run_feed
+        _create_registry(config)
+    _log_to_stderr(args.log_level)
     try:
-        return Exit(run_gate(args.config, tuple(args.overrides)))
+        return Exit(run_gate(args.config, tuple(args.overrides), service))
     except GateStartError as error:
         print("cannot start: %s" % error, file=sys.stderr)
         return Exit.START
+
+
+def _cmd_feed_sync(args: argparse.Namespace) -> Exit:
+    from .feed.commands import sync
+
+    return sync(load_config(args.config, args.overrides), force=args.force, as_json=args.json)
+
+
+def _cmd_feed_diff(args: argparse.Namespace) -> Exit:
+    from .feed.commands import diff
+
+    return diff(load_config(args.config, args.overrides), as_json=args.json)
+
+
+def _cmd_feed_status(args: argparse.Namespace) -> Exit:
+    from .feed.commands import status
+
+    return status(load_config(args.config, args.overrides), as_json=args.json)
+
+
+def _cmd_feed_serve(args: argparse.Namespace) -> Exit:
+    from .config import split_host_port
+    from .feed.publisher import serve
+
+    config = load_config(args.config, args.overrides)
+    try:
+        host, port = split_host_port(args.listen)
+    except ValueError as error:
+        print("feed serve: --listen: %s" % error, file=sys.stderr)
+        return Exit.USAGE
+    _log_to_stderr(args.log_level)
+    if not config.registry_path.is_file():
+        raise RegistryError("registry %s does not exist: import filings first (icpgate import)" % config.registry_path)
+    serve(config, host, port)
+    return Exit.OK
+
+
+def _log_to_stderr(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)  # fmt: skip
+
+
+def _create_registry(config: Config) -> None:
+    """An edge that syncs from a feed may start with no registry: it starts empty (blocking every
+    filed-only site: fail closed) and the first sync fills it."""
+    if not config.registry_path.is_file():
+
+        async def create() -> None:
+            async with open_registry(config.registry_path):
+                pass
+
+        asyncio.run(create())
 
 
 def _cmd_config_check(args: argparse.Namespace) -> Exit:
@@ -125,19 +207,19 @@ def _cmd_import(args: argparse.Namespace) -> Exit:
     if not args.file.is_file():
         print("import: no such file: %s" % args.file, file=sys.stderr)
         return Exit.DATA
-    report = asyncio.run(_import(config, args.file, args.format, args.skip_invalid))
+    report = asyncio.run(_import(config, args.file, args.format, args.skip_invalid, args.replace))
     _print_report(report, args.json)
     return Exit.OK if report.committed else Exit.DATA
 
 
-async def _import(config: Config, path: Path, fmt: str | None, skip_invalid: bool) -> ImportReport:
+async def _import(config: Config, path: Path, fmt: str | None, skip_invalid: bool, replace: bool) -> ImportReport:
     fmt = fmt or ("csv" if path.suffix.lower() == ".csv" else "ndjson")
     progress = _progress_bar(path)
     try:
         async with open_registry(config.registry_path) as registry:
             return await registry.import_filings(
                 read_filings(path, fmt), source=str(path), fmt=fmt, skip_invalid=skip_invalid,
-                progress=progress.update if progress else None,
+                progress=progress.update if progress else None, replace=replace,
             )  # fmt: skip
     finally:
         if progress:
@@ -157,7 +239,8 @@ def _print_report(report: ImportReport, as_json: bool) -> None:
     if as_json:
         print(json.dumps({
             "source": report.source, "committed": report.committed, "records": report.records,
-            "inserted": report.inserted, "updated": report.updated, "skipped": report.skipped,
+            "inserted": report.inserted, "updated": report.updated, "unchanged": report.unchanged,
+            "removed": report.removed, "skipped": report.skipped, "serial": report.serial,
             "errors": [{"line": e.line, "field": e.field, "message": e.message} for e in report.errors],
             "error_count": report.error_count, "warnings": report.warnings,
         }, ensure_ascii=False, indent=2))  # fmt: skip
@@ -173,8 +256,10 @@ def _print_report(report: ImportReport, as_json: bool) -> None:
         print("warning: … and %d more" % (len(report.warnings) - MAX_PRINTED_WARNINGS), file=sys.stderr)
     if report.committed:
         skipped = ", %d invalid skipped" % report.skipped if report.skipped else ""
-        print("imported %d filings from %s (%d new, %d updated%s)" % (
-            report.records, report.source, report.inserted, report.updated, skipped))  # fmt: skip
+        removed = ", %d removed" % report.removed if report.removed else ""
+        print("imported %d filings from %s (%d new, %d updated, %d unchanged%s%s); serial %d" % (
+            report.records, report.source, report.inserted, report.updated, report.unchanged, removed, skipped,
+            report.serial))  # fmt: skip
     else:
         print("refused %s: %d error(s); nothing was imported" % (report.source, report.error_count), file=sys.stderr)
 

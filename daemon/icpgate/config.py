@@ -59,6 +59,25 @@ def _static_map(value: dict) -> str | None:
     return None
 
 
+def _feed_urls(value: list) -> str | None:
+    for url in value:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://", "file:")):
+            return "%r: each feed URL must start with http://, https:// or file:" % (url,)
+    return None
+
+
+def _paths(value: list) -> str | None:
+    return None if all(isinstance(item, str) and item for item in value) else "must be a list of file paths"
+
+
+def _at_least(low: float):
+    return lambda value: None if value >= low else "must be %g or more" % low
+
+
+def _share(value: float) -> str | None:
+    return None if 0 < value <= 1 else "must be a share above 0 and at most 1 (0.3 is 30%)"
+
+
 def _one_of(*choices: str):
     return lambda value: None if value in choices else "must be one of %s" % ", ".join(map(repr, choices))
 
@@ -101,6 +120,31 @@ CONFIG_SPEC = {
         "static": Field((dict,), {}, _static_map),
     },
     "listeners": TableList(LISTENER_SPEC),
+    "feed": {
+        "urls": Field((list,), [], _feed_urls),
+        "public_keys": Field((list,), [], _paths),
+        "wait": Field((int, float), 30.0, lambda v: None if 0 <= v <= 300 else "must be 0 to 300 seconds"),
+        "min_interval": Field((int, float), 1.0, _at_least(0)),
+        "start_delay": Field((int, float), 5.0, _at_least(0)),
+        "backoff_initial": Field((int, float), 1.0, _positive),
+        "backoff_max": Field((int, float), 300.0, _positive),
+        "connect_timeout": Field((int, float), 5.0, _positive),
+        "read_timeout": Field((int, float), 30.0, _positive),
+        "total_timeout": Field((int, float), 600.0, _positive),
+        "max_body": Field((int,), 512 * 1024 * 1024, _at_least(1024)),
+        "guard_share": Field((int, float), 0.3, _share),
+        "guard_min_filings": Field((int,), 100, _at_least(0)),
+        "stale_after": Field((int, float), 3600.0, _positive),
+        "max_staleness": Field((int, float), 86400.0, _positive),
+        "stale_mode": Field((str,), "enforce", _one_of("enforce", "monitor", "open")),
+    },
+    "publish": {
+        "signing_key": Field((str,), ""),
+        "history": Field((int, float), 7 * 86400.0, _positive),
+        "poll_interval": Field((int, float), 1.0, _at_least(0)),
+        "max_wait": Field((int, float), 60.0, lambda v: None if 0 <= v <= 300 else "must be 0 to 300 seconds"),
+        "cache_dir": Field((str,), ""),
+    },
 }
 
 
@@ -156,6 +200,37 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FeedConfig:
+    """The feed client (docs/feed-protocol.md). Timeouts and intervals in seconds."""
+
+    urls: tuple[str, ...]
+    public_keys: tuple[Path, ...]  # when any: every body must carry a good signature by one of them
+    wait: float  # long-poll: how long a changes request may wait at the publisher
+    min_interval: float  # between two requests, at least (the publisher's hint may ask for more)
+    start_delay: float  # a random delay up to this at start, so a fleet does not sync at once
+    backoff_initial: float
+    backoff_max: float
+    connect_timeout: float
+    read_timeout: float  # silence while reading a body (on top of `wait` for long-polls)
+    total_timeout: float  # a whole request, snapshot included
+    max_body: int  # bytes on the wire; the inflated body may be at most MAX_INFLATION times that
+    guard_share: float
+    guard_min_filings: int
+    stale_after: float  # since the last successful sync: warn
+    max_staleness: float  # since the last successful sync: switch to `stale_mode`
+    stale_mode: str  # "enforce", "monitor" or "open"
+
+
+@dataclass(frozen=True, slots=True)
+class PublishConfig:
+    signing_key: Path | None  # Ed25519 private key (PEM); unsigned bodies when None
+    history: float  # seconds of removals kept for changes requests; older clients get a snapshot
+    poll_interval: float  # the minimum wait between polls the publisher asks of clients
+    max_wait: float  # longest long-poll the publisher holds
+    cache_dir: Path  # where precomputed snapshots are kept
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: Path
     provider: ProviderConfig
@@ -165,6 +240,8 @@ class Config:
     gate: GateConfig
     upstream: UpstreamConfig
     listeners: tuple[ListenerConfig, ...]
+    feed: FeedConfig
+    publish: PublishConfig
 
 
 def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -199,7 +276,33 @@ def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Conf
         ),
         upstream=UpstreamConfig(**values["upstream"]),
         listeners=tuple(ListenerConfig(**listener) for listener in values["listeners"]),
+        feed=_feed_config(base, values["feed"]),
+        publish=PublishConfig(
+            signing_key=_resolve_optional(base, values["publish"]["signing_key"]),
+            history=float(values["publish"]["history"]),
+            poll_interval=float(values["publish"]["poll_interval"]),
+            max_wait=float(values["publish"]["max_wait"]),
+            cache_dir=_resolve_optional(base, values["publish"]["cache_dir"])
+            or _resolve(base, values["registry"]["path"] + ".feed"),
+        ),
     )
+
+
+def _feed_config(base: Path, feed: dict) -> FeedConfig:
+    floats = {key: float(value) for key, value in feed.items() if isinstance(value, int | float) and key not in (
+        "max_body", "guard_min_filings")}  # fmt: skip
+    return FeedConfig(**{
+        **feed, **floats,
+        "urls": tuple(_file_url(base, url) for url in feed["urls"]),
+        "public_keys": tuple(_resolve(base, key) for key in feed["public_keys"]),
+    })  # fmt: skip
+
+
+def _file_url(base: Path, url: str) -> str:
+    """`file:` URLs may be relative to the config file, like every other path in it."""
+    if not url.startswith("file:"):
+        return url
+    return "file:" + str(_resolve(base, url.removeprefix("file:").removeprefix("//")))
 
 
 def _resolve(base: Path, value: str) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -63,3 +65,18 @@ class Filing:
             "access": [{"provider": a.provider, "status": a.status.value, "ips": list(a.ips)} for a in self.access],
             "updated_at": self.updated_at,
         }
+
+    def canonical_json(self) -> str:
+        """One line that is the same wherever the same filing is stored: keys sorted, domains,
+        access records and their addresses in sorted order. Feed checksums hash this form."""
+        record = self.to_json()
+        record["domains"] = sorted(self.domains)
+        record["access"] = sorted(
+            ({"provider": a.provider, "status": a.status.value, "ips": sorted(a.ips)} for a in self.access),
+            key=lambda access: (access["provider"], access["status"], access["ips"]),
+        )
+        return json.dumps(record, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> bytes:
+        """SHA-256 of the canonical form: what the registry checksum is built from."""
+        return hashlib.sha256(self.canonical_json().encode()).digest()

@@ -70,6 +70,13 @@ class DictIndex:
     def domain_count(self) -> int:
         return len(self._by_domain)
 
+    def patched(self, licences: frozenset[str], update: DictIndex, filings: int) -> DictIndex:
+        """A new index: this one without the filings of `licences`, plus `update` (their current
+        state). This one is not touched, so decisions in flight keep a whole registry."""
+        by_domain = {domain: filing for domain, filing in self._by_domain.items() if filing.licence not in licences}
+        by_domain.update(update._by_domain)
+        return DictIndex(by_domain, filings)
+
 
 class IndexBuilder:
     """Collects (filing, domain) rows, ordered by filing, and shares what filings have in common.

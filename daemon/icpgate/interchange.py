@@ -166,6 +166,8 @@ def _access_records(value: object, line: int) -> tuple[AccessRecord, ...]:
         provider = item.get("provider")
         if not isinstance(provider, str) or not provider.strip():
             raise RecordError(line, field + ".provider", "must be a non-empty string")
+        if any(char < " " for char in provider):
+            raise RecordError(line, field + ".provider", "must not contain control characters")
         try:
             status = AccessStatus(item.get("status"))
         except ValueError:

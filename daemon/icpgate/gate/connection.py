@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..config import GateConfig, ListenerConfig
-from ..policy import Policy, Verdict
+from ..policy import FILING_REASONS, Action, Policy, Verdict
 from .blockpage import BlockPages
 from .upstream import Address, UpstreamResolver, original_destination, proxy_header
 
@@ -41,6 +41,8 @@ class Runtime:
     # it loops. The whole 4-tuple: the kernel reuses a local port towards other destinations, so
     # a client may legitimately come from a port one of our upstream connections also uses.
     own_connections: set[tuple[Address, Address]] = field(default_factory=set)
+    # "enforce", or the feed's stale_mode ("monitor", "open") once the registry is past max_staleness.
+    enforcement: str = "enforce"
     _decisions: dict[tuple, Verdict] = field(default_factory=dict)
     _decisions_for: tuple[object, object] = (None, None)  # the (policy, index) the cache belongs to
 
@@ -56,14 +58,23 @@ class Runtime:
             self._decisions = {}
             self._decisions_for = (policy, policy.index)
         if policy.pack.acme_http01 and kind == "http":
-            return policy.decide(host, dst[0], dst[1], kind, path)
-        key = (host, dst, kind)
-        verdict = self._decisions.get(key)
-        if verdict is None:
-            if len(self._decisions) >= DECISION_CACHE_SIZE:
-                self._decisions = {}  # junk hosts must not grow memory; popular hosts come back at once
-            verdict = self._decisions[key] = policy.decide(host, dst[0], dst[1], kind, path)
+            verdict = policy.decide(host, dst[0], dst[1], kind, path)
+        else:
+            key = (host, dst, kind)
+            verdict = self._decisions.get(key)
+            if verdict is None:
+                if len(self._decisions) >= DECISION_CACHE_SIZE:
+                    self._decisions = {}  # junk hosts must not grow memory; popular hosts come back at once
+                verdict = self._decisions[key] = policy.decide(host, dst[0], dst[1], kind, path)
+        if self.enforcement != "enforce" and verdict.action is Action.BLOCK and verdict.reason in FILING_REASONS:
+            return self.relaxed(verdict)
         return verdict
+
+    def relaxed(self, verdict: Verdict) -> Verdict:
+        """A stale registry in `monitor` or `open` mode: blocks that rest on filing data pass,
+        keeping their reason so they are still counted and logged. Malformed traffic still fails."""
+        self.stats["relaxed", self.enforcement, verdict.reason] += 1
+        return verdict._replace(action=Action.ALLOW, rule="feed.stale_mode = %s" % self.enforcement)
 
 
 class Listener:

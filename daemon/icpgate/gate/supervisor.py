@@ -21,24 +21,28 @@ import uvloop
 from ..config import load_config
 from ..registry import RegistryError
 from ..sdnotify import notify, watchdog_interval
-from .worker import GateStartError, Worker, build_runtime_parts
+from .worker import GateStartError, Service, Worker, build_runtime_parts
 
 log = logging.getLogger("icpgate.supervisor")
 RESTART_DELAY = 1.0
+SERVICE = -1  # the child number of the service process
 READY_TIMEOUT = 300.0  # loading a large index takes a while
 STOP_GRACE = 5.0
 
 
-def run_gate(config_path: Path, overrides: tuple[str, ...]) -> int:
-    """`icpgate run`: check everything first, so a bad config fails before anything binds."""
+def run_gate(config_path: Path, overrides: tuple[str, ...], service: Service | None = None) -> int:
+    """`icpgate run`: check everything first, so a bad config fails before anything binds.
+
+    `service` (the feed client) runs in the worker's loop with one worker, else in its own process.
+    """
     config = load_config(config_path, overrides)
     build_runtime_parts(config)
     if not config.registry_path.is_file():  # before forking: one clear error, not one per worker
         raise RegistryError("registry %s does not exist: import filings first (icpgate import)" % config.registry_path)
     _raise_file_limit(config.gate.max_connections)
     if config.gate.workers == 1:
-        return _run_worker(config_path, overrides, lambda: notify("READY=1"), watchdog=True)
-    return Supervisor(config_path, overrides, config.gate.workers, config.gate.drain_timeout).run()
+        return _run_worker(config_path, overrides, lambda: notify("READY=1"), watchdog=True, service=service)
+    return Supervisor(config_path, overrides, config.gate.workers, config.gate.drain_timeout, service).run()
 
 
 def _raise_file_limit(max_connections: int) -> None:
@@ -53,7 +57,8 @@ def _raise_file_limit(max_connections: int) -> None:
                     max_connections)  # fmt: skip
 
 
-def _run_worker(config_path: Path, overrides: tuple[str, ...], on_ready, *, watchdog: bool) -> int:
+def _run_worker(config_path: Path, overrides: tuple[str, ...], on_ready, *, watchdog: bool,
+                service: Service | None = None) -> int:  # fmt: skip
     """Run one worker; with `watchdog`, ping systemd's watchdog from the moment it is ready."""
 
     async def main() -> None:
@@ -66,13 +71,21 @@ def _run_worker(config_path: Path, overrides: tuple[str, ...], on_ready, *, watc
                 pinger = asyncio.get_running_loop().create_task(_watchdog())
 
         try:
-            await Worker(config_path, overrides, ready).run()
+            await Worker(config_path, overrides, ready, service).run()
         finally:
             if pinger:
                 pinger.cancel()
             notify("STOPPING=1")
 
     uvloop.run(main())
+    return 0
+
+
+def _run_service(service: Service, config) -> int:
+    """The service process of a multi-worker daemon; workers follow its commits by polling.
+    SIGHUP ends it (signals are at their defaults here) and the supervisor starts it afresh with
+    the new config; SIGTERM ends it at once, which is safe: every registry write is a transaction."""
+    uvloop.run(service(config, None))
     return 0
 
 
@@ -84,18 +97,22 @@ async def _watchdog() -> None:
 
 
 class Supervisor:
-    def __init__(self, config_path: Path, overrides: tuple[str, ...], workers: int, drain_timeout: float) -> None:
+    def __init__(self, config_path: Path, overrides: tuple[str, ...], workers: int, drain_timeout: float,
+                 service: Service | None) -> None:  # fmt: skip
         self.config_path = config_path
         self.overrides = overrides
         self.count = workers
         self.drain_timeout = drain_timeout
-        self.children: dict[int, int] = {}  # pid -> worker number
+        self.service = service
+        self.children: dict[int, int] = {}  # pid -> worker number (SERVICE for the service process)
         self._signals: list[int] = []
 
     def run(self) -> int:
         ready_read, ready_write = os.pipe()
         for number in range(self.count):
             self._spawn(number, ready_write)
+        if self.service:
+            self._spawn(SERVICE, ready_write)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, lambda received, _frame: self._signals.append(received))
         if not self._await_ready(ready_read):
@@ -130,9 +147,12 @@ class Supervisor:
                 signal.signal(sig, signal.SIG_DFL)
             code = 1
             try:
-                code = _run_worker(
-                    self.config_path, self.overrides, lambda: os.write(ready_write, b"1"), watchdog=False
-                )
+                if number == SERVICE:
+                    code = _run_service(self.service, load_config(self.config_path, self.overrides))
+                else:
+                    code = _run_worker(
+                        self.config_path, self.overrides, lambda: os.write(ready_write, b"1"), watchdog=False
+                    )
             except GateStartError as error:
                 log.error("worker %d: %s", number, error)
             except BaseException:
@@ -170,6 +190,10 @@ class Supervisor:
 
     def _reap_and_restart(self, ready_write: int) -> None:
         for pid, status, number in self._reap():
+            if number == SERVICE:
+                log.info("restarting the feed process (pid %d, status %d)", pid, status)
+                self._spawn(number, ready_write)
+                continue
             log.error("worker %d (pid %d) exited with status %d; restarting", number, pid, status)
             time.sleep(RESTART_DELAY)
             self._spawn(number, ready_write)

@@ -2,8 +2,13 @@
 
 SIGHUP reloads config, policy pack, templates and the index; anything invalid keeps the old
 state and says why. SIGTERM stops accepting, lets relays drain up to `gate.drain_timeout`, then
-closes the rest. The index is also reloaded when another process commits to the registry
-(`icpgate import`), checked every `registry.reload_interval` seconds.
+closes the rest.
+
+The worker follows the registry's serial: when another connection commits (the feed client, or
+`icpgate import`; checked every `registry.reload_interval` seconds, or at once when the feed
+client runs in this process and says so), it patches its index with the filings changed since
+its serial and swaps it in as one reference. It also sets the enforcement mode from how fresh
+the feed is.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import gc
 import logging
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ..config import Config, ListenerConfig, load_config
@@ -21,6 +27,7 @@ from ..index import EMPTY_INDEX
 from ..policy import Policy
 from ..policy_pack import load_pack
 from ..registry import Registry, open_registry
+from ..staleness import freshness
 from ..tomlschema import ConfigError
 from .blockpage import BlockPages, Operator
 from .connection import Listener, Runtime
@@ -32,6 +39,9 @@ from .upstream import UpstreamResolver
 log = logging.getLogger("icpgate.gate")
 CONNECTION_KINDS = {"http": HttpConnection, "tls": TlsConnection}
 BACKLOG = 4096
+# A service run beside the gate in a one-process daemon (the feed client): it gets the config and
+# a callback to call with the new serial after each commit, so the index follows at once.
+Service = Callable[[Config, Callable[[int], None] | None], Awaitable[None]]
 
 
 def build_runtime_parts(config: Config) -> tuple[Policy, BlockPages, TlsBlockPages | None]:
@@ -54,10 +64,12 @@ def _freeze_index() -> None:
 
 
 class Worker:
-    def __init__(self, config_path: Path, overrides: tuple[str, ...], on_ready: Callable[[], None]) -> None:
+    def __init__(self, config_path: Path, overrides: tuple[str, ...], on_ready: Callable[[], None],
+                 service: Service | None = None) -> None:  # fmt: skip
         self.config_path = config_path
         self.overrides = overrides
         self.on_ready = on_ready
+        self.service = service
         self.config: Config | None = None
         self.runtime: Runtime | None = None
         self.servers: list[asyncio.Server] = []
@@ -65,26 +77,33 @@ class Worker:
         self.registry: Registry | None = None
         self._stopping = asyncio.Event()
         self._data_version = None
+        self.serial = 0  # the registry serial the index belongs to
+        self._index_lock = asyncio.Lock()
 
     async def run(self) -> None:
         self.config = load_config(self.config_path, self.overrides)
         policy, pages, tls_pages = build_runtime_parts(self.config)
         async with open_registry(self.config.registry_path, create=False) as registry:
             self.registry = registry
-            policy.index = await registry.load_index()
-            _freeze_index()
             self._data_version = await self._registry_version()
-            log.info("registry %s: %d filings loaded", self.config.registry_path, len(policy.index))
+            self.serial, policy.index = await registry.load_index_at()
+            _freeze_index()
+            log.info("registry %s: serial %d, %d filings loaded", self.config.registry_path, self.serial,
+                     len(policy.index))  # fmt: skip
             self.runtime = Runtime(policy, pages, self.config.gate, tls_pages)
+            await self._update_enforcement()
             await self._bind(self.config.listeners)
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
             loop.add_signal_handler(signal.SIGINT, self._stopping.set)
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
             self.on_ready()
-            watcher = loop.create_task(self._watch_registry())
+            tasks = [loop.create_task(self._watch_registry())]
+            if self.service:
+                tasks.append(loop.create_task(self._run_service()))
             await self._stopping.wait()
-            watcher.cancel()
+            for task in tasks:
+                task.cancel()
             await self._drain()
 
     async def _bind(self, listeners: tuple[ListenerConfig, ...]) -> None:
@@ -129,7 +148,7 @@ class Worker:
         self.runtime.pages = pages
         self.runtime.tls_pages = tls_pages
         self.runtime.policy = policy
-        await self._reload_index()
+        await self.catch_up(full=True)
         self.runtime.stats["reloads", "ok"] += 1
         log.info("reloaded config, policy pack %s and templates", policy.pack.name)
         return True
@@ -139,25 +158,53 @@ class Worker:
             (version,) = await cursor.fetchone()
         return version
 
+    async def _run_service(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await self.service(self.config, lambda _serial: loop.create_task(self.catch_up()))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the gate goes on with the registry it has; the failure is logged
+            log.exception("the feed client stopped")
+
     async def _watch_registry(self) -> None:
         interval = self.config.registry_reload_interval
-        if interval <= 0:
-            return
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(interval or 1.0)
             try:
-                version = await self._registry_version()
-                if version != self._data_version:
-                    self._data_version = version
-                    await self._reload_index()
+                if interval:
+                    version = await self._registry_version()
+                    if version != self._data_version:
+                        self._data_version = version
+                        await self.catch_up()
+                await self._update_enforcement()
             except Exception:  # a broken reload must not stop the gate: it keeps the last index
                 log.exception("registry reload failed; keeping the last index")
 
-    async def _reload_index(self) -> None:
-        index = await self.registry.load_index()
-        self.runtime.policy.index = index  # one reference swap: decisions see old or new, never a mix
-        _freeze_index()
-        log.info("index reloaded: %d filings", len(index))
+    async def catch_up(self, *, full: bool = False) -> None:
+        """Bring the index to the registry's serial: a patch when the change log allows, else whole."""
+        async with self._index_lock:
+            patch = None if full else await self.registry.index_patch(self.serial)
+            if patch is not None and patch.serial == self.serial:
+                return
+            if patch is None:
+                serial, index = await self.registry.load_index_at()
+            else:
+                serial = patch.serial
+                index = self.runtime.policy.index.patched(patch.licences, patch.index, patch.filings)
+            self.runtime.policy.index = index  # one reference swap: decisions see old or new, never a mix
+            _freeze_index()
+            log.info("index at serial %d (%s): %d filings", serial,
+                     "whole" if patch is None else "%d changed" % len(patch.licences), len(index))  # fmt: skip
+            self.serial = serial
+
+    async def _update_enforcement(self) -> None:
+        status = await self.registry.sync_status()
+        mode = freshness(self.config.feed, status.get("last_success"), datetime.now(UTC)).enforcement
+        if mode != self.runtime.enforcement:
+            log.warning("enforcement: %s -> %s (feed last synced %s)", self.runtime.enforcement, mode,
+                        status.get("last_success") or "never")  # fmt: skip
+            self.runtime.enforcement = mode
 
     async def _drain(self) -> None:
         for server in self.servers:

@@ -1,0 +1,4 @@
+"""The approved-filings feed: the protocol, the client that keeps a registry in sync, the publisher.
+
+The gate's hot path never imports this package: workers follow the registry's serial instead.
+"""

@@ -1,0 +1,235 @@
+"""`icpgate feed serve`: publish a registry to edge gates (docs/feed-protocol.md).
+
+Snapshots are built in the background whenever the serial moves, written compressed and signed
+to `publish.cache_dir`, and served as static files with an ETag, so any HTTP cache or CDN can sit
+in front. Change sets are built per (since, serial) once and shared by every edge asking for
+them. Long-polls wait on one future that the registry watcher resolves when the serial moves,
+which another process (`icpgate import`) may do at any time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from aiohttp import web
+
+from ..config import Config
+from ..registry import Registry, RegistryState, open_registry
+from .protocol import Header, encode_changes, write_snapshot
+from .signing import SIGNATURE_HEADER, load_private_key, sign
+from .sources import POLL_HEADER, SERIAL_HEADER
+
+log = logging.getLogger("icpgate.publisher")
+WATCH_INTERVAL = 0.1  # seconds between looks at the registry for commits by other processes
+PRUNE_INTERVAL = 60.0
+CHANGES_CACHE = 64  # change sets kept, by (since, serial)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    path: Path
+    serial: int
+    etag: str
+    signature: str | None
+
+
+class Publisher:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.publish = config.publish
+        self.key = load_private_key(config.publish.signing_key) if config.publish.signing_key else None
+        self.registry: Registry | None = None
+        self.state: RegistryState | None = None
+        self.snapshot: Snapshot | None = None
+        self._moved: asyncio.Future[None] | None = None  # resolved when the serial moves
+        self._changes: OrderedDict[tuple[int, int], tuple[bytes, str | None, int]] = OrderedDict()
+        self._building: dict[tuple[int, int], asyncio.Task] = {}
+        self._snapshot_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/feed/v1/snapshot", self.get_snapshot)
+        app.router.add_get("/feed/v1/changes", self.get_changes)
+        app.router.add_get("/feed/v1/", self.get_status)
+        app.cleanup_ctx.append(self._lifetime)
+        return app
+
+    async def _lifetime(self, _app: web.Application):
+        async with open_registry(self.config.registry_path, create=False) as registry:
+            self.registry = registry
+            self.state = await registry.state()
+            self._moved = asyncio.get_running_loop().create_future()
+            self.publish.cache_dir.mkdir(parents=True, exist_ok=True)
+            self._snapshot_task = asyncio.create_task(self._build_snapshot())
+            self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._prune())]
+            log.info("publishing %s at serial %d (%d filings)", registry.path, self.state.serial, self.state.filings)
+            yield
+            for task in (*self._tasks, self._snapshot_task, *self._building.values()):
+                task.cancel()
+            await asyncio.gather(*self._tasks, self._snapshot_task, return_exceptions=True)
+
+    # --- following the registry ---------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        version = None
+        while True:
+            try:
+                async with self.registry.db.execute("PRAGMA data_version") as cursor:
+                    (current,) = await cursor.fetchone()
+                if current != version:
+                    version = current
+                    await self._refresh()
+            except Exception:
+                log.exception("reading the registry failed; serving serial %d", self.state.serial)
+            await asyncio.sleep(WATCH_INTERVAL)
+
+    async def _refresh(self) -> None:
+        state = await self.registry.state()
+        if state == self.state:
+            return
+        moved = state.serial != self.state.serial
+        self.state = state
+        if moved:
+            log.info("serial %d: %d filings", state.serial, state.filings)
+            self._moved.set_result(None)
+            self._moved = asyncio.get_running_loop().create_future()
+            if self._snapshot_task.done():
+                self._snapshot_task = asyncio.create_task(self._build_snapshot())
+
+    async def _prune(self) -> None:
+        while True:
+            before = datetime.now(UTC) - timedelta(seconds=self.publish.history)
+            try:
+                await self.registry.prune_history(before.strftime("%Y-%m-%dT%H:%M:%SZ"))
+                await self._refresh()  # our own commit: the watcher does not see it
+            except Exception:
+                log.exception("pruning the change history failed")
+            await asyncio.sleep(PRUNE_INTERVAL)
+
+    async def _build_snapshot(self) -> None:
+        """Build snapshots until one matches the current serial (imports may land meanwhile)."""
+        while self.snapshot is None or self.snapshot.serial != self.state.serial:
+            try:
+                self.snapshot = await self._write_snapshot()
+            except Exception:
+                log.exception("building the snapshot failed; retrying")
+                await asyncio.sleep(5)
+
+    async def _write_snapshot(self) -> Snapshot:
+        async with (
+            open_registry(self.config.registry_path, create=False) as registry,  # its own connection
+            registry.snapshot_read() as state,
+        ):
+            name = "snapshot-%d-%s.ndjson.gz" % (state.serial, state.checksum[:16])
+            path = self.publish.cache_dir / name
+            etag = '"%d-%s"' % (state.serial, state.checksum[:16])
+            if not path.is_file():
+                header = Header("snapshot", state.serial, None, _now(), state.filings, state.checksum)
+                partial = path.with_suffix(".partial")
+                with partial.open("wb") as out:
+                    await write_snapshot(header, registry.records(), out)
+                    out.flush()
+                    os.fsync(out.fileno())
+                partial.replace(path)
+        signature = sign(self.key, await asyncio.to_thread(path.read_bytes)) if self.key else None
+        for old in self.publish.cache_dir.glob("snapshot-*.ndjson.gz"):
+            if old != path and (self.snapshot is None or old != self.snapshot.path):
+                old.unlink(missing_ok=True)
+        log.info("snapshot of serial %d ready: %s (%d bytes)", state.serial, path.name, path.stat().st_size)
+        return Snapshot(path, state.serial, etag, signature)
+
+    # --- serving --------------------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        return {SERIAL_HEADER: str(self.state.serial), POLL_HEADER: "%g" % self.publish.poll_interval}
+
+    async def get_snapshot(self, request: web.Request) -> web.StreamResponse:
+        snapshot = self.snapshot
+        if snapshot is None:
+            raise web.HTTPServiceUnavailable(headers={"Retry-After": "5", **self._headers()},
+                                             text="the first snapshot is being built\n")  # fmt: skip
+        headers = {**self._headers(), SERIAL_HEADER: str(snapshot.serial), "ETag": snapshot.etag,
+                   "Cache-Control": "public, max-age=%d" % max(1, int(self.publish.poll_interval))}  # fmt: skip
+        if snapshot.signature:
+            headers[SIGNATURE_HEADER] = snapshot.signature
+        if snapshot.etag in request.headers.get("If-None-Match", ""):
+            return web.Response(status=304, headers=headers)
+        headers["Content-Type"] = "application/gzip"
+        headers["Content-Disposition"] = 'attachment; filename="%s"' % snapshot.path.name
+        return web.FileResponse(snapshot.path, headers=headers)
+
+    async def get_changes(self, request: web.Request) -> web.Response:
+        try:
+            since = int(request.query["since"])
+            wait = min(float(request.query.get("wait", "0")), self.publish.max_wait)
+            if since < 0 or not wait >= 0:
+                raise ValueError
+        except (KeyError, ValueError):
+            raise web.HTTPBadRequest(text="expected ?since=<serial>[&wait=<seconds>]\n") from None
+        if since == self.state.serial and wait > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._moved), wait)
+        state = self.state
+        if since > state.serial:
+            raise web.HTTPConflict(headers=self._headers(), text="serial %d is ahead of ours, %d\n"
+                                   % (since, state.serial))  # fmt: skip
+        if since < state.floor:
+            raise web.HTTPGone(headers=self._headers(), text="changes since %d are no longer kept; take a snapshot\n"
+                               % since)  # fmt: skip
+        if since == state.serial:
+            return web.Response(status=204, headers={**self._headers(), "Cache-Control": "no-store"})
+        body, signature, serial = await self._change_set(since, state.serial)
+        headers = {**self._headers(), SERIAL_HEADER: str(serial), "Cache-Control": "no-store",
+                   "Content-Type": "application/gzip"}  # fmt: skip
+        if signature:
+            headers[SIGNATURE_HEADER] = signature
+        return web.Response(body=body, headers=headers)
+
+    async def _change_set(self, since: int, serial: int) -> tuple[bytes, str | None, int]:
+        """Built once per (since, serial) however many edges ask at the same moment."""
+        key = (since, serial)
+        if key in self._changes:
+            return self._changes[key]
+        task = self._building.get(key)
+        if task is None:
+            task = self._building[key] = asyncio.create_task(self._build_change_set(since))
+            task.add_done_callback(lambda _task: self._building.pop(key, None))
+        built = await asyncio.shield(task)
+        self._changes[key] = built
+        while len(self._changes) > CHANGES_CACHE:
+            self._changes.popitem(last=False)
+        return built
+
+    async def _build_change_set(self, since: int) -> tuple[bytes, str | None, int]:
+        state, changes = await self.registry.changes_since(since)
+        header = Header("changes", state.serial, since, _now(), len(changes), state.checksum)
+        body = encode_changes(header, changes)
+        return body, (sign(self.key, body) if self.key else None), state.serial
+
+    async def get_status(self, _request: web.Request) -> web.Response:
+        state, snapshot = self.state, self.snapshot
+        return web.json_response({
+            "serial": state.serial, "floor": state.floor, "checksum": state.checksum, "filings": state.filings,
+            "changed_at": state.changed_at, "signed": self.key is not None,
+            "snapshot": {"serial": snapshot.serial, "etag": snapshot.etag} if snapshot else None,
+        }, headers=self._headers())  # fmt: skip
+
+
+def serve(config: Config, host: str, port: int) -> None:
+    """Run the publisher until SIGINT/SIGTERM."""
+    import uvloop
+
+    web.run_app(Publisher(config).app(), host=host, port=port, print=None, access_log=None,
+                loop=uvloop.new_event_loop())  # fmt: skip
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

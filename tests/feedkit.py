@@ -1,0 +1,208 @@
+"""A real publisher, edge configs and a fault-injecting HTTP proxy for the feed tests."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import ClientSession, web
+from cryptography.hazmat.primitives import serialization
+from gatekit import free_port, wait_for_port
+
+from conftest import REPO, SAMPLES, run_icpgate, sample_records, write_ndjson
+
+
+def make_key(path: Path) -> tuple[Path, Path]:
+    """An Ed25519 key pair made by openssl, as an operator would: (private PEM, public PEM)."""
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(path)], check=True, capture_output=True)
+    public = path.with_suffix(".pub")
+    subprocess.run(["openssl", "pkey", "-in", str(path), "-pubout", "-out", str(public)], check=True,
+                   capture_output=True)  # fmt: skip
+    return path, public
+
+
+def sign_with(private: Path, body: bytes) -> str:
+    """The signature header value, made independently of icpgate's signing code."""
+    key = serialization.load_pem_private_key(private.read_bytes(), password=None)
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "ed25519 %s %s" % (hashlib.sha256(raw).hexdigest()[:16], base64.b64encode(key.sign(body)).decode())
+
+
+def bulk_records(start: int, count: int) -> list[dict]:
+    """`count` distinct approved filings at IDC-EXAMPLE, numbered from `start`."""
+    template = sample_records()[0]
+    records = []
+    for number in range(start, start + count):
+        subject = "京ICP备2077%04d号" % number
+        records.append(template | {"licence": subject + "-1", "subject_licence": subject,
+                                   "domains": ["bulk-%d.example-feed.cn" % number]})  # fmt: skip
+    return records
+
+
+def config_text(tmp: Path, *, registry: Path, feed: dict | None = None, publish: dict | None = None) -> Path:
+    lines = [
+        "[provider]", 'id = "IDC-EXAMPLE"', "[registry]", 'path = "%s"' % registry, "reload_interval = 0.2",
+        "[policy]", 'pack = "%s"' % (REPO / "policies" / "default.toml"),
+    ]  # fmt: skip
+    for table, values in (("feed", feed), ("publish", publish)):
+        if values:
+            lines.append("[%s]" % table)
+            lines += ["%s = %s" % (key, json.dumps(value)) for key, value in values.items()]
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "config.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@dataclass
+class Publisher:
+    config: Path
+    port: int
+    process: subprocess.Popen
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return "http://127.0.0.1:%d/feed/v1" % self.port
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(self.url + "/", timeout=10) as response:
+            return json.loads(response.read())
+
+    def wait_for_snapshot(self, serial: int | None = None, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status()
+            if status["snapshot"] and status["snapshot"]["serial"] == (serial or status["serial"]):
+                return
+            time.sleep(0.05)
+        raise TimeoutError("no snapshot of serial %s:\n%s" % (serial, self.log.read_text()))
+
+    def import_records(self, records: list[dict], *extra: str) -> dict:
+        path = write_ndjson(self.config.parent / "batch.ndjson", records)
+        result = run_icpgate("import", str(path), "-c", str(self.config), "--json", *extra)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads(result.stdout)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def start_publisher(tmp: Path, signing_key: Path | None, records: list[dict] | None = None, port: int | None = None,
+                    **publish: object) -> Publisher:  # fmt: skip
+    """A publisher on loopback over its own registry, holding the samples (or `records`)."""
+    options = {"signing_key": str(signing_key)} if signing_key else {}
+    config = config_text(tmp, registry=tmp / "registry.db", publish=options | publish or None)
+    if not (tmp / "registry.db").exists():
+        source = write_ndjson(tmp / "initial.ndjson", records) if records is not None else SAMPLES
+        assert run_icpgate("import", str(source), "-c", str(config)).returncode == 0
+    port = port or free_port()
+    log = tmp / "publisher.log"
+    process = subprocess.Popen([sys.executable, "-m", "icpgate", "feed", "serve", "--listen", "127.0.0.1:%d" % port,
+                                "-c", str(config)], stdout=log.open("w"), stderr=subprocess.STDOUT)  # fmt: skip
+    wait_for_port(port, process=process)
+    publisher = Publisher(config, port, process, log)
+    publisher.wait_for_snapshot()
+    return publisher
+
+
+def edge_config(tmp: Path, urls: list[str], public_keys: list[Path] = (), **feed: object) -> Path:
+    options = {"urls": urls, "public_keys": [str(key) for key in public_keys], "start_delay": 0,
+               "connect_timeout": 2, "read_timeout": 2, "wait": 0} | feed  # fmt: skip
+    return config_text(tmp, registry=tmp / "registry.db", feed=options)
+
+
+def feed_sync(config: Path, *extra: str) -> tuple[int, dict]:
+    result = run_icpgate("feed", "sync", "--json", "-c", str(config), *extra)
+    assert result.stdout, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def feed_status(config: Path) -> dict:
+    result = run_icpgate("feed", "status", "--json", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# --- bodies ---------------------------------------------------------------------------------------
+
+
+def body_lines(body: bytes) -> list[dict]:
+    return [json.loads(line) for line in gzip.decompress(body).splitlines() if line.strip()]
+
+
+def make_body(lines: list[dict], fix_count: bool = True) -> bytes:
+    if fix_count:
+        lines[0]["records"] = len(lines) - 1
+    return gzip.compress(b"".join(json.dumps(line, ensure_ascii=False).encode() + b"\n" for line in lines))
+
+
+# --- the fault proxy ------------------------------------------------------------------------------
+
+# A fault gets (path, status, headers, body) from the publisher and returns what to do instead:
+# a (status, headers, body) triple, or one of the strings "stall" and "cut" (both send half the body).
+Fault = Callable[[str, int, dict, bytes], "tuple[int, dict, bytes] | str"]
+
+
+class FaultProxy:
+    """Forwards to the publisher, letting a test rewrite or break answers at the HTTP layer."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.port = free_port()
+        self.fault: Fault | None = None
+        self.paths: tuple[str, ...] = ("/feed/v1/changes", "/feed/v1/snapshot")
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    @property
+    def url(self) -> str:
+        return "http://127.0.0.1:%d/feed/v1" % self.port
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_route("GET", "/{tail:.*}", self._handle)
+        runner = web.AppRunner(app)
+        self._loop.run_until_complete(runner.setup())
+        self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        url = self.upstream + request.path.removeprefix("/feed/v1") + ("?" + request.query_string
+                                                                       if request.query_string else "")  # fmt: skip
+        async with ClientSession(auto_decompress=False) as session, session.get(url, headers={
+                k: v for k, v in request.headers.items() if k.lower() in ("if-none-match",)}) as upstream:  # fmt: skip
+            status, body = upstream.status, await upstream.read()
+            headers = {k: v for k, v in upstream.headers.items()
+                       if k.lower() not in ("content-length", "transfer-encoding", "date", "server")}  # fmt: skip
+        fault = self.fault
+        action = fault(request.path, status, headers, body) if fault and request.path in self.paths else None
+        if action is None:
+            return web.Response(status=status, headers=headers, body=body)
+        if isinstance(action, str):
+            response = web.StreamResponse(status=status, headers={**headers, "Content-Length": str(len(body))})
+            await response.prepare(request)
+            await response.write(body[: len(body) // 2])
+            if action == "stall":
+                await asyncio.sleep(30)
+            request.transport.abort()
+            return response
+        status, headers, body = action
+        return web.Response(status=status, headers=headers, body=body)
