@@ -98,7 +98,7 @@ CONFIG_SPEC = {
     },
     "registry": {
         "path": Field((str,), check=_non_empty),
-        "reload_interval": Field((int, float), 2.0, lambda v: None if v >= 0 else "must be 0 (off) or more"),
+        "reload_interval": Field((int, float), 0.5, lambda v: None if v >= 0 else "must be 0 (off) or more"),
     },
     "policy": {"pack": Field((str,), "policies/default.toml", _non_empty)},
     "gate": {
@@ -124,7 +124,7 @@ CONFIG_SPEC = {
         "urls": Field((list,), [], _feed_urls),
         "public_keys": Field((list,), [], _paths),
         "wait": Field((int, float), 30.0, lambda v: None if 0 <= v <= 300 else "must be 0 to 300 seconds"),
-        "min_interval": Field((int, float), 1.0, _at_least(0)),
+        "min_interval": Field((int, float), 0.25, _at_least(0)),
         "start_delay": Field((int, float), 5.0, _at_least(0)),
         "backoff_initial": Field((int, float), 1.0, _positive),
         "backoff_max": Field((int, float), 300.0, _positive),
@@ -141,7 +141,7 @@ CONFIG_SPEC = {
     "publish": {
         "signing_key": Field((str,), ""),
         "history": Field((int, float), 7 * 86400.0, _positive),
-        "poll_interval": Field((int, float), 1.0, _at_least(0)),
+        "poll_interval": Field((int, float), 0.25, _at_least(0)),
         "max_wait": Field((int, float), 60.0, lambda v: None if 0 <= v <= 300 else "must be 0 to 300 seconds"),
         "cache_dir": Field((str,), ""),
     },

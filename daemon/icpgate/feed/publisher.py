@@ -60,7 +60,13 @@ class Publisher:
         app.router.add_get("/feed/v1/changes", self.get_changes)
         app.router.add_get("/feed/v1/", self.get_status)
         app.cleanup_ctx.append(self._lifetime)
+        app.on_shutdown.append(self._release_long_polls)
         return app
+
+    async def _release_long_polls(self, _app: web.Application) -> None:
+        """Stopping: answer every waiting long-poll now (the client asks again elsewhere or later)."""
+        if self._moved and not self._moved.done():
+            self._moved.set_result(None)
 
     async def _lifetime(self, _app: web.Application):
         async with open_registry(self.config.registry_path, create=False) as registry:
@@ -227,7 +233,7 @@ def serve(config: Config, host: str, port: int) -> None:
     """Run the publisher until SIGINT/SIGTERM."""
     import uvloop
 
-    web.run_app(Publisher(config).app(), host=host, port=port, print=None, access_log=None,
+    web.run_app(Publisher(config).app(), host=host, port=port, print=None, access_log=None, shutdown_timeout=5,
                 loop=uvloop.new_event_loop())  # fmt: skip
 
 

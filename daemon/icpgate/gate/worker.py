@@ -18,6 +18,7 @@ import gc
 import logging
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -184,6 +185,7 @@ class Worker:
     async def catch_up(self, *, full: bool = False) -> None:
         """Bring the index to the registry's serial: a patch when the change log allows, else whole."""
         async with self._index_lock:
+            started = time.perf_counter()
             patch = None if full else await self.registry.index_patch(self.serial)
             if patch is not None and patch.serial == self.serial:
                 return
@@ -194,8 +196,9 @@ class Worker:
                 index = self.runtime.policy.index.patched(patch.licences, patch.index, patch.filings)
             self.runtime.policy.index = index  # one reference swap: decisions see old or new, never a mix
             _freeze_index()
-            log.info("index at serial %d (%s): %d filings", serial,
-                     "whole" if patch is None else "%d changed" % len(patch.licences), len(index))  # fmt: skip
+            log.info("index at serial %d (%s): %d filings, in %.3f s", serial,
+                     "whole" if patch is None else "%d changed" % len(patch.licences), len(index),
+                     time.perf_counter() - started)  # fmt: skip
             self.serial = serial
 
     async def _update_enforcement(self) -> None:
