@@ -20,18 +20,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from benchkit import BENCH, ICPGATE, REPO, free_port
 from gen_filings import record
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
 OUT = BENCH / "out" / "feed"
-ICPGATE = [sys.executable, "-m", "icpgate"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_config(folder: Path, body: str) -> Path:

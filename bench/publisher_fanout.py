@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,18 +21,10 @@ import time
 from pathlib import Path
 
 import aiohttp
+from benchkit import BENCH, ICPGATE, REPO, free_port
 from gen_filings import record
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
 OUT = BENCH / "out" / "fanout"
-ICPGATE = [sys.executable, "-m", "icpgate"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def fan_out(url: str, edges: int, config: Path, number: int) -> tuple[float, float, int]:
