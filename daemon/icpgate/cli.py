@@ -15,7 +15,7 @@ from .config import Config, check_config, load_config
 from .explain import explain, render_explanation
 from .interchange import read_filings
 from .policy_pack import load_pack
-from .registry import ImportReport, RegistryError, open_registry
+from .registry import ImportReport, RegistryError, open_registry, require_registry
 from .tomlschema import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/icpgate/config.toml")
@@ -157,8 +157,7 @@ def _cmd_feed_serve(args: argparse.Namespace) -> Exit:
         print("feed serve: --listen: %s" % error, file=sys.stderr)
         return Exit.USAGE
     _log_to_stderr(args.log_level)
-    if not config.registry_path.is_file():
-        raise RegistryError("registry %s does not exist: import filings first (icpgate import)" % config.registry_path)
+    require_registry(config.registry_path)
     serve(config, host, port)
     return Exit.OK
 

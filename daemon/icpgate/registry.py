@@ -667,11 +667,17 @@ class RegistryError(RuntimeError):
     """The registry database cannot be used (wrong schema, unreadable file)."""
 
 
+def require_registry(path: Path) -> None:
+    """Raise the one clear error for a registry that is not there yet."""
+    if not path.is_file():
+        raise RegistryError("registry %s does not exist: import filings first (icpgate import)" % path)
+
+
 @asynccontextmanager
 async def open_registry(path: Path, *, create: bool = True) -> AsyncIterator[Registry]:
     """Open the registry at `path`, migrating it; create it unless `create` is False."""
-    if not create and not path.is_file():
-        raise RegistryError("registry %s does not exist: import filings first (icpgate import)" % path)
+    if not create:
+        require_registry(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         db = await aiosqlite.connect(path, isolation_level=None)

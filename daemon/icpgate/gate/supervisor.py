@@ -19,7 +19,7 @@ from pathlib import Path
 import uvloop
 
 from ..config import load_config
-from ..registry import RegistryError
+from ..registry import require_registry
 from ..sdnotify import notify, watchdog_interval
 from .worker import GateStartError, Service, Worker, build_runtime_parts
 
@@ -37,8 +37,7 @@ def run_gate(config_path: Path, overrides: tuple[str, ...], service: Service | N
     """
     config = load_config(config_path, overrides)
     build_runtime_parts(config)
-    if not config.registry_path.is_file():  # before forking: one clear error, not one per worker
-        raise RegistryError("registry %s does not exist: import filings first (icpgate import)" % config.registry_path)
+    require_registry(config.registry_path)  # before forking: one clear error, not one per worker
     _raise_file_limit(config.gate.max_connections)
     if config.gate.workers == 1:
         return _run_worker(config_path, overrides, lambda: notify("READY=1"), watchdog=True, service=service)
