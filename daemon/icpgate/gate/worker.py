@@ -202,6 +202,8 @@ class Worker:
             self.serial = serial
 
     async def _update_enforcement(self) -> None:
+        if not self.config.feed.urls:  # local imports only: always enforced, nothing to read
+            return
         status = await self.registry.sync_status()
         mode = freshness(self.config.feed, status.get("last_success"), datetime.now(UTC)).enforcement
         if mode != self.runtime.enforcement:
