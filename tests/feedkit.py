@@ -54,6 +54,7 @@ def config_text(tmp: Path, *, registry: Path, feed: dict | None = None, publish:
     lines = [
         "[provider]", 'id = "IDC-EXAMPLE"', "[registry]", 'path = "%s"' % registry, "reload_interval = 0.2",
         "[policy]", 'pack = "%s"' % (REPO / "policies" / "default.toml"),
+        "[admin]", "enabled = false", "[dns]", "enabled = false",
     ]  # fmt: skip
     for table, values in (("feed", feed), ("publish", publish)):
         if values:

@@ -131,10 +131,21 @@ def listener(port: int, kind: str, backend_port: int | None = None, **extra: str
     return table | extra
 
 
+# Off unless a test turns them on: no admin port to collide on, no DNS query leaves the machine.
+QUIET_TABLES = {"admin": {"enabled": False}, "dns": {"enabled": False}}
+
+
 def gate_config(
-    tmp: Path, listeners: dict[str, dict], *, gate: dict | None = None, upstream: str = "", pack: Path | None = None
+    tmp: Path,
+    listeners: dict[str, dict],
+    *,
+    gate: dict | None = None,
+    upstream: str = "",
+    pack: Path | None = None,
+    tables: dict[str, dict] | None = None,
 ) -> Path:
-    """Write a config with the sample registry imported; `listeners` maps a name to its table."""
+    """Write a config with the sample registry imported; `listeners` maps a name to its table;
+    `tables` adds or overrides keys of other tables (admin, dns, violations, log...)."""
     lines = [
         "[provider]",
         'id = "IDC-EXAMPLE"',
@@ -150,6 +161,10 @@ def gate_config(
     ]
     lines += ["%s = %s" % (key, json.dumps(value)) for key, value in (gate or {}).items()]
     lines.append(upstream)
+    for name in sorted({*QUIET_TABLES, *(tables or {})}):
+        lines.append("[%s]" % name)
+        values = QUIET_TABLES.get(name, {}) | (tables or {}).get(name, {})
+        lines += ["%s = %s" % (key, json.dumps(value)) for key, value in values.items()]
     for table in listeners.values():
         lines.append("[[listeners]]")
         lines += ["%s = %s" % (key, json.dumps(value)) for key, value in table.items()]

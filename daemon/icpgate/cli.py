@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from enum import IntEnum
 from pathlib import Path
@@ -16,6 +15,8 @@ from .explain import explain, render_explanation
 from .interchange import read_filings
 from .policy_pack import load_pack
 from .registry import ImportReport, RegistryError, open_registry, require_registry
+from .telemetry.logs import log_to_stderr
+from .telemetry.multiproc import use_metrics_dir
 from .tomlschema import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/icpgate/config.toml")
@@ -103,26 +104,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> Exit:
-    # Imported here: the gate (uvloop, the whole hot path) is not needed by the other commands.
+    config = load_config(args.config, args.overrides)
+    # Before the gate (and prometheus-client with it) is imported: it picks its storage at import.
+    use_metrics_dir(config.admin.metrics_dir)
+    from .admin.server import bind_admin
+    from .feed.signing import KeyFileError, load_public_keys
     from .gate.supervisor import run_gate
     from .gate.worker import GateStartError
+    from .services import services
 
-    config = load_config(args.config, args.overrides)
-    service = None
-    if config.feed.urls:
-        from .feed.client import run_feed
-        from .feed.signing import KeyFileError, load_public_keys
-
-        try:
-            load_public_keys(config.feed.public_keys)
-        except KeyFileError as error:
-            print("config error: feed.public_keys: %s" % error, file=sys.stderr)
-            return Exit.CONFIG
-        service = run_feed
-        _create_registry(config)
-    _log_to_stderr(args.log_level)
     try:
-        return Exit(run_gate(args.config, tuple(args.overrides), service))
+        load_public_keys(config.feed.public_keys)
+    except KeyFileError as error:
+        print("config error: feed.public_keys: %s" % error, file=sys.stderr)
+        return Exit.CONFIG
+    if config.feed.urls:
+        _create_registry(config)
+    log_to_stderr(args.log_level, config.log.format)
+    try:
+        admin_socket = bind_admin(config)
+    except OSError as error:
+        print("cannot start: admin API on %s:%d: %s" % (config.admin.address, config.admin.port,
+                                                        error.strerror or error), file=sys.stderr)  # fmt: skip
+        return Exit.START
+    try:
+        return Exit(run_gate(args.config, tuple(args.overrides), services(admin_socket)))
     except GateStartError as error:
         print("cannot start: %s" % error, file=sys.stderr)
         return Exit.START
@@ -156,15 +162,10 @@ def _cmd_feed_serve(args: argparse.Namespace) -> Exit:
     except ValueError as error:
         print("feed serve: --listen: %s" % error, file=sys.stderr)
         return Exit.USAGE
-    _log_to_stderr(args.log_level)
+    log_to_stderr(args.log_level)
     require_registry(config.registry_path)
     serve(config, host, port)
     return Exit.OK
-
-
-def _log_to_stderr(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)  # fmt: skip
 
 
 def _create_registry(config: Config) -> None:

@@ -78,6 +78,28 @@ def _share(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be a share above 0 and at most 1 (0.3 is 30%)"
 
 
+def _networks(value: list) -> str | None:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except (TypeError, ValueError):
+            return "%r is not an IP network (CIDR)" % (item,)
+    return None
+
+
+def _resolvers(value: list) -> str | None:
+    for item in value:
+        try:
+            resolver_address(item)
+        except (TypeError, ValueError):
+            return "%r is not an IP address or IP:port" % (item,)
+    return None
+
+
+def _rate(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be 0 to 1"
+
+
 def _one_of(*choices: str):
     return lambda value: None if value in choices else "must be one of %s" % ", ".join(map(repr, choices))
 
@@ -137,6 +159,35 @@ CONFIG_SPEC = {
         "stale_after": Field((int, float), 3600.0, _positive),
         "max_staleness": Field((int, float), 86400.0, _positive),
         "stale_mode": Field((str,), "enforce", _one_of("enforce", "monitor", "open")),
+    },
+    "violations": {
+        "path": Field((str,), ""),
+        "flush_interval": Field((int, float), 5.0, _positive),
+        "max_keys": Field((int,), 100_000, _at_least(16)),
+        "retention": Field((int, float), 30 * 86400.0, _positive),
+        "sample_client": Field((bool,), False),
+    },
+    "dns": {
+        "enabled": Field((bool,), True),
+        "resolvers": Field((list,), [], _resolvers),
+        "hosted_ranges": Field((list,), [], _networks),
+        "rate": Field((int, float), 20.0, _positive),
+        "timeout": Field((int, float), 3.0, _positive),
+        "min_ttl": Field((int, float), 60.0, _at_least(0)),
+        "max_ttl": Field((int, float), 3600.0, _positive),
+        "recheck_after": Field((int, float), 86400.0, _positive),
+    },
+    "admin": {
+        "enabled": Field((bool,), True),
+        "address": Field((str,), "127.0.0.1", _address),
+        "port": Field((int,), 9180, _port),
+        "token_file": Field((str,), ""),
+        "metrics_dir": Field((str,), ""),
+    },
+    "log": {
+        "format": Field((str,), "text", _one_of("text", "json")),
+        "block_sample_rate": Field((int, float), 1.0, _rate),
+        "block_lines_per_second": Field((int, float), 100.0, _at_least(0)),
     },
     "publish": {
         "signing_key": Field((str,), ""),
@@ -222,6 +273,47 @@ class FeedConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ViolationsConfig:
+    """The violation log (docs/violations.md)."""
+
+    path: Path  # its own SQLite file: its writes never wait behind a feed transaction
+    flush_interval: float
+    max_keys: int  # distinct records held in memory per worker; beyond it they fold into one per destination
+    retention: float  # records not seen for this long are deleted, sample client addresses with them
+    sample_client: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """DNS confirmation of violating hosts."""
+
+    enabled: bool
+    resolvers: tuple[tuple[str, int], ...]  # empty: the system's (/etc/resolv.conf)
+    hosted_ranges: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    rate: float  # queries per second, at most
+    timeout: float
+    min_ttl: float  # answers are cached for their TTL, clamped to [min_ttl, max_ttl]
+    max_ttl: float
+    recheck_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    enabled: bool
+    address: str
+    port: int
+    token_file: Path | None  # the bearer token for state-changing calls; without it they are refused
+    metrics_dir: Path | None  # prometheus-client's multiprocess directory; None: a fresh temporary one
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: str  # "text" or "json"
+    block_sample_rate: float  # the share of blocked requests that get a log line
+    block_lines_per_second: float  # and at most this many per second and worker
+
+
+@dataclass(frozen=True, slots=True)
 class PublishConfig:
     signing_key: Path | None  # Ed25519 private key (PEM); unsigned bodies when None
     history: float  # seconds of removals kept for changes requests; older clients get a snapshot
@@ -242,6 +334,10 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     feed: FeedConfig
     publish: PublishConfig
+    violations: ViolationsConfig
+    dns: DnsConfig
+    admin: AdminConfig
+    log: LogConfig
 
 
 def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -285,7 +381,46 @@ def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Conf
             cache_dir=_resolve_optional(base, values["publish"]["cache_dir"])
             or _resolve(base, values["registry"]["path"] + ".feed"),
         ),
+        violations=_violations_config(base, values["violations"], values["registry"]["path"]),
+        dns=_dns_config(values["dns"]),
+        admin=AdminConfig(
+            enabled=values["admin"]["enabled"],
+            address=values["admin"]["address"],
+            port=values["admin"]["port"],
+            token_file=_resolve_optional(base, values["admin"]["token_file"]),
+            metrics_dir=_resolve_optional(base, values["admin"]["metrics_dir"]),
+        ),
+        log=LogConfig(**{key: value if key == "format" else float(value) for key, value in values["log"].items()}),
     )
+
+
+def _violations_config(base: Path, violations: dict, registry_path: str) -> ViolationsConfig:
+    return ViolationsConfig(
+        path=_resolve_optional(base, violations["path"]) or _resolve(base, registry_path).with_suffix(".violations.db"),
+        flush_interval=float(violations["flush_interval"]),
+        max_keys=violations["max_keys"],
+        retention=float(violations["retention"]),
+        sample_client=violations["sample_client"],
+    )
+
+
+def _dns_config(dns: dict) -> DnsConfig:
+    floats = {key: float(value) for key, value in dns.items() if isinstance(value, int | float)
+              and not isinstance(value, bool)}  # fmt: skip
+    return DnsConfig(**{
+        **dns, **floats,
+        "resolvers": tuple(resolver_address(item) for item in dns["resolvers"]),
+        "hosted_ranges": tuple(ipaddress.ip_network(item, strict=False) for item in dns["hosted_ranges"]),
+    })  # fmt: skip
+
+
+def resolver_address(value: str) -> tuple[str, int]:
+    """`IP`, `IP:port` or `[v6]:port` into (IP, port); ValueError when it is neither."""
+    try:
+        return str(ipaddress.ip_address(value)), 53
+    except ValueError:
+        host, port = split_host_port(value)
+        return str(ipaddress.ip_address(host)), port
 
 
 def _feed_config(base: Path, feed: dict) -> FeedConfig:

@@ -16,12 +16,18 @@ async def explain(
     config: Config, pack: LoadedPack, host: str, ip: str | None, port: int | None, proto: str, path: str | None
 ) -> dict[str, Any]:
     """Decide with an index of just the filings that could match `host`, and describe the result."""
+    async with open_registry(config.registry_path, create=False) as registry:
+        return await explain_with(registry, config, pack, host, ip, port, proto, path)
+
+
+async def explain_with(registry: Registry, config: Config, pack: LoadedPack, host: str, ip: str | None,
+                       port: int | None, proto: str, path: str | None) -> dict[str, Any]:  # fmt: skip
+    """`explain` on an open registry (the admin API keeps one)."""
     normalized = normalize_host(host)
     candidates = list(parent_names(normalized.value)) if normalized.kind is HostKind.NAME else []
-    async with open_registry(config.registry_path, create=False) as registry:
-        policy = Policy(pack.policy, config.provider.id, await registry.index_for(candidates))
-        verdict = policy.decide(host, ip, port, proto, path)
-        filing = await _full_filing(registry, verdict)
+    policy = Policy(pack.policy, config.provider.id, await registry.index_for(candidates))
+    verdict = policy.decide(host, ip, port, proto, path)
+    filing = await _full_filing(registry, verdict)
     return {
         "host": host,
         "normalized": normalized.value or None,

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from ..cli import Exit
 from ..config import Config
-from ..registry import open_registry
+from ..registry import Registry, open_registry
 from ..staleness import freshness
 from .client import SUCCESS, FeedClient, Outcome
 from .protocol import SyncResult
@@ -23,7 +23,7 @@ def sync(config: Config, *, force: bool, as_json: bool) -> Exit:
     if outcome is None:
         return Exit.CONFIG
     if as_json:
-        print(json.dumps(_outcome_json(outcome), ensure_ascii=False, indent=2))
+        print(json.dumps(outcome_json(outcome), ensure_ascii=False, indent=2))
     elif outcome.result in SUCCESS:
         print("%s: %s" % (outcome.result.value, outcome.message or "serial %d" % outcome.serial))
     else:
@@ -38,7 +38,7 @@ def diff(config: Config, *, as_json: bool) -> Exit:
     if outcome is None:
         return Exit.CONFIG
     if as_json:
-        print(json.dumps(_outcome_json(outcome), ensure_ascii=False, indent=2))
+        print(json.dumps(outcome_json(outcome), ensure_ascii=False, indent=2))
         return _exit(outcome)
     report = outcome.report
     if outcome.result is not SyncResult.APPLIED or report is None:
@@ -83,8 +83,13 @@ def status(config: Config, *, as_json: bool) -> Exit:
 
 async def _status(config: Config) -> dict:
     async with open_registry(config.registry_path, create=False) as registry:
-        state = await registry.state()
-        sync = await registry.sync_status()
+        return await feed_status(config, registry)
+
+
+async def feed_status(config: Config, registry: Registry) -> dict:
+    """What `feed status --json` and the admin API's /api/v1/feed show."""
+    state = await registry.state()
+    sync = await registry.sync_status()
     fresh = freshness(config.feed, sync.get("last_success"), datetime.now(UTC))
     return {
         "registry": str(config.registry_path), "serial": state.serial, "floor": state.floor,
@@ -115,7 +120,7 @@ def _exit(outcome: Outcome) -> Exit:
     return Exit.FEED if outcome.result is SyncResult.ERROR else Exit.DATA
 
 
-def _outcome_json(outcome: Outcome) -> dict:
+def outcome_json(outcome: Outcome) -> dict:
     report = outcome.report
     data = {"result": outcome.result.value, "message": outcome.message, "source": outcome.source,
             "serial": outcome.serial, "target": outcome.target, "checksum_mismatch": outcome.checksum_mismatch,

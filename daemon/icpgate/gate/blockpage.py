@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import itertools
 import json
+import os
 import re
 import secrets
 import string
@@ -31,13 +32,24 @@ STATUS_TEXT = {400: "Bad Request", 403: "Forbidden", 451: "Unavailable For Legal
 BLOCK_REASONS = tuple(r for r in Reason if r not in (Reason.FILED, Reason.EXEMPT, Reason.NOT_ENFORCED))
 
 
-_REQUEST_PREFIX = secrets.token_hex(4)  # per process: ids from different workers never collide
+_request_prefix = ""
 _request_counter = itertools.count(1)
+
+
+def _new_request_prefix() -> None:
+    """Per process, and again in each forked worker: ids from different workers never collide."""
+    global _request_prefix, _request_counter
+    _request_prefix = secrets.token_hex(4)
+    _request_counter = itertools.count(1)
+
+
+_new_request_prefix()
+os.register_at_fork(after_in_child=_new_request_prefix)
 
 
 def new_request_id() -> str:
     """Short enough to read off a screenshot, unique enough to find one request in the logs."""
-    return "%s%08x" % (_REQUEST_PREFIX, next(_request_counter) & 0xFFFFFFFF)
+    return "%s%08x" % (_request_prefix, next(_request_counter) & 0xFFFFFFFF)
 
 
 class _Clock:

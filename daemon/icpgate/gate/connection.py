@@ -11,13 +11,17 @@ import asyncio
 import contextlib
 import socket
 import struct
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 from ..config import GateConfig, ListenerConfig
 from ..policy import FILING_REASONS, Action, Policy, Verdict
+from .block_log import BlockLog
 from .blockpage import BlockPages
+from .latency import LatencyHistogram
 from .upstream import Address, UpstreamResolver, original_destination, proxy_header
+from .violation_table import ViolationTable
 
 PENDING_LIMIT = 256 * 1024  # client bytes held while the upstream connects; reading pauses above it
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -34,6 +38,11 @@ class Runtime:
     pages: BlockPages
     gate: GateConfig
     tls_pages: object | None = None  # a TlsBlockPages when the pack's TLS action is "page"
+    violations: ViolationTable = field(default_factory=lambda: ViolationTable(100_000, False))
+    block_log: BlockLog = field(default_factory=lambda: BlockLog(1.0, 100.0))
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    bytes_to_upstream: int = 0
+    bytes_to_client: int = 0
     connections: set[GateConnection] = field(default_factory=set)
     stats: Counter = field(default_factory=Counter)
     # (local, remote) of our own upstream connections. An accepted connection whose (peer, local)
@@ -240,12 +249,25 @@ class GateConnection(asyncio.Protocol):
 
     # --- relay ------------------------------------------------------------------------------
     def decide(self, host: str | None, path: str | None = None) -> Verdict:
-        verdict = self.runtime.decide(host, self.destination, self.kind, path)
+        runtime = self.runtime
+        started = time.perf_counter()
+        verdict = runtime.decide(host, self.destination, self.kind, path)
+        runtime.latency.observe(time.perf_counter() - started)
         self.count_decision(verdict)
+        if runtime.enforcement != "enforce" and verdict.action is Action.ALLOW and verdict.reason in FILING_REASONS:
+            self.record_violation(verdict, "", blocked=False)  # passed by a stale-feed mode: still a violation
         return verdict
 
     def count_decision(self, verdict: Verdict) -> None:
         self.runtime.stats["decisions", self.kind, verdict.action, verdict.reason] += 1
+
+    def record_violation(self, verdict: Verdict, request_id: str, *, blocked: bool = True) -> None:
+        """Count a block (or a stale-mode pass) in the violation table and log it, sampled."""
+        runtime = self.runtime
+        destination = self.destination
+        runtime.violations.add(verdict.host, destination[0], destination[1], self.kind, verdict.reason,
+                               self.client[0], blocked, time.time())  # fmt: skip
+        runtime.block_log.blocked(verdict, request_id or "-", self.kind, self.client, destination, not blocked)
 
     def inspection_done(self) -> None:
         """Inspection passed: from here on the idle timeout governs the connection."""
@@ -253,6 +275,7 @@ class GateConnection(asyncio.Protocol):
 
     def send_upstream(self, data: bytes) -> None:
         """Forward client bytes, opening the upstream connection on first use."""
+        self.runtime.bytes_to_upstream += len(data)
         if self.upstream is not None:
             self.upstream.write(data)
             return
@@ -305,6 +328,7 @@ class GateConnection(asyncio.Protocol):
 
     def from_upstream(self, data: bytes) -> None:
         self._last_activity = self.loop.time()
+        self.runtime.bytes_to_client += len(data)
         self.on_upstream_data(data)
 
     def upstream_eof(self) -> bool:

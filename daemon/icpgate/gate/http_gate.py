@@ -83,6 +83,7 @@ class HttpConnection(GateConnection):
             head_only=request is not None and request.method == "HEAD",
         )
         self.runtime.stats["blocks", "http", verdict.reason] += 1
+        self.record_violation(verdict, request_id)
         if self.upstream is None and self._connect_task is None:
             self.reply_and_close(answer)
             return

@@ -2,7 +2,8 @@
 
 Workers share the listening ports with SO_REUSEPORT and each load the index. The supervisor
 holds no index and serves nothing: it reports readiness to systemd once every worker is up,
-pings the watchdog, forwards SIGHUP and SIGTERM, and restarts a worker that dies.
+pings the watchdog, forwards SIGHUP and SIGTERM, and restarts a worker that dies. One more child,
+the service process, runs the feed client, the violation upkeep and the admin API.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import time
 from pathlib import Path
 
 import uvloop
+from prometheus_client import multiprocess
 
 from ..config import load_config
 from ..registry import require_registry
 from ..sdnotify import notify, watchdog_interval
+from ..telemetry.multiproc import ENV
 from .worker import GateStartError, Service, Worker, build_runtime_parts
 
 log = logging.getLogger("icpgate.supervisor")
@@ -33,7 +36,8 @@ STOP_GRACE = 5.0
 def run_gate(config_path: Path, overrides: tuple[str, ...], service: Service | None = None) -> int:
     """`icpgate run`: check everything first, so a bad config fails before anything binds.
 
-    `service` (the feed client) runs in the worker's loop with one worker, else in its own process.
+    `service` (feed client, violation upkeep, admin API) runs in the worker's loop with one
+    worker, else in its own process. The caller sets up the metrics directory first (cli.py).
     """
     config = load_config(config_path, overrides)
     build_runtime_parts(config)
@@ -189,8 +193,10 @@ class Supervisor:
 
     def _reap_and_restart(self, ready_write: int) -> None:
         for pid, status, number in self._reap():
+            if ENV in os.environ:  # its live gauges (connections, listeners) go with it
+                multiprocess.mark_process_dead(pid)
             if number == SERVICE:
-                log.info("restarting the feed process (pid %d, status %d)", pid, status)
+                log.info("restarting the service process (pid %d, status %d)", pid, status)
                 self._spawn(number, ready_write)
                 continue
             log.error("worker %d (pid %d) exited with status %d; restarting", number, pid, status)

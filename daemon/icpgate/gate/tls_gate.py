@@ -20,13 +20,14 @@ ALERT_DECODE_ERROR = b"\x15\x03\x03\x00\x02\x02\x32"
 
 class TlsConnection(GateConnection):
     kind = "tls"
-    __slots__ = ("_hello", "_page", "_verdict")
+    __slots__ = ("_hello", "_page", "_request_id", "_verdict")
 
     def __init__(self, listener) -> None:
         super().__init__(listener)
         self._hello: bytearray | None = bytearray()
         self._page: TlsPageSession | None = None
         self._verdict: Verdict | None = None
+        self._request_id = ""  # of the block, shown on the TLS block page and logged
 
     def inspect(self, data: bytes) -> None:
         if self._hello is None:
@@ -53,6 +54,8 @@ class TlsConnection(GateConnection):
 
     def _block(self, verdict: Verdict) -> None:
         self.runtime.stats["blocks", "tls", verdict.reason] += 1
+        self._request_id = new_request_id()
+        self.record_violation(verdict, self._request_id)
         action = self.runtime.pages.settings.tls_action
         if action == "page" and verdict.reason is not Reason.INVALID and self.runtime.tls_pages is not None:
             self._start_page(verdict)
@@ -79,7 +82,7 @@ class TlsConnection(GateConnection):
         request = head.request if head else None
         return self.runtime.pages.http_response(
             self._verdict,
-            new_request_id(),
+            self._request_id,
             json_body=request is not None and request.accepts_json(),
             head_only=request is not None and request.method == "HEAD",
         )

@@ -9,6 +9,9 @@ The worker follows the registry's serial: when another connection commits (the f
 client runs in this process and says so), it patches its index with the filings changed since
 its serial and swaps it in as one reference. It also sets the enforcement mode from how fresh
 the feed is.
+
+Every `violations.flush_interval` it hands its violation table to the violation log, and every
+second it copies its counters into the Prometheus metrics (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ from ..policy import Policy
 from ..policy_pack import load_pack
 from ..registry import Registry, open_registry
 from ..staleness import freshness
+from ..telemetry.metrics import VIOLATIONS_DROPPED, VIOLATIONS_FLUSHED, WorkerMetrics
 from ..tomlschema import ConfigError
+from ..violations.store import ViolationStore, open_violations
+from .block_log import BlockLog
 from .blockpage import BlockPages, Operator
 from .connection import Listener, Runtime
 from .http_gate import HttpConnection
@@ -40,8 +46,9 @@ from .upstream import UpstreamResolver
 log = logging.getLogger("icpgate.gate")
 CONNECTION_KINDS = {"http": HttpConnection, "tls": TlsConnection}
 BACKLOG = 4096
-# A service run beside the gate in a one-process daemon (the feed client): it gets the config and
-# a callback to call with the new serial after each commit, so the index follows at once.
+METRICS_INTERVAL = 1.0
+# What runs beside the gate in a one-process daemon (feed client, violation upkeep, admin API): it
+# gets the config and a callback to call with the new serial after each commit, so the index follows at once.
 Service = Callable[[Config, Callable[[int], None] | None], Awaitable[None]]
 
 
@@ -80,6 +87,9 @@ class Worker:
         self._data_version = None
         self.serial = 0  # the registry serial the index belongs to
         self._index_lock = asyncio.Lock()
+        self.metrics: WorkerMetrics | None = None
+        self._reload_ok = True
+        self._loaded_at = time.time()
 
     async def run(self) -> None:
         self.config = load_config(self.config_path, self.overrides)
@@ -92,20 +102,30 @@ class Worker:
             log.info("registry %s: serial %d, %d filings loaded", self.config.registry_path, self.serial,
                      len(policy.index))  # fmt: skip
             self.runtime = Runtime(policy, pages, self.config.gate, tls_pages)
+            self._apply_reporting(self.config)
             await self._update_enforcement()
             await self._bind(self.config.listeners)
+            self.metrics = WorkerMetrics()
+            self._sync_metrics()
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
             loop.add_signal_handler(signal.SIGINT, self._stopping.set)
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
-            self.on_ready()
-            tasks = [loop.create_task(self._watch_registry())]
-            if self.service:
-                tasks.append(loop.create_task(self._run_service()))
-            await self._stopping.wait()
-            for task in tasks:
-                task.cancel()
-            await self._drain()
+            async with open_violations(self.config.violations.path) as violations:
+                self.on_ready()
+                tasks = [
+                    loop.create_task(self._watch_registry()),
+                    loop.create_task(self._flush_violations(violations)),
+                    loop.create_task(self._publish_metrics()),
+                ]
+                if self.service:
+                    tasks.append(loop.create_task(self._run_service()))
+                await self._stopping.wait()
+                for task in tasks:
+                    task.cancel()
+                await self._drain()
+                await self._flush_once(violations)
+                self._sync_metrics()
 
     async def _bind(self, listeners: tuple[ListenerConfig, ...]) -> None:
         loop = asyncio.get_running_loop()
@@ -138,6 +158,7 @@ class Worker:
             for problem in error.problems:
                 log.error("reload refused, keeping the running config: %s", problem)
             self.runtime.stats["reloads", "failed"] += 1
+            self._reload_ok = False
             return False
         if config.listeners != self.config.listeners:
             log.warning("listener changes take effect at the next restart")
@@ -149,10 +170,45 @@ class Worker:
         self.runtime.pages = pages
         self.runtime.tls_pages = tls_pages
         self.runtime.policy = policy
+        self._apply_reporting(config)
         await self.catch_up(full=True)
         self.runtime.stats["reloads", "ok"] += 1
+        self._reload_ok, self._loaded_at = True, time.time()
         log.info("reloaded config, policy pack %s and templates", policy.pack.name)
         return True
+
+    def _apply_reporting(self, config: Config) -> None:
+        """Violation table and block log settings; the records held so far stay."""
+        table = self.runtime.violations
+        table.max_keys = config.violations.max_keys
+        table.sample_client = config.violations.sample_client
+        self.runtime.block_log = BlockLog(config.log.block_sample_rate, config.log.block_lines_per_second)
+
+    async def _flush_violations(self, violations: ViolationStore) -> None:
+        while True:
+            await asyncio.sleep(self.config.violations.flush_interval)
+            await self._flush_once(violations)
+
+    async def _flush_once(self, violations: ViolationStore) -> None:
+        """Write the table out; the gate keeps counting into a fresh one meanwhile. A batch the
+        log refuses is dropped and counted: the gate never waits for the log."""
+        records = self.runtime.violations.take()
+        if not records:
+            return
+        try:
+            VIOLATIONS_FLUSHED.inc(await violations.write(records))
+        except Exception as error:
+            VIOLATIONS_DROPPED.labels("write_failed").inc(sum(record[2] for record in records.values()))
+            log.error("violation log %s: cannot write %d records: %s", violations.path, len(records), error)
+
+    async def _publish_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_INTERVAL)
+            self._sync_metrics()
+
+    def _sync_metrics(self) -> None:
+        self.metrics.sync(self.runtime, serial=self.serial, listeners=len(self.servers) if not self._stopping.is_set()
+                          else 0, reload_ok=self._reload_ok, loaded_at=self._loaded_at)  # fmt: skip
 
     async def _registry_version(self) -> int:
         async with self.registry.db.execute("PRAGMA data_version") as cursor:
@@ -166,7 +222,7 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except Exception:  # the gate goes on with the registry it has; the failure is logged
-            log.exception("the feed client stopped")
+            log.exception("the services (feed, violation upkeep, admin API) stopped")
 
     async def _watch_registry(self) -> None:
         interval = self.config.registry_reload_interval

@@ -1,0 +1,1 @@
+"""The admin API (aiohttp): metrics, health, decisions, violations, filings, feed, status page."""

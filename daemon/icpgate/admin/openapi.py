@@ -1,0 +1,237 @@
+"""The admin API's OpenAPI 3.0 document, served at /openapi.json; the suite runs schemathesis on it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import __version__
+from ..policy import Reason
+from ..violations.store import DNS_STATES
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ERROR, description)
+
+
+def _query(name: str, schema: dict[str, Any], description: str, required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
+
+
+_NULLABLE_STRING = {"type": "string", "nullable": True}
+_VIOLATION = {
+    "type": "object",
+    "required": ["id", "host", "ip", "port", "proto", "reason", "first_seen", "last_seen", "count", "blocked", "dns"],
+    "properties": {
+        "id": {"type": "integer"},
+        "domain": {**_NULLABLE_STRING, "description": "the registrable domain; null for junk and overflow records"},
+        "host": {"type": "string"},
+        "ip": {"type": "string"},
+        "port": {"type": "integer"},
+        "proto": {"type": "string", "enum": ["http", "tls"]},
+        "reason": {"type": "string", "enum": [reason.value for reason in Reason]},
+        "first_seen": {"type": "string", "format": "date-time"},
+        "last_seen": {"type": "string", "format": "date-time"},
+        "count": {"type": "integer", "minimum": 1, "description": "requests or connections seen"},
+        "blocked": {"type": "boolean"},
+        "passed": {"type": "integer", "description": "of count, let through by a stale-feed mode"},
+        "client": {**_NULLABLE_STRING, "description": "a sample client address, when violations.sample_client is on"},
+        "dns": {
+            "type": "object",
+            "required": ["state", "addresses"],
+            "properties": {
+                "state": {"type": "string", "enum": list(DNS_STATES)},
+                "addresses": {"type": "array", "items": {"type": "string"}},
+                "detail": _NULLABLE_STRING,
+                "checked_at": {**_NULLABLE_STRING, "format": "date-time"},
+            },
+        },
+    },
+}
+_DECISION = {
+    "type": "object",
+    "required": ["host", "action", "reason", "rule"],
+    "properties": {
+        "host": {"type": "string"},
+        "normalized": _NULLABLE_STRING,
+        "host_kind": {"type": "string"},
+        "registrable_domain": _NULLABLE_STRING,
+        "destination": {"type": "object"},
+        "matched": _NULLABLE_STRING,
+        "action": {"type": "string", "enum": ["allow", "block"]},
+        "reason": {"type": "string", "enum": [reason.value for reason in Reason]},
+        "rule": {"type": "string"},
+        "detail": _NULLABLE_STRING,
+        "filing": {"type": "object", "nullable": True},
+        "provider": {"type": "string"},
+        "policy_pack": {"type": "string"},
+    },
+}
+_CHECK = {"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}}
+_READY = {
+    "type": "object",
+    "required": ["ready", "checks"],
+    "properties": {
+        "ready": {"type": "boolean"},
+        "checks": {"type": "object", "properties": {"registry": _CHECK, "listeners": _CHECK, "feed": _CHECK}},
+    },
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "icpgate admin API",
+            "version": __version__,
+            "description": "Decisions, violations, filings and feed state of one icpgate node.",
+        },
+        "paths": {
+            "/healthz": {
+                "get": {
+                    "summary": "The process answers.",
+                    "responses": {
+                        "200": _json({"type": "object", "properties": {"status": {"type": "string"}}}, "alive")
+                    },
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Registry loaded, listeners bound, feed not past max_staleness.",
+                    "responses": {"200": _json(_READY, "ready"), "503": _json(_READY, "not ready")},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics.",
+                    "responses": {
+                        "200": {
+                            "description": "text exposition format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/api/v1/decision": {
+                "get": {
+                    "summary": "The decision for a host on a destination, explained (as `icpgate check --json`).",
+                    "parameters": [
+                        _query("host", {"type": "string"}, "Host header or SNI, as a client would send it", True),
+                        _query("ip", {"type": "string"}, "destination IP address"),
+                        _query("port", {"type": "integer", "minimum": 1, "maximum": 65535}, "destination port"),
+                        _query(
+                            "proto", {"type": "string", "enum": ["http", "tls"], "default": "http"}, "listener kind"
+                        ),
+                        _query("path", {"type": "string"}, "request path (matters for the ACME exception)"),
+                    ],
+                    "responses": {
+                        "200": _json(_DECISION, "the decision"),
+                        "400": _error("bad parameters"),
+                        "503": {"description": "the policy pack cannot be loaded"},
+                    },
+                }
+            },
+            "/api/v1/violations": {
+                "get": {
+                    "summary": "Violation records, confirmed first, then by count.",
+                    "parameters": [
+                        _query("confirmed", {"type": "boolean"}, "only DNS-confirmed records"),
+                        _query(
+                            "since", {"type": "string"}, "last seen at or after: ISO 8601 time or 90s, 15m, 24h, 7d"
+                        ),
+                        _query("domain", {"type": "string"}, "registrable domain or host"),
+                        _query("ip", {"type": "string"}, "destination IP"),
+                        _query("reason", {"type": "string", "enum": [reason.value for reason in Reason]}, "reason"),
+                        _query("dns", {"type": "string", "enum": list(DNS_STATES)}, "DNS state"),
+                        _query(
+                            "limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "page size"
+                        ),
+                        _query("offset", {"type": "integer", "minimum": 0, "default": 0}, "records to skip"),
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["total", "limit", "offset", "next_offset", "items"],
+                                "properties": {
+                                    "total": {"type": "integer"},
+                                    "limit": {"type": "integer"},
+                                    "offset": {"type": "integer"},
+                                    "next_offset": {"type": "integer", "nullable": True},
+                                    "items": {"type": "array", "items": _VIOLATION},
+                                },
+                            },
+                            "one page",
+                        ),
+                        "400": _error("bad parameters"),
+                    },
+                }
+            },
+            "/api/v1/filings/{domain}": {
+                "get": {
+                    "summary": "The filing that covers a domain (the name or a parent).",
+                    "parameters": [{"name": "domain", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["domain", "matched", "filing"],
+                                "properties": {
+                                    "domain": {"type": "string"},
+                                    "matched": {"type": "string"},
+                                    "filing": {"type": "object"},
+                                },
+                            },
+                            "the filing",
+                        ),
+                        "400": _error("not a domain name"),
+                        "404": _error("no filing covers it"),
+                    },
+                }
+            },
+            "/api/v1/feed": {
+                "get": {
+                    "summary": "Registry serial, freshness and the last sync outcomes.",
+                    "responses": {"200": _json({"type": "object"}, "feed state")},
+                }
+            },
+            "/api/v1/feed/sync": {
+                "post": {
+                    "summary": "Sync from the feed now.",
+                    "security": [{"bearer": []}],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["result"],
+                                "properties": {"result": {"type": "string"}, "message": {"type": "string"}},
+                            },
+                            "the sync's outcome",
+                        ),
+                        "401": _error("no or wrong bearer token"),
+                        "403": _error("no admin.token_file configured"),
+                        "409": _error("no feed configured"),
+                    },
+                }
+            },
+            "/": {
+                "get": {
+                    "summary": "The status page.",
+                    "responses": {
+                        "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+            },
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

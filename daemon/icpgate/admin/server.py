@@ -1,0 +1,283 @@
+"""The admin API's handlers and server (docs/admin-api.md).
+
+Read-only calls answer from the registry and the violation log through the admin's own
+connections; the one call that changes state, POST /api/v1/feed/sync, needs the bearer token.
+Bad parameters get a 400 with a JSON message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import socket
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from ..config import Config
+from ..explain import explain_with
+from ..feed.client import FeedClient
+from ..feed.commands import feed_status, outcome_json
+from ..hostname import HostKind, normalize_host, parent_names
+from ..policy import Reason
+from ..policy_pack import load_pack
+from ..registry import Registry, open_registry
+from ..staleness import freshness
+from ..tomlschema import ConfigError
+from ..violations.store import DNS_STATES, Filters, ViolationStore, open_violations
+from .openapi import openapi_document
+from .state_metrics import BlockRate, exposition, sample_values, state_families, worker_families
+from .status_page import render_status_page
+
+log = logging.getLogger("icpgate.admin")
+MAX_PAGE = 1000
+JSON = "application/json"
+RATE_SAMPLE_INTERVAL = 10.0
+
+
+class BadRequest(web.HTTPBadRequest):
+    def __init__(self, message: str) -> None:
+        super().__init__(text=json.dumps({"error": message}), content_type=JSON)
+
+
+class AdminApi:
+    def __init__(self, config: Config, registry: Registry, store: ViolationStore) -> None:
+        self.config = config
+        self.registry = registry
+        self.store = store
+        self.token = _read_token(config)
+        self.block_rate = BlockRate()
+        self._sync_lock = asyncio.Lock()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.add_routes([
+            web.get("/", self.status_page),
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+            web.get("/metrics", self.metrics),
+            web.get("/openapi.json", self.openapi),
+            web.get("/api/v1/decision", self.decision),
+            web.get("/api/v1/violations", self.violations),
+            web.get("/api/v1/filings/{domain}", self.filing),
+            web.get("/api/v1/feed", self.feed),
+            web.post("/api/v1/feed/sync", self.feed_sync),
+        ])  # fmt: skip
+        return app
+
+    # --- health and metrics -----------------------------------------------------------------
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        """Ready when every worker has its index and its listeners, and the feed is not expired."""
+        families = await asyncio.to_thread(worker_families)
+        bound = sum(value for _, value in sample_values(families, "icpgate_listeners_bound"))
+        expected = self.config.gate.workers * len(self.config.listeners)
+        serials = sample_values(families, "icpgate_index_serial")
+        sync = await self.registry.sync_status()
+        fresh = freshness(self.config.feed, sync.get("last_success"), datetime.now(UTC))
+        checks = {
+            "registry": {"ok": bool(serials), "serial": int(min(v for _, v in serials)) if serials else None},
+            "listeners": {"ok": bound >= expected, "bound": int(bound), "expected": expected},
+            "feed": {"ok": fresh.state != "expired", "state": fresh.state, "age": fresh.age,
+                     "enforcement": fresh.enforcement},
+        }  # fmt: skip
+        ready = all(check["ok"] for check in checks.values())
+        return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        families = await self._families()
+        body = await asyncio.to_thread(exposition, families)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def _families(self) -> list:
+        workers = await asyncio.to_thread(worker_families)
+        state = await self.registry.state()
+        sync = await self.registry.sync_status()
+        summary = await self.store.summary()
+        return workers + state_families(self.config, sync, state.serial, summary)
+
+    async def sample_block_rate(self) -> None:
+        while True:
+            try:
+                self.block_rate.add(await asyncio.to_thread(worker_families))
+            except Exception:  # a torn metrics file must not end sampling
+                log.exception("cannot read the metrics for the status page")
+            await asyncio.sleep(RATE_SAMPLE_INTERVAL)
+
+    async def openapi(self, _request: web.Request) -> web.Response:
+        return web.json_response(openapi_document())
+
+    # --- decisions, filings, violations -------------------------------------------------------
+    async def decision(self, request: web.Request) -> web.Response:
+        query = request.query
+        host = query.get("host")
+        if host is None:
+            raise BadRequest("host is required")
+        ip = query.get("ip") or None
+        if ip is not None:
+            try:
+                ip = str(ipaddress.ip_address(ip))
+            except ValueError:
+                raise BadRequest("ip: %r is not an IP address" % ip) from None
+        port = _int_param(query, "port", None, 1, 65535)
+        proto = query.get("proto", "http")
+        if proto not in ("http", "tls"):
+            raise BadRequest("proto must be http or tls")
+        try:
+            pack = load_pack(self.config.policy_pack)
+        except ConfigError as error:
+            raise web.HTTPServiceUnavailable(text=str(error)) from None
+        facts = await explain_with(self.registry, self.config, pack, host, ip, port, proto, query.get("path"))
+        return web.json_response(facts)
+
+    async def filing(self, request: web.Request) -> web.Response:
+        domain = request.match_info["domain"]
+        name = normalize_host(domain)
+        if name.kind is not HostKind.NAME:
+            raise BadRequest("%r is not a domain name" % domain)
+        index = await self.registry.index_for(list(parent_names(name.value)))
+        match = index.lookup(name.value)
+        filing = await self.registry.get_filing(match.filing.licence) if match else None
+        if filing is None:
+            return web.json_response({"error": "no filing covers %s" % name.value, "domain": name.value}, status=404)
+        return web.json_response({"domain": name.value, "matched": match.domain, "filing": filing.to_json()})
+
+    async def violations(self, request: web.Request) -> web.Response:
+        query = request.query
+        limit = _int_param(query, "limit", 100, 1, MAX_PAGE)
+        offset = _int_param(query, "offset", 0, 0, 2**62)
+        reason = query.get("reason") or None
+        if reason is not None and reason not in Reason.__members__.values():
+            raise BadRequest("reason: unknown reason %r" % reason)
+        dns = query.get("dns") or None
+        if dns is not None and dns not in DNS_STATES:
+            raise BadRequest("dns must be one of %s" % ", ".join(DNS_STATES))
+        filters = Filters(
+            confirmed=_bool_param(query, "confirmed"),
+            since=_time_param(query, "since"),
+            domain=query.get("domain") or None,
+            ip=query.get("ip") or None,
+            reason=reason,
+            dns=dns,
+        )
+        total, items = await self.store.query(filters, limit, offset)
+        following = offset + len(items)
+        return web.json_response({
+            "total": total, "limit": limit, "offset": offset,
+            "next_offset": following if following < total else None, "items": items,
+        })  # fmt: skip
+
+    # --- feed ------------------------------------------------------------------------------
+    async def feed(self, _request: web.Request) -> web.Response:
+        return web.json_response(await feed_status(self.config, self.registry))
+
+    async def feed_sync(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        if not self.config.feed.urls:
+            return web.json_response({"error": "feed.urls is empty: there is no feed to sync from"}, status=409)
+        async with self._sync_lock, FeedClient(self.config, self.registry) as client:
+            outcome = await client.sync()
+        return web.json_response(outcome_json(outcome))
+
+    def _authorize(self, request: web.Request) -> None:
+        if self.token is None:
+            raise web.HTTPForbidden(
+                text='{"error": "no admin.token_file is configured"}', content_type="application/json"
+            )
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise web.HTTPUnauthorized(text=json.dumps({"error": "a valid bearer token is required"}),
+                                       content_type=JSON, headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    # --- status page -------------------------------------------------------------------------
+    async def status_page(self, _request: web.Request) -> web.Response:
+        status = await feed_status(self.config, self.registry)
+        _, top = await self.store.query(Filters(confirmed=True), 20, 0)
+        summary = await self.store.summary()
+        html = render_status_page(self.config, status, self.block_rate.per_second(), top, summary)
+        return web.Response(text=html, content_type="text/html", charset="utf-8")
+
+
+def _read_token(config: Config) -> str | None:
+    if config.admin.token_file is None:
+        return None
+    token = config.admin.token_file.read_text(encoding="utf-8").strip()
+    return token or None
+
+
+def _int_param(query, name: str, default: int | None, low: int, high: int) -> int | None:
+    text = query.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadRequest("%s: %r is not an integer" % (name, text)) from None
+    if not low <= value <= high:
+        raise BadRequest("%s must be %d to %d" % (name, low, high))
+    return value
+
+
+def _bool_param(query, name: str) -> bool:
+    text = query.get(name, "false").lower()
+    if text not in ("true", "false", "1", "0", ""):
+        raise BadRequest("%s must be true or false" % name)
+    return text in ("true", "1")
+
+
+def _time_param(query, name: str) -> float | None:
+    text = query.get(name)
+    if not text:
+        return None
+    try:
+        return parse_time(text)
+    except ValueError as error:
+        raise BadRequest("%s: %s" % (name, error)) from None
+
+
+def parse_time(text: str) -> float:
+    """An ISO 8601 time (UTC when it has no zone) or a duration back from now: 90s, 15m, 24h, 7d."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return datetime.now(UTC).timestamp() - int(text[:-1]) * units[text[-1]]
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError("%r is neither an ISO 8601 time nor a duration like 24h" % text) from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+async def run_admin(config: Config, sock: socket.socket) -> None:
+    """Serve the admin API on a socket bound before the workers started (so a bad port fails early)."""
+    async with open_registry(config.registry_path) as registry, open_violations(config.violations.path) as store:
+        api = AdminApi(config, registry, store)
+        runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.SockSite(runner, sock).start()
+            log.info("admin API on http://%s:%d/", *sock.getsockname()[:2])
+            await api.sample_block_rate()
+        finally:
+            await runner.cleanup()
+
+
+def bind_admin(config: Config) -> socket.socket | None:
+    """The admin API's listening socket, or None when it is off; OSError says why it cannot bind."""
+    if not config.admin.enabled:
+        return None
+    family = socket.AF_INET6 if ":" in config.admin.address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.admin.address, config.admin.port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock

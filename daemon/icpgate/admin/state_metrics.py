@@ -1,0 +1,106 @@
+"""/metrics: the workers' metrics (multiprocess files) plus what the admin reads from the registry
+and the violation log at scrape time: feed state, enforcement mode, violation records by DNS state."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from datetime import UTC, datetime
+
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from ..config import Config
+from ..feed.protocol import SyncResult
+from ..staleness import freshness
+from ..telemetry.multiproc import ENV
+from ..violations.store import DNS_STATES
+
+MODES = ("enforce", "monitor", "open")
+RATE_WINDOW = 60.0
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def worker_families() -> list[Metric]:
+    """Every process's metrics: from the multiprocess directory under `icpgate run`."""
+    if ENV not in os.environ:
+        return list(REGISTRY.collect())
+    registry = CollectorRegistry(auto_describe=False)
+    MultiProcessCollector(registry)
+    return list(registry.collect())
+
+
+def state_families(config: Config, sync: dict, serial: int, violations: dict[str, int]) -> list[Metric]:
+    fresh = freshness(config.feed, sync.get("last_success"), datetime.now(UTC))
+    configured = GaugeMetricFamily(
+        "icpgate_feed_configured", "1 when feed.urls is set.", value=int(bool(config.feed.urls))
+    )
+    feed_serial = GaugeMetricFamily("icpgate_feed_serial", "The registry serial the feed has brought.", value=serial)
+    success = GaugeMetricFamily("icpgate_feed_last_success_timestamp_seconds", "Last successful sync (0: never).",
+                                value=_timestamp(sync.get("last_success")))  # fmt: skip
+    attempt = GaugeMetricFamily("icpgate_feed_last_attempt_timestamp_seconds", "Last sync attempt (0: never).",
+                                value=_timestamp(sync.get("last_attempt")))  # fmt: skip
+    failures = GaugeMetricFamily("icpgate_feed_consecutive_failures", "Sync failures since the last success.",
+                                 value=sync.get("failures", 0))  # fmt: skip
+    results = CounterMetricFamily("icpgate_feed_syncs", "Feed syncs, by result.", labels=["result"])
+    counts = sync.get("results", {})
+    for result in SyncResult:
+        results.add_metric([result.value], counts.get(result.value, 0))
+    mismatches = CounterMetricFamily("icpgate_feed_checksum_mismatches", "Change sets that did not add up.",
+                                     value=sync.get("checksum_mismatches", 0))  # fmt: skip
+    mode = GaugeMetricFamily("icpgate_enforcement_mode", "1 for the mode the gate is in.", labels=["mode"])
+    for name in MODES:
+        mode.add_metric([name], int(name == fresh.enforcement))
+    records = GaugeMetricFamily("icpgate_violation_records", "Records in the violation log, by DNS state.",
+                                labels=["dns"])  # fmt: skip
+    for state in DNS_STATES:
+        records.add_metric([state], violations.get(state, 0))
+    return [configured, feed_serial, success, attempt, failures, results, mismatches, mode, records]
+
+
+def exposition(families: list[Metric]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))
+    return generate_latest(registry)
+
+
+def sample_values(families: list[Metric], name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample called `name`."""
+    return [(sample.labels, sample.value) for family in families for sample in family.samples if sample.name == name]
+
+
+def _timestamp(iso: str | None) -> float:
+    return datetime.fromisoformat(iso).timestamp() if iso else 0.0
+
+
+class BlockRate:
+    """Blocks per second by reason over the last minute, from samples of the decision counters."""
+
+    def __init__(self) -> None:
+        self.samples: deque[tuple[float, dict[str, float]]] = deque()
+
+    def add(self, families: list[Metric]) -> None:
+        totals: dict[str, float] = {}
+        for labels, value in sample_values(families, "icpgate_decisions_total"):
+            if labels.get("action") == "block":
+                totals[labels["reason"]] = totals.get(labels["reason"], 0.0) + value
+        now = time.monotonic()
+        self.samples.append((now, totals))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= RATE_WINDOW:
+            self.samples.popleft()
+
+    def per_second(self) -> dict[str, float]:
+        if len(self.samples) < 2:
+            return {}
+        (start, first), (end, last) = self.samples[0], self.samples[-1]
+        elapsed = max(end - start, 1e-9)
+        return {reason: max(0.0, value - first.get(reason, 0.0)) / elapsed for reason, value in sorted(last.items())}

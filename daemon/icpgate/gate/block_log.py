@@ -1,0 +1,46 @@
+"""One log line per blocked request, sampled and rate-limited, carrying the block page's request id.
+
+Support finds a customer's blocked request from the id on their screenshot. A flood of junk must
+not become a flood of log lines: past `lines_per_second` lines are counted, not written.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+from ..policy import Verdict
+
+log = logging.getLogger("icpgate.blocks")
+
+
+class BlockLog:
+    __slots__ = ("_allowance", "_checked", "rate", "sample_rate", "suppressed")
+
+    def __init__(self, sample_rate: float, lines_per_second: float) -> None:
+        self.sample_rate = sample_rate
+        self.rate = lines_per_second
+        self._allowance = lines_per_second
+        self._checked = time.monotonic()
+        self.suppressed = 0  # sampled lines not written because of the rate limit
+
+    def blocked(self, verdict: Verdict, request_id: str, kind: str, client: tuple[str, int],
+                destination: tuple[str, int], passed: bool = False) -> None:  # fmt: skip
+        if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
+            return
+        now = time.monotonic()
+        self._allowance = min(self.rate, self._allowance + (now - self._checked) * self.rate)
+        self._checked = now
+        if self._allowance < 1.0:
+            self.suppressed += 1
+            return
+        self._allowance -= 1.0
+        log.info(
+            "%s %s request_id=%s host=%s reason=%s rule=%s client=%s:%d dst=%s:%d",
+            "passed (stale feed)" if passed else "blocked", kind, request_id, verdict.host or "-",
+            verdict.reason.value, verdict.rule, client[0], client[1], destination[0], destination[1],
+            extra={"event": "passed" if passed else "blocked", "request_id": request_id, "proto": kind,
+                   "host": verdict.host, "reason": verdict.reason.value, "rule": verdict.rule,
+                   "client": "%s:%d" % client, "destination": "%s:%d" % destination},
+        )  # fmt: skip

@@ -1,0 +1,1 @@
+"""Metrics and logs: what the gate reports about itself."""

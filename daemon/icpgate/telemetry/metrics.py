@@ -1,0 +1,121 @@
+"""The gate's Prometheus metrics (docs/metrics.md), all `icpgate_`, labels from closed sets only.
+
+The hot path counts in plain integers (Runtime.stats, the latency buckets, the violation table);
+`WorkerMetrics.sync` copies the increments into these metrics once a second. That keeps
+prometheus-client's locks and (in multiprocess mode) its mmap writes off the per-request path.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections import Counter as Tally
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from .. import __version__
+from ..gate.latency import BUCKETS
+
+BUILD_INFO = Gauge("icpgate_build_info", "Version of the running daemon (always 1).", ["version", "python"],
+                   multiprocess_mode="max")  # fmt: skip
+CONNECTIONS = Counter("icpgate_connections", "Accepted connections, by listener kind.", ["kind"])
+DECISIONS = Counter(
+    "icpgate_decisions", "Decisions, by listener kind, action and reason.", ["kind", "action", "reason"]
+)
+DECISION_SECONDS = Histogram("icpgate_decision_seconds", "Time to decide one connection or request.",
+                             buckets=BUCKETS)  # fmt: skip
+ACTIVE_CONNECTIONS = Gauge("icpgate_active_connections", "Open client connections.", multiprocess_mode="livesum")
+RELAYED_BYTES = Counter("icpgate_relayed_bytes", "Bytes relayed for allowed traffic.", ["direction"])
+REFUSED = Counter("icpgate_refused_connections", "Connections refused before inspection.", ["why"])
+TIMEOUTS = Counter("icpgate_timeouts", "Connections ended by a timeout, by kind and phase.", ["kind", "phase"])
+UPSTREAM_FAILURES = Counter("icpgate_upstream_failures", "Allowed connections whose backend could not be reached.",
+                            ["kind"])  # fmt: skip
+RELAXED = Counter("icpgate_relaxed_decisions", "Blocks let through because the feed is past max_staleness.",
+                  ["mode", "reason"])  # fmt: skip
+REGISTRY_FILINGS = Gauge("icpgate_registry_filings", "Filings in the index the workers decide with.",
+                         multiprocess_mode="livemax")  # fmt: skip
+INDEX_SERIAL = Gauge("icpgate_index_serial", "The registry serial of the oldest worker index.",
+                     multiprocess_mode="livemin")  # fmt: skip
+LISTENERS_BOUND = Gauge("icpgate_listeners_bound", "Listening sockets bound, summed over workers.",
+                        multiprocess_mode="livesum")  # fmt: skip
+VIOLATION_KEYS = Gauge("icpgate_violation_keys", "Violation records held in memory until the next write.",
+                       multiprocess_mode="livesum")  # fmt: skip
+VIOLATIONS_FLUSHED = Counter("icpgate_violation_records_flushed", "Violation records written to the log.")
+VIOLATIONS_OVERFLOW = Counter("icpgate_violation_overflow",
+                              "Blocks folded into an (overflow) record because max_keys was reached.")  # fmt: skip
+VIOLATIONS_DROPPED = Counter("icpgate_violation_blocks_dropped", "Blocks the violation log could not keep.", ["why"])
+BLOCK_LOG_SUPPRESSED = Counter("icpgate_block_log_suppressed", "Block log lines not written (rate limit).")
+RELOADS = Counter("icpgate_config_reloads", "Config reloads, by result.", ["result"])
+LAST_RELOAD = Gauge("icpgate_config_last_reload_success_timestamp_seconds", "When the config last loaded.",
+                    multiprocess_mode="max")  # fmt: skip
+RELOAD_OK = Gauge("icpgate_config_last_reload_successful", "1 when every worker's last reload worked.",
+                  multiprocess_mode="livemin")  # fmt: skip
+DNS_CHECKS = Counter("icpgate_dns_checks", "DNS confirmations of violating hosts, by result.", ["result"])
+
+# Runtime.stats keys -> (metric, how the labels follow from the rest of the key)
+_STATS = {
+    "connections": (CONNECTIONS, lambda kind: (kind,)),
+    "decisions": (DECISIONS, lambda kind, action, reason: (kind, action.value, reason.value)),
+    "relaxed": (RELAXED, lambda mode, reason: (mode, reason.value)),
+    "inspect_timeouts": (TIMEOUTS, lambda kind: (kind, "inspect")),
+    "idle_timeouts": (TIMEOUTS, lambda kind: (kind, "idle")),
+    "upstream_failures": (UPSTREAM_FAILURES, lambda kind: (kind,)),
+    "refused_loop": (REFUSED, lambda: ("loop",)),
+    "refused_full": (REFUSED, lambda: ("full",)),
+    "reloads": (RELOADS, lambda result: (result,)),
+}
+
+
+def build_info() -> None:
+    BUILD_INFO.labels(__version__, platform.python_version()).set(1)
+
+
+class WorkerMetrics:
+    """One worker's view: remembers what it last copied so each sync adds only the increments."""
+
+    def __init__(self) -> None:
+        self._stats: Tally = Tally()
+        self._latency = [0] * (len(BUCKETS) + 1)
+        self._latency_total = 0.0
+        self._plain: Tally = Tally()
+        build_info()
+
+    def sync(self, runtime, *, serial: int, listeners: int, reload_ok: bool, loaded_at: float) -> None:
+        stats = runtime.stats
+        for key, value in list(stats.items()):
+            delta = value - self._stats[key]
+            if delta <= 0 or key[0] not in _STATS:
+                continue
+            metric, labels = _STATS[key[0]]
+            metric.labels(*labels(*key[1:])).inc(delta)
+            self._stats[key] = value
+        self._sync_latency(runtime.latency)
+        violations = runtime.violations
+        self._add(RELAYED_BYTES.labels("to_upstream"), "up", runtime.bytes_to_upstream)
+        self._add(RELAYED_BYTES.labels("to_client"), "down", runtime.bytes_to_client)
+        self._add(VIOLATIONS_OVERFLOW, "overflow", violations.overflowed)
+        self._add(VIOLATIONS_DROPPED.labels("table_full"), "dropped", violations.dropped)
+        self._add(BLOCK_LOG_SUPPRESSED, "suppressed", runtime.block_log.suppressed)
+        ACTIVE_CONNECTIONS.set(len(runtime.connections))
+        VIOLATION_KEYS.set(len(violations))
+        REGISTRY_FILINGS.set(len(runtime.policy.index))
+        INDEX_SERIAL.set(serial)
+        LISTENERS_BOUND.set(listeners)
+        RELOAD_OK.set(1 if reload_ok else 0)
+        LAST_RELOAD.set(loaded_at)
+
+    def _add(self, metric, name: str, value: int) -> None:
+        delta = value - self._plain[name]
+        if delta > 0:
+            metric.inc(delta)
+            self._plain[name] = value
+
+    def _sync_latency(self, latency) -> None:
+        # prometheus-client has no call to add counted observations; its histogram keeps one value
+        # per bucket (not cumulative) and a sum, which is what is incremented here.
+        for bucket, (count, seen) in enumerate(zip(latency.counts, self._latency, strict=True)):
+            if count > seen:
+                DECISION_SECONDS._buckets[bucket].inc(count - seen)
+                self._latency[bucket] = count
+        if latency.total > self._latency_total:
+            DECISION_SECONDS._sum.inc(latency.total - self._latency_total)
+            self._latency_total = latency.total

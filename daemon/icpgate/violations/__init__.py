@@ -1,0 +1,1 @@
+"""The violation log: the SQLite store, its writer, DNS confirmation and the exports."""

@@ -1,0 +1,203 @@
+"""The violation log in SQLite: batched upserts from the workers, queries for the CLI and the API.
+
+It is a file of its own, not a table in the registry: a feed snapshot holds the registry's write
+lock for a minute, and violation writes must never wait behind it, nor wake the workers that
+follow the registry's changes. Several workers write to it; WAL and a busy timeout serialise them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from ..suffixes import registrable_domain
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS violations (
+    id INTEGER PRIMARY KEY,
+    domain TEXT NOT NULL,           -- the registrable domain; '' for junk, overflow and public suffixes
+    host TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    proto TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    count INTEGER NOT NULL,
+    passed INTEGER NOT NULL DEFAULT 0,  -- of count, let through by a stale-feed mode
+    client TEXT,
+    dns_state TEXT,                 -- NULL until checked: confirmed, not_hosted or error
+    dns_addresses TEXT,             -- JSON list of the addresses the host resolved to
+    dns_detail TEXT,
+    dns_checked_at REAL,
+    UNIQUE (host, ip, port, proto, reason)
+);
+CREATE INDEX IF NOT EXISTS violations_last_seen ON violations (last_seen);
+CREATE INDEX IF NOT EXISTS violations_dns_checked ON violations (dns_checked_at);
+"""
+
+UPSERT = """
+INSERT INTO violations (domain, host, ip, port, proto, reason, first_seen, last_seen, count, passed, client)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (host, ip, port, proto, reason) DO UPDATE SET
+    first_seen = min(first_seen, excluded.first_seen),
+    last_seen = max(last_seen, excluded.last_seen),
+    count = count + excluded.count,
+    passed = passed + excluded.passed,
+    client = coalesce(excluded.client, client)
+"""
+
+# Confirmed violations first everywhere, then the busiest.
+ORDER = "ORDER BY (dns_state = 'confirmed') DESC, count DESC, last_seen DESC, id"
+DNS_STATES = ("confirmed", "not_hosted", "error", "unchecked")
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    confirmed: bool = False
+    since: float | None = None  # last seen at or after this Unix time
+    domain: str | None = None  # the registrable domain or the host
+    ip: str | None = None
+    reason: str | None = None
+    dns: str | None = None  # one of DNS_STATES
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses, params = [], []
+        if self.confirmed:
+            clauses.append("dns_state = 'confirmed'")
+        if self.since is not None:
+            clauses.append("last_seen >= ?")
+            params.append(self.since)
+        if self.domain:
+            clauses.append("(domain = ? OR host = ?)")
+            params += [self.domain, self.domain]
+        if self.ip:
+            clauses.append("ip = ?")
+            params.append(self.ip)
+        if self.reason:
+            clauses.append("reason = ?")
+            params.append(self.reason)
+        if self.dns == "unchecked":
+            clauses.append("dns_state IS NULL")
+        elif self.dns:
+            clauses.append("dns_state = ?")
+            params.append(self.dns)
+        return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+class ViolationStore:
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self.db = db
+        self.path = path
+
+    async def write(self, records: Mapping[tuple, list]) -> int:
+        """Add a batch from a worker's violation table in one transaction; returns how many records."""
+        rows = [
+            (_domain_of(host), host, ip, port, proto, reason, first, last, count, passed, client)
+            for (host, ip, port, proto, reason), (first, last, count, passed, client) in records.items()
+        ]
+        if rows:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self.db.executemany(UPSERT, rows)
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            await self.db.execute("COMMIT")
+        return len(rows)
+
+    async def prune(self, before: float) -> int:
+        """Delete records last seen before `before` (sample client addresses go with them)."""
+        cursor = await self.db.execute("DELETE FROM violations WHERE last_seen < ?", (before,))
+        return cursor.rowcount
+
+    async def query(self, filters: Filters, limit: int = 100, offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
+        """(total matching, one page of records) in the order operators read them: confirmed first."""
+        where, params = filters.where()
+        async with self.db.execute("SELECT count(*) FROM violations " + where, params) as cursor:
+            (total,) = await cursor.fetchone()
+        sql = "SELECT * FROM violations %s %s LIMIT ? OFFSET ?" % (where, ORDER)
+        async with self.db.execute(sql, [*params, limit, offset]) as cursor:
+            rows = await cursor.fetchall()
+        return total, [record_json(row) for row in rows]
+
+    async def summary(self) -> dict[str, int]:
+        """Record counts by DNS state, for the status page and `/readyz`'s neighbours."""
+        async with self.db.execute(
+            "SELECT coalesce(dns_state, 'unchecked'), count(*), sum(count) FROM violations GROUP BY 1"
+        ) as cursor:
+            return {state: records for state, records, _ in await cursor.fetchall()}
+
+    async def hosts_to_check(self, now: float, recheck_after: float, limit: int) -> list[tuple[str, list[str]]]:
+        """Violating hosts with no DNS answer yet, or an old one, busiest first, with their IPs."""
+        sql = """SELECT host, group_concat(DISTINCT ip) FROM violations
+                 WHERE domain != '' AND (dns_checked_at IS NULL OR dns_checked_at < ?)
+                 GROUP BY host ORDER BY max(count) DESC LIMIT ?"""
+        async with self.db.execute(sql, (now - recheck_after, limit)) as cursor:
+            return [(host, ips.split(",")) for host, ips in await cursor.fetchall()]
+
+    async def set_dns(self, host: str, ip: str, state: str, addresses: list[str], detail: str, at: float) -> None:
+        await self.db.execute(
+            "UPDATE violations SET dns_state = ?, dns_addresses = ?, dns_detail = ?, dns_checked_at = ? "
+            "WHERE host = ? AND ip = ?",
+            (state, json.dumps(addresses), detail, at, host, ip),
+        )
+
+
+def _domain_of(host: str) -> str:
+    if host.startswith("("):  # (junk), (overflow)
+        return ""
+    return registrable_domain(host) or ""
+
+
+def iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def record_json(row: aiosqlite.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "domain": row["domain"] or None,
+        "host": row["host"],
+        "ip": row["ip"],
+        "port": row["port"],
+        "proto": row["proto"],
+        "reason": row["reason"],
+        "first_seen": iso(row["first_seen"]),
+        "last_seen": iso(row["last_seen"]),
+        "count": row["count"],
+        "blocked": row["count"] > row["passed"],
+        "passed": row["passed"],
+        "client": row["client"],
+        "dns": {
+            "state": row["dns_state"] or "unchecked",
+            "addresses": json.loads(row["dns_addresses"]) if row["dns_addresses"] else [],
+            "detail": row["dns_detail"] or None,
+            "checked_at": iso(row["dns_checked_at"]),
+        },
+    }
+
+
+@asynccontextmanager
+async def open_violations(path: Path) -> AsyncIterator[ViolationStore]:
+    """Open (creating) the violation log at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        db.row_factory = aiosqlite.Row
+        await db.execute("PRAGMA busy_timeout = 10000")
+        await db.execute("PRAGMA journal_mode = WAL")
+        await db.execute("PRAGMA synchronous = NORMAL")
+        await db.executescript(SCHEMA)
+        yield ViolationStore(db, path)
+    finally:
+        await db.close()
