@@ -18,6 +18,7 @@ from .registry import ImportReport, RegistryError, open_registry, require_regist
 from .telemetry.logs import log_to_stderr
 from .telemetry.multiproc import use_metrics_dir
 from .tomlschema import ConfigError
+from .violations.store import DNS_STATES, Filters, open_violations, parse_since
 
 DEFAULT_CONFIG = Path("/etc/icpgate/config.toml")
 MAX_PRINTED_WARNINGS = 20
@@ -82,6 +83,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve on")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.set_defaults(handler=_cmd_feed_serve)
+
+    violations = commands.add_parser("violations", parents=[common], help="the violation log, confirmed first")
+    violations.add_argument("--confirmed", action="store_true", help="only DNS-confirmed violations")
+    violations.add_argument("--since", metavar="T", help="last seen since: ISO 8601 time, or 90s, 15m, 24h, 7d")
+    violations.add_argument("--domain", help="registrable domain or host")
+    violations.add_argument("--ip", help="destination IP")
+    violations.add_argument("--reason", help="reason code (unfiled, pending, ...)")
+    violations.add_argument("--dns", choices=DNS_STATES, help="DNS state")
+    violations.add_argument("--limit", type=int, default=100, help="records at most; 0 for all (default %(default)s)")
+    output = violations.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print JSON")
+    output.add_argument("--csv", action="store_true", help="print CSV")
+    output.add_argument("--isms", action="store_true", help="print the ISMS unfiled-site report (CSV)")
+    violations.set_defaults(handler=_cmd_violations)
 
     config = commands.add_parser("config", help="config commands")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -178,6 +193,36 @@ def _create_registry(config: Config) -> None:
                 pass
 
         asyncio.run(create())
+
+
+def _cmd_violations(args: argparse.Namespace) -> Exit:
+    from .violations import export
+
+    config = load_config(args.config, args.overrides)
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as error:
+        print("violations: --since: %s" % error, file=sys.stderr)
+        return Exit.USAGE
+    filters = Filters(args.confirmed, since, args.domain, args.ip, args.reason, args.dns)
+    total, records = asyncio.run(_violations(config, filters, args.limit or 2**62))
+    if args.json:
+        print(export.as_json(records, total))
+    elif args.csv:
+        sys.stdout.write(export.as_csv(records))
+    elif args.isms:
+        require_registry(config.registry_path)
+        sys.stdout.write(asyncio.run(export.as_isms(config, records)))
+    else:
+        sys.stdout.write(export.as_table(records, total))
+    return Exit.OK
+
+
+async def _violations(config: Config, filters: Filters, limit: int) -> tuple[int, list[dict]]:
+    if not config.violations.path.is_file():  # nothing blocked yet; do not create files as this user
+        return 0, []
+    async with open_violations(config.violations.path) as store:
+        return await store.query(filters, limit)
 
 
 def _cmd_config_check(args: argparse.Namespace) -> Exit:

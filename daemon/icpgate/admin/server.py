@@ -27,7 +27,7 @@ from ..policy_pack import load_pack
 from ..registry import Registry, open_registry
 from ..staleness import freshness
 from ..tomlschema import ConfigError
-from ..violations.store import DNS_STATES, Filters, ViolationStore, open_violations
+from ..violations.store import DNS_STATES, Filters, ViolationStore, open_violations, parse_since
 from .openapi import openapi_document
 from .state_metrics import BlockRate, exposition, sample_values, state_families, worker_families
 from .status_page import render_status_page
@@ -235,21 +235,9 @@ def _time_param(query, name: str) -> float | None:
     if not text:
         return None
     try:
-        return parse_time(text)
+        return parse_since(text)
     except ValueError as error:
         raise BadRequest("%s: %s" % (name, error)) from None
-
-
-def parse_time(text: str) -> float:
-    """An ISO 8601 time (UTC when it has no zone) or a duration back from now: 90s, 15m, 24h, 7d."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text[-1:] in units and text[:-1].isdigit():
-        return datetime.now(UTC).timestamp() - int(text[:-1]) * units[text[-1]]
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError("%r is neither an ISO 8601 time nor a duration like 24h" % text) from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 async def run_admin(config: Config, sock: socket.socket) -> None:

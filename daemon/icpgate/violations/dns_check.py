@@ -5,7 +5,7 @@ Each new violating host is resolved once for A and AAAA (CNAME chains followed) 
 configured resolvers, at most `dns.rate` queries a second, and the answer cached for its TTL
 within [min_ttl, max_ttl]. Every record of the host is then marked `confirmed` (an address is in
 our hosted ranges, or is the address the host was seen on), `not_hosted`, or `error` (NXDOMAIN,
-SERVFAIL, timeout), with the addresses and the time of the check.
+SERVFAIL, REFUSED, timeout), with the addresses and the time of the check.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class Confirmer:
             chain = _chain(error.response(), host) if error.kwargs.get("response") else ()
             return [], "", chain, None
         except dns.resolver.NoNameservers:
-            return [], "SERVFAIL", (), None
+            return [], "SERVFAIL or REFUSED from every resolver", (), None
         except dns.exception.Timeout:
             return [], "timeout after %gs" % self.config.timeout, (), None
         except dns.exception.DNSException as error:

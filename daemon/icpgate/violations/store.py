@@ -201,3 +201,15 @@ async def open_violations(path: Path) -> AsyncIterator[ViolationStore]:
         yield ViolationStore(db, path)
     finally:
         await db.close()
+
+
+def parse_since(text: str) -> float:
+    """An ISO 8601 time (UTC when it has no zone) or a duration back from now: 90s, 15m, 24h, 7d."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return datetime.now(UTC).timestamp() - int(text[:-1]) * units[text[-1]]
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError("%r is neither an ISO 8601 time nor a duration like 24h" % text) from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
