@@ -7,8 +7,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -181,5 +183,68 @@ def test_admin_answers_decisions_filings_feed_and_guards_sync(tmp_path: Path, or
         right = observed.get("/api/v1/feed/sync", {"Authorization": "Bearer " + TOKEN}, "POST")
         assert right[0] == 409 and b"no feed" in right[2]
         assert observed.get("/api/v1/feed/sync")[0] == 405  # state changes are POST only
+    finally:
+        assert observed.gate.stop() == 0
+
+
+def test_several_workers_add_up_in_one_metrics_view(tmp_path: Path, origin) -> None:
+    observed = start_observed_gate(tmp_path, origin.http, origin.tls, workers=2)
+    try:
+        for number in range(40):
+            assert status_of(http_get(observed.http, "n%d.example-unfiled-many.cn" % number)) == 403
+        for _ in range(10):
+            assert status_of(http_get(observed.http, "example-filed.cn")) == 200
+
+        def counted() -> dict:
+            metrics = observed.metrics()
+            return metrics if metric(metrics, "icpgate_decisions_total", kind="http") == 50 else None
+
+        wait_until(lambda: counted() is not None, timeout=10, step=0.2)
+        metrics = counted()
+        assert metric(metrics, "icpgate_decisions_total", action="block", reason="unfiled") == 40
+        assert metric(metrics, "icpgate_connections_total", kind="http") == 50 + 1  # and start_gate's port probe
+        assert metric(metrics, "icpgate_listeners_bound") == 4  # 2 workers x 2 listeners
+        assert metric(metrics, "icpgate_registry_filings") > 40
+        ready = observed.json("/readyz")
+        assert ready["checks"]["listeners"] == {"ok": True, "bound": 4, "expected": 4}
+        wait_until(lambda: observed.json("/api/v1/violations?domain=example-unfiled-many.cn")["total"] == 40)
+    finally:
+        assert observed.gate.stop() == 0
+
+
+def test_records_expire_after_the_retention_and_take_the_client_with_them(tmp_path: Path, origin) -> None:
+    observed = start_observed_gate(tmp_path, origin.http, origin.tls, tables={"violations": {"retention": 2}})
+    try:
+        http_get(observed.http, "brief.example-unfiled.cn")
+        wait_until(lambda: observed.json("/api/v1/violations")["total"] == 1)
+        assert observed.json("/api/v1/violations")["items"][0]["client"] == "127.0.0.1"
+        wait_until(lambda: observed.json("/api/v1/violations")["total"] == 0, timeout=10)
+        with sqlite3.connect(tmp_path / "registry.violations.db") as db:
+            assert db.execute("SELECT count(*) FROM violations WHERE client IS NOT NULL").fetchone() == (0,)
+    finally:
+        assert observed.gate.stop() == 0
+
+
+def test_a_locked_log_drops_counted_records_and_the_gate_does_not_wait(tmp_path: Path, origin) -> None:
+    observed = start_observed_gate(tmp_path, origin.http, origin.tls)
+    try:
+        http_get(observed.http, "first.example-unfiled.cn")
+        wait_until(lambda: observed.json("/api/v1/violations")["total"] == 1)
+        locker = sqlite3.connect(tmp_path / "registry.violations.db", isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")  # another writer holds the log longer than the busy timeout
+        try:
+            started = time.monotonic()
+            for number in range(20):
+                assert status_of(http_get(observed.http, "locked%d.example-unfiled.cn" % number)) == 403
+                assert status_of(http_get(observed.http, "example-filed.cn")) == 200
+            assert time.monotonic() - started < 5  # served while the writer waits on the lock
+            wait_until(lambda: metric(observed.metrics(), "icpgate_violation_blocks_dropped_total",
+                                      why="write_failed") == 20, timeout=20, step=0.5)  # fmt: skip
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        http_get(observed.http, "after.example-unfiled.cn")
+        wait_until(lambda: observed.json("/api/v1/violations?domain=example-unfiled.cn")["total"] == 2)
+        assert "cannot write 20 records" in observed.gate.log()
     finally:
         assert observed.gate.stop() == 0

@@ -24,6 +24,13 @@ def _query(name: str, schema: dict[str, Any], description: str, required: bool =
 
 
 _NULLABLE_STRING = {"type": "string", "nullable": True}
+_IP = {"type": "string", "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]}
+_SINCE = {  # a duration back from now, or an ISO 8601 date or time (UTC unless it says otherwise)
+    "type": "string",
+    "pattern": "^([0-9]{1,9}[smhd]|[1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"
+    "(T([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?(Z|[+-](0[0-9]|1[0-3]):[0-5][0-9])?)?)$",
+}
+_DOMAIN = {"type": "string", "maxLength": 253, "pattern": "^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?[.])+[a-z]{2,63}$"}
 _VIOLATION = {
     "type": "object",
     "required": ["id", "host", "ip", "port", "proto", "reason", "first_seen", "last_seen", "count", "blocked", "dns"],
@@ -122,7 +129,7 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "The decision for a host on a destination, explained (as `icpgate check --json`).",
                     "parameters": [
                         _query("host", {"type": "string"}, "Host header or SNI, as a client would send it", True),
-                        _query("ip", {"type": "string"}, "destination IP address"),
+                        _query("ip", _IP, "destination IP address"),
                         _query("port", {"type": "integer", "minimum": 1, "maximum": 65535}, "destination port"),
                         _query(
                             "proto", {"type": "string", "enum": ["http", "tls"], "default": "http"}, "listener kind"
@@ -141,17 +148,19 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Violation records, confirmed first, then by count.",
                     "parameters": [
                         _query("confirmed", {"type": "boolean"}, "only DNS-confirmed records"),
-                        _query(
-                            "since", {"type": "string"}, "last seen at or after: ISO 8601 time or 90s, 15m, 24h, 7d"
-                        ),
-                        _query("domain", {"type": "string"}, "registrable domain or host"),
-                        _query("ip", {"type": "string"}, "destination IP"),
+                        _query("since", _SINCE, "last seen at or after: ISO 8601 time or 90s, 15m, 24h, 7d"),
+                        _query("domain", {"type": "string", "minLength": 1}, "registrable domain or host"),
+                        _query("ip", _IP, "destination IP"),
                         _query("reason", {"type": "string", "enum": [reason.value for reason in Reason]}, "reason"),
                         _query("dns", {"type": "string", "enum": list(DNS_STATES)}, "DNS state"),
                         _query(
                             "limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "page size"
                         ),
-                        _query("offset", {"type": "integer", "minimum": 0, "default": 0}, "records to skip"),
+                        _query(
+                            "offset",
+                            {"type": "integer", "minimum": 0, "maximum": 2**62, "default": 0},
+                            "records to skip",
+                        ),
                     ],
                     "responses": {
                         "200": _json(
@@ -175,7 +184,7 @@ def openapi_document() -> dict[str, Any]:
             "/api/v1/filings/{domain}": {
                 "get": {
                     "summary": "The filing that covers a domain (the name or a parent).",
-                    "parameters": [{"name": "domain", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "parameters": [{"name": "domain", "in": "path", "required": True, "schema": _DOMAIN}],
                     "responses": {
                         "200": _json(
                             {

@@ -16,6 +16,7 @@ import socket
 from datetime import UTC, datetime
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..config import Config
 from ..explain import explain_with
@@ -34,6 +35,7 @@ from .status_page import render_status_page
 
 log = logging.getLogger("icpgate.admin")
 MAX_PAGE = 1000
+MAX_OFFSET = 2**62  # SQLite's OFFSET is a signed 64-bit integer
 JSON = "application/json"
 RATE_SAMPLE_INTERVAL = 10.0
 
@@ -115,24 +117,20 @@ class AdminApi:
     # --- decisions, filings, violations -------------------------------------------------------
     async def decision(self, request: web.Request) -> web.Response:
         query = request.query
-        host = query.get("host")
+        host = _single(query, "host")
         if host is None:
             raise BadRequest("host is required")
-        ip = query.get("ip") or None
-        if ip is not None:
-            try:
-                ip = str(ipaddress.ip_address(ip))
-            except ValueError:
-                raise BadRequest("ip: %r is not an IP address" % ip) from None
+        ip = _ip_param(query)
         port = _int_param(query, "port", None, 1, 65535)
-        proto = query.get("proto", "http")
+        proto = _single(query, "proto")
+        proto = "http" if proto is None else proto
         if proto not in ("http", "tls"):
             raise BadRequest("proto must be http or tls")
         try:
             pack = load_pack(self.config.policy_pack)
         except ConfigError as error:
             raise web.HTTPServiceUnavailable(text=str(error)) from None
-        facts = await explain_with(self.registry, self.config, pack, host, ip, port, proto, query.get("path"))
+        facts = await explain_with(self.registry, self.config, pack, host, ip, port, proto, _single(query, "path"))
         return web.json_response(facts)
 
     async def filing(self, request: web.Request) -> web.Response:
@@ -150,18 +148,23 @@ class AdminApi:
     async def violations(self, request: web.Request) -> web.Response:
         query = request.query
         limit = _int_param(query, "limit", 100, 1, MAX_PAGE)
-        offset = _int_param(query, "offset", 0, 0, 2**62)
-        reason = query.get("reason") or None
+        offset = _int_param(query, "offset", 0, 0, MAX_OFFSET)
+        reason = _text_param(query, "reason")
         if reason is not None and reason not in Reason.__members__.values():
             raise BadRequest("reason: unknown reason %r" % reason)
-        dns = query.get("dns") or None
+        dns = _text_param(query, "dns")
         if dns is not None and dns not in DNS_STATES:
             raise BadRequest("dns must be one of %s" % ", ".join(DNS_STATES))
+        since = _text_param(query, "since")
+        try:
+            since = parse_since(since) if since is not None else None
+        except ValueError as error:
+            raise BadRequest("since: %s" % error) from None
         filters = Filters(
             confirmed=_bool_param(query, "confirmed"),
-            since=_time_param(query, "since"),
-            domain=query.get("domain") or None,
-            ip=query.get("ip") or None,
+            since=since,
+            domain=_text_param(query, "domain"),
+            ip=_ip_param(query),
             reason=reason,
             dns=dns,
         )
@@ -211,8 +214,8 @@ def _read_token(config: Config) -> str | None:
 
 
 def _int_param(query, name: str, default: int | None, low: int, high: int) -> int | None:
-    text = query.get(name)
-    if text is None or text == "":
+    text = _single(query, name)
+    if text is None:
         return default
     try:
         value = int(text)
@@ -223,21 +226,51 @@ def _int_param(query, name: str, default: int | None, low: int, high: int) -> in
     return value
 
 
+def _ip_param(query) -> str | None:
+    text = _text_param(query, "ip")
+    if text is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise BadRequest("ip: %r is not an IP address" % text) from None
+
+
 def _bool_param(query, name: str) -> bool:
-    text = query.get(name, "false").lower()
-    if text not in ("true", "false", "1", "0", ""):
+    text = _single(query, name)
+    text = "false" if text is None else text.lower()
+    if text not in ("true", "false", "1", "0"):
         raise BadRequest("%s must be true or false" % name)
     return text in ("true", "1")
 
 
-def _time_param(query, name: str) -> float | None:
-    text = query.get(name)
-    if not text:
-        return None
-    try:
-        return parse_since(text)
-    except ValueError as error:
-        raise BadRequest("%s: %s" % (name, error)) from None
+def _single(query, name: str) -> str | None:
+    """The parameter's one value, None when absent; given twice is a mistake."""
+    values = query.getall(name, [])
+    if len(values) > 1:
+        raise BadRequest("%s is given %d times" % (name, len(values)))
+    return values[0] if values else None
+
+
+def _text_param(query, name: str) -> str | None:
+    """None when absent; a parameter given empty is a mistake, not a wildcard."""
+    text = _single(query, name)
+    if text == "":
+        raise BadRequest("%s must not be empty" % name)
+    return text
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a malformed request with a traceback; for a client's junk one line will do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+            record.msg, record.args, record.exc_info = "admin API: malformed request refused: %s", (
+                str(record.exc_info[1]).splitlines()[0],), None  # fmt: skip
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
 
 
 async def run_admin(config: Config, sock: socket.socket) -> None:
