@@ -30,7 +30,8 @@ def write_config(folder: Path, body: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     path.write_text('[provider]\nid = "IDC-EXAMPLE"\n[registry]\npath = "%s"\nreload_interval = 0.5\n[policy]\n'
-                    'pack = "%s"\n%s' % (folder / "registry.db", REPO / "policies" / "default.toml", body))  # fmt: skip
+                    'pack = "%s"\n[admin]\nenabled = false\n[dns]\nenabled = false\n%s'
+                    % (folder / "registry.db", REPO / "policies" / "default.toml", body))  # fmt: skip
     return path
 
 

@@ -29,6 +29,7 @@ REPO = HERE.parent
 OUT = HERE / "out"
 sys.path.insert(0, str(HERE))
 
+from benchkit import free_port  # noqa: E402
 from gen_filings import domain, record  # noqa: E402
 
 GATE_CPU, LOAD_CPU = "0", "1"
@@ -107,11 +108,13 @@ def prepare(filings: int, work: Path) -> dict[str, Path]:
     config.write_text(
         '[provider]\nid = "IDC-EXAMPLE"\n[registry]\npath = "%s"\nreload_interval = 0\n[policy]\npack = "%s"\n'
         "[gate]\nworkers = 1\nmax_connections = 20000\n"
+        "[admin]\nport = %d\n[dns]\nenabled = false\n"  # the admin API as in production; no DNS off this machine
         '[[listeners]]\naddress = "127.0.0.1"\nport = %d\nkind = "http"\nbackend = "127.0.0.1:%d"\n'
         '[[listeners]]\naddress = "127.0.0.1"\nport = %d\nkind = "tls"\nbackend = "127.0.0.1:%d"\n'
         % (
             registry,
             REPO / "policies" / "default.toml",
+            free_port(),
             PORTS["icpgate_http"],
             PORTS["origin_http"],
             PORTS["icpgate_tls"],
