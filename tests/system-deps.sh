@@ -13,6 +13,8 @@ checks=(
   "command -v systemd-analyze|systemd"
   "command -v ip|iproute2"
   "command -v iptables && command -v ip6tables|iptables"
+  "test -x /usr/sbin/dnsmasq|dnsmasq-base"
+  "command -v promtool|prometheus"
 )
 missing=()
 for entry in "${checks[@]}"; do

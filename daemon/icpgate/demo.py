@@ -3,6 +3,10 @@
 The origin answers every request with the host it was asked for, over HTTP on 127.0.0.1:9080
 and over TLS on 127.0.0.1:9443 with certificates issued per SNI from a demo CA (mitmproxy's
 certificate store, in var/demo/). The gate decides what reaches it.
+
+A demo DNS server on 127.0.0.1:9053 answers the gate's DNS confirmation, so the demo asks nothing
+of the outside world: every name resolves to 127.0.0.1 (hosted here: confirmed), except `scan.*`
+(198.51.100.7: not hosted) and `nx.*` (NXDOMAIN).
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import dns.exception
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -25,6 +34,7 @@ from .config import load_config
 
 ORIGIN_HTTP = ("127.0.0.1", 9080)
 ORIGIN_TLS = ("127.0.0.1", 9443)
+DEMO_DNS = ("127.0.0.1", 9053)
 
 
 def demo_ca(directory: Path) -> CertStore:
@@ -64,6 +74,26 @@ async def _hello(request: web.Request) -> web.Response:
     return web.Response(text="hello from %s: served by the demo origin behind icpgate\n" % request.host)
 
 
+class _DemoResolver(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, address: tuple[str, int]) -> None:
+        try:
+            query = dns.message.from_wire(data)
+        except dns.exception.DNSException:
+            return
+        answer = dns.message.make_response(query)
+        question = query.question[0]
+        name = question.name.to_text(omit_final_dot=True)
+        if name.startswith("nx."):
+            answer.set_rcode(dns.rcode.NXDOMAIN)
+        elif question.rdtype == dns.rdatatype.A:
+            address_text = "198.51.100.7" if name.startswith("scan.") else "127.0.0.1"
+            answer.answer.append(dns.rrset.from_text(question.name, 300, "IN", "A", address_text))
+        self.transport.sendto(answer.to_wire(), address)
+
+
 async def _serve_origin(ca_dir: Path) -> None:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", _hello)
@@ -73,6 +103,7 @@ async def _serve_origin(ca_dir: Path) -> None:
         context = _origin_tls_context(demo_ca(ca_dir), Path(scratch))
         await web.TCPSite(runner, *ORIGIN_HTTP).start()
         await web.TCPSite(runner, *ORIGIN_TLS, ssl_context=context).start()
+        await asyncio.get_running_loop().create_datagram_endpoint(_DemoResolver, local_addr=DEMO_DNS)
         print("demo origin on http://%s:%d and https://%s:%d" % (*ORIGIN_HTTP, *ORIGIN_TLS), file=sys.stderr)
         await asyncio.Event().wait()
 
@@ -94,7 +125,7 @@ def main() -> int:
     from .cli import main as icpgate
 
     try:
-        return icpgate(["run", "-c", str(args.config)])
+        return icpgate(["run", "-c", str(args.config), "--set", 'dns.resolvers = ["%s:%d"]' % DEMO_DNS])
     finally:
         origin.terminate()
         origin.join(5)
