@@ -49,8 +49,15 @@ async def upkeep_violations(config: Config) -> None:
 
 
 async def _prune(config: Config, store: ViolationStore) -> None:
+    """A failed pass (the log locked past its busy timeout) is logged and tried again; it must not
+    take the feed client and the admin API down with it."""
     while True:
-        removed = await store.prune(time.time() - config.violations.retention)
-        if removed:
-            log.info("violation log: %d records past the %gs retention removed", removed, config.violations.retention)
+        try:
+            removed = await store.prune(time.time() - config.violations.retention)
+        except Exception as error:
+            log.error("violation log %s: cannot remove expired records: %s", store.path, error)
+        else:
+            if removed:
+                log.info("violation log: %d records past the %gs retention removed", removed,
+                         config.violations.retention)  # fmt: skip
         await asyncio.sleep(min(PRUNE_INTERVAL, config.violations.retention / 10))

@@ -42,8 +42,10 @@ def render_status_page(config: Config, feed: dict[str, Any], rates: dict[str, fl
         ("Enforcement 执行模式", '<span class="mode %s">%s</span>' % (escape(mode), escape(mode))),
         ("Feed 备案数据源", escape(", ".join(config.feed.urls)) or "none (local imports only)"),
         ("Freshness", '<span class="%s">%s</span>' % (escape(fresh["state"]), escape(fresh["state"]))),
-        ("Last successful sync", "%s (%s)" % (escape(sync["last_success"]), escape(age)) if sync.get("last_success")
-         else "never"),
+        (
+            "Last successful sync",
+            "%s (%s)" % (escape(sync["last_success"]), escape(age)) if sync.get("last_success") else "never",
+        ),
         ("Last result", escape("%s %s" % (sync.get("last_result", "-"), sync.get("last_message", "")))),
         ("Registry serial", "%d (%d filings)" % (feed["serial"], feed["filings"])),
     ]

@@ -19,11 +19,14 @@ class BlockLog:
     __slots__ = ("_allowance", "_checked", "rate", "sample_rate", "suppressed")
 
     def __init__(self, sample_rate: float, lines_per_second: float) -> None:
-        self.sample_rate = sample_rate
-        self.rate = lines_per_second
+        self.configure(sample_rate, lines_per_second)
         self._allowance = lines_per_second
         self._checked = time.monotonic()
         self.suppressed = 0  # sampled lines not written because of the rate limit
+
+    def configure(self, sample_rate: float, lines_per_second: float) -> None:
+        self.sample_rate = sample_rate
+        self.rate = lines_per_second
 
     def blocked(self, verdict: Verdict, request_id: str, kind: str, client: tuple[str, int],
                 destination: tuple[str, int], passed: bool = False) -> None:  # fmt: skip

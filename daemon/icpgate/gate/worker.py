@@ -35,7 +35,6 @@ from ..staleness import freshness
 from ..telemetry.metrics import VIOLATIONS_DROPPED, VIOLATIONS_FLUSHED, WorkerMetrics
 from ..tomlschema import ConfigError
 from ..violations.store import ViolationStore, open_violations
-from .block_log import BlockLog
 from .blockpage import BlockPages, Operator
 from .connection import Listener, Runtime
 from .http_gate import HttpConnection
@@ -178,11 +177,12 @@ class Worker:
         return True
 
     def _apply_reporting(self, config: Config) -> None:
-        """Violation table and block log settings; the records held so far stay."""
+        """Violation table and block log settings, changed in place: the records held so far and
+        the counts the metrics copy from stay."""
         table = self.runtime.violations
         table.max_keys = config.violations.max_keys
         table.sample_client = config.violations.sample_client
-        self.runtime.block_log = BlockLog(config.log.block_sample_rate, config.log.block_lines_per_second)
+        self.runtime.block_log.configure(config.log.block_sample_rate, config.log.block_lines_per_second)
 
     async def _flush_violations(self, violations: ViolationStore) -> None:
         while True:
