@@ -7,6 +7,7 @@ checks=(
   "command -v openssl|openssl"
   "test -x /usr/sbin/nginx|nginx"
   "test -e /usr/lib/nginx/modules/ngx_stream_module.so|libnginx-mod-stream"
+  "test -x /usr/sbin/apache2 && test -e /usr/lib/apache2/modules/mod_http2.so|apache2"
   "command -v h2load|nghttp2-client"
   "command -v chromium|chromium"
   "fc-list :lang=zh 2>/dev/null | grep -q .|fonts-wqy-microhei"
