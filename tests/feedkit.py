@@ -66,19 +66,44 @@ def config_text(tmp: Path, *, registry: Path, feed: dict | None = None, publish:
     return path
 
 
+def write_tokens(folder: Path, *names: str) -> dict[str, Path]:
+    """A publisher's tokens file (`name token` lines, tokens from openssl) and one token file per
+    edge, as an operator would hand them out: {"tokens": the publisher's file, name: the edge's file}."""
+    files, lines = {}, ["# the edges allowed to follow this publisher"]
+    for name in names:
+        token = subprocess.run(["openssl", "rand", "-hex", "32"], check=True, capture_output=True, text=True).stdout
+        files[name] = folder / ("%s.token" % name)
+        files[name].write_text(token)
+        lines.append("%s %s" % (name, token.strip()))
+    files["tokens"] = folder / "tokens"
+    files["tokens"].write_text("\n".join(lines) + "\n")
+    return files
+
+
 @dataclass
 class Publisher:
     config: Path
     port: int
     process: subprocess.Popen
     log: Path
+    edge_token: Path  # the token file an edge of this publisher uses (feed.token_file)
 
     @property
     def url(self) -> str:
         return "http://127.0.0.1:%d/feed/v1" % self.port
 
+    @property
+    def token(self) -> str:
+        return self.edge_token.read_text().strip()
+
+    def get(self, path: str, headers: dict | None = None, token: str | None = None):
+        """urlopen on the publisher with the edge's token (or `token`); HTTPError for 4xx/5xx."""
+        auth = {"Authorization": "Bearer " + (self.token if token is None else token)} if token != "" else {}
+        request = urllib.request.Request(self.url + path, headers=auth | (headers or {}))
+        return urllib.request.urlopen(request, timeout=30)
+
     def status(self) -> dict:
-        with urllib.request.urlopen(self.url + "/", timeout=10) as response:
+        with self.get("/") as response:
             return json.loads(response.read())
 
     def wait_for_snapshot(self, serial: int | None = None, timeout: float = 60.0) -> None:
@@ -104,8 +129,12 @@ class Publisher:
 def start_publisher(tmp: Path, signing_key: Path | None, records: list[dict] | None = None, port: int | None = None,
                     **publish: object) -> Publisher:  # fmt: skip
     """A publisher on loopback over its own registry, holding the samples (or `records`)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    if not (tmp / "tokens").exists():
+        write_tokens(tmp, "edge", "other-edge")
     options = {"signing_key": str(signing_key)} if signing_key else {}
-    config = config_text(tmp, registry=tmp / "registry.db", publish=options | publish or None)
+    options["tokens_file"] = str(tmp / "tokens")
+    config = config_text(tmp, registry=tmp / "registry.db", publish=options | publish)
     if not (tmp / "registry.db").exists():
         source = write_ndjson(tmp / "initial.ndjson", records) if records is not None else SAMPLES
         assert run_icpgate("import", str(source), "-c", str(config)).returncode == 0
@@ -114,14 +143,18 @@ def start_publisher(tmp: Path, signing_key: Path | None, records: list[dict] | N
     process = subprocess.Popen([sys.executable, "-m", "icpgate", "feed", "serve", "--listen", "127.0.0.1:%d" % port,
                                 "-c", str(config)], stdout=log.open("w"), stderr=subprocess.STDOUT)  # fmt: skip
     wait_for_port(port, process=process)
-    publisher = Publisher(config, port, process, log)
+    publisher = Publisher(config, port, process, log, tmp / "edge.token")
     publisher.wait_for_snapshot()
     return publisher
 
 
-def edge_config(tmp: Path, urls: list[str], public_keys: list[Path] = (), **feed: object) -> Path:
+def edge_config(tmp: Path, urls: list[str], public_keys: list[Path] = (), token: Path | None = None,
+                **feed: object) -> Path:  # fmt: skip
+    """An edge's config: its feed sources, the publisher's public keys and its token file."""
     options = {"urls": urls, "public_keys": [str(key) for key in public_keys], "start_delay": 0,
                "connect_timeout": 2, "read_timeout": 2, "wait": 0} | feed  # fmt: skip
+    if token:
+        options["token_file"] = str(token)
     return config_text(tmp, registry=tmp / "registry.db", feed=options)
 
 
@@ -188,8 +221,8 @@ class FaultProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         url = self.upstream + request.path.removeprefix("/feed/v1") + ("?" + request.query_string
                                                                        if request.query_string else "")  # fmt: skip
-        async with ClientSession(auto_decompress=False) as session, session.get(url, headers={
-                k: v for k, v in request.headers.items() if k.lower() in ("if-none-match",)}) as upstream:  # fmt: skip
+        forwarded = {k: v for k, v in request.headers.items() if k.lower() in ("if-none-match", "authorization")}
+        async with ClientSession(auto_decompress=False) as session, session.get(url, headers=forwarded) as upstream:
             status, body = upstream.status, await upstream.read()
             headers = {k: v for k, v in upstream.headers.items()
                        if k.lower() not in ("content-length", "transfer-encoding", "date", "server")}  # fmt: skip

@@ -9,7 +9,6 @@ import json
 import shutil
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -58,9 +57,9 @@ def proxy(publisher) -> FaultProxy:
 
 
 @pytest.fixture
-def edge(tmp_path: Path, proxy: FaultProxy, keys: dict[str, Path]) -> Path:
+def edge(tmp_path: Path, publisher, proxy: FaultProxy, keys: dict[str, Path]) -> Path:
     """An edge synced through the proxy (no fault yet) to the publisher's first serial."""
-    config = edge_config(tmp_path / "edge", [proxy.url], [keys["public"]], read_timeout=1)
+    config = edge_config(tmp_path / "edge", [proxy.url], [keys["public"]], publisher.edge_token, read_timeout=1)
     code, outcome = feed_sync(config)
     assert (code, outcome["result"]) == (0, "applied"), outcome
     return config
@@ -126,8 +125,7 @@ def test_long_poll_returns_when_an_import_lands(publisher) -> None:
     async def poll() -> tuple[int, float]:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        request = urllib.request.Request(publisher.url + "/changes?since=%d&wait=20" % serial)
-        answer = await asyncio.to_thread(urllib.request.urlopen, request, timeout=30)
+        answer = await asyncio.to_thread(publisher.get, "/changes?since=%d&wait=20" % serial)
         return answer.status, loop.time() - started
 
     async def main() -> tuple[int, float]:
@@ -146,24 +144,24 @@ def test_publisher_answers_ahead_gone_etag_and_bad_requests(publisher) -> None:
     for query, expected in (("since=%d" % (status["serial"] + 5), 409), ("since=x", 400), ("", 400),
                             ("since=%d" % status["serial"], 204)):  # fmt: skip
         try:
-            with urllib.request.urlopen(publisher.url + "/changes?" + query, timeout=10) as answer:
+            with publisher.get("/changes?" + query) as answer:
                 assert answer.status == expected
         except urllib.error.HTTPError as error:
             assert error.code == expected, query
-    with urllib.request.urlopen(publisher.url + "/snapshot", timeout=10) as answer:
+    with publisher.get("/snapshot") as answer:
         etag = answer.headers["ETag"]
         assert answer.headers["Icpgate-Signature"].startswith("ed25519 ")
-        assert "public" in answer.headers["Cache-Control"]
-    request = urllib.request.Request(publisher.url + "/snapshot", headers={"If-None-Match": etag})
+        # Behind tokens, a shared cache must not keep a snapshot and hand it to others.
+        assert answer.headers["Cache-Control"].startswith("private") and answer.headers["Vary"] == "Authorization"
     with pytest.raises(urllib.error.HTTPError) as error:
-        urllib.request.urlopen(request, timeout=10)
-    assert error.value.code == 304
+        publisher.get("/snapshot", {"If-None-Match": etag})
+    assert error.value.code == 304  # HTTP caching still works for an authorised edge
 
 
 def test_pruned_history_sends_the_client_to_a_snapshot(tmp_path: Path, keys: dict[str, Path]) -> None:
     folder = tmp_path / "publisher"
     publisher = start_publisher(folder, keys["private"], history=0.5)
-    edge = edge_config(tmp_path / "edge", [publisher.url], [keys["public"]])
+    edge = edge_config(tmp_path / "edge", [publisher.url], [keys["public"]], publisher.edge_token)
     assert feed_sync(edge)[1]["result"] == "applied"
     publisher.import_records(sample_records()[:-1], "--replace")  # a removal: a tombstone
     publisher.stop()
@@ -295,7 +293,7 @@ def test_unknown_fields_are_kept_not_refused(publisher, edge: Path) -> None:
 def test_a_restored_publisher_behind_the_edge_is_a_refused_rollback(tmp_path: Path, keys: dict[str, Path]) -> None:
     folder = tmp_path / "publisher"
     publisher = start_publisher(folder, keys["private"])
-    edge = edge_config(tmp_path / "edge", [publisher.url], [keys["public"]])
+    edge = edge_config(tmp_path / "edge", [publisher.url], [keys["public"]], publisher.edge_token)
     assert feed_sync(edge)[1]["result"] == "applied"
     publisher.stop()
     shutil.copy(folder / "registry.db", tmp_path / "backup.db")  # the publisher's backup at serial 1
@@ -318,7 +316,7 @@ def test_a_restored_publisher_behind_the_edge_is_a_refused_rollback(tmp_path: Pa
 
 def test_a_second_source_is_used_when_the_first_fails(publisher, tmp_path: Path, keys: dict[str, Path]) -> None:
     dead = "http://127.0.0.1:9/feed/v1"  # discard port: nothing listens
-    edge = edge_config(tmp_path / "edge", [dead, publisher.url], [keys["public"]])
+    edge = edge_config(tmp_path / "edge", [dead, publisher.url], [keys["public"]], publisher.edge_token)
     code, outcome = feed_sync(edge)
     assert (code, outcome["result"], outcome["source"]) == (0, "applied", publisher.url)
     assert outcome["failures"] and outcome["failures"][0].startswith(dead)
@@ -337,14 +335,14 @@ def big_publisher(tmp_path: Path, keys: dict[str, Path]):
 @pytest.mark.parametrize("change", ["mass removal", "mass addition"])
 def test_guards_refuse_mass_changes_until_forced(change: str, big_publisher, tmp_path: Path,
                                                  keys: dict[str, Path]) -> None:  # fmt: skip
-    edge = edge_config(tmp_path / "edge", [big_publisher.url], [keys["public"]])
+    edge = edge_config(tmp_path / "edge", [big_publisher.url], [keys["public"]], big_publisher.edge_token)
     assert feed_sync(edge)[1]["result"] == "applied"  # a first snapshot is not guarded: nothing to lose
     before = registry_state(edge)
     if change == "mass removal":
-        big_publisher.import_records(bulk_records(0, 100), "--replace")  # 50 of 150 go: 33%
+        big_publisher.import_records(bulk_records(0, 100), "--replace", "--force")  # 50 of 150 go: 33%
         counts = {"added": 0, "changed": 0, "removed": 50}
     else:
-        big_publisher.import_records(bulk_records(150, 60))  # 60 more: 40%
+        big_publisher.import_records(bulk_records(150, 60), "--force")  # 60 more: 40%
         counts = {"added": 60, "changed": 0, "removed": 0}
     code, outcome = feed_sync(edge)
     assert (code, outcome["result"]) == (4, "refused_guard"), outcome
@@ -362,7 +360,7 @@ def test_guards_refuse_mass_changes_until_forced(change: str, big_publisher, tmp
 
 
 def test_small_changes_pass_the_guard(big_publisher, tmp_path: Path, keys: dict[str, Path]) -> None:
-    edge = edge_config(tmp_path / "edge", [big_publisher.url], [keys["public"]])
+    edge = edge_config(tmp_path / "edge", [big_publisher.url], [keys["public"]], big_publisher.edge_token)
     feed_sync(edge)
     big_publisher.import_records(bulk_records(150, 40))  # 27%
     assert feed_sync(edge)[1]["result"] == "applied"
@@ -377,7 +375,7 @@ def test_file_source_folder_of_snapshot_and_changes(publisher, tmp_path: Path, k
     drop.mkdir()
 
     def fetch(path: str, name: str) -> None:
-        with urllib.request.urlopen(publisher.url + path, timeout=10) as answer:
+        with publisher.get(path) as answer:
             (drop / name).write_bytes(answer.read())
             (drop / (name + ".sig")).write_text(answer.headers["Icpgate-Signature"])
 

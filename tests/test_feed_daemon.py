@@ -47,7 +47,8 @@ def test_an_edge_gate_follows_the_publisher(tmp_path: Path, origin, keys, worker
     publisher = start_publisher(tmp_path / "publisher", keys[0])
     port = free_port()
     config = edge_gate_config(tmp_path / "edge", port, origin.http, {
-        "urls": [publisher.url], "public_keys": [str(keys[1])], "start_delay": 0, "wait": 10,
+        "urls": [publisher.url], "public_keys": [str(keys[1])], "token_file": str(publisher.edge_token),
+        "start_delay": 0, "wait": 10,
     }, gate={"workers": workers})  # fmt: skip
     gate = start_gate(config, {"http": port})
     try:
@@ -69,7 +70,8 @@ def test_kill_9_during_an_apply_leaves_a_registry_that_matches_a_serial(tmp_path
     publisher = start_publisher(tmp_path / "publisher", keys[0], records=bulk_records(0, 150))
     port = free_port()
     config = edge_gate_config(tmp_path / "edge", port, origin.http, {
-        "urls": [publisher.url], "public_keys": [str(keys[1])], "start_delay": 0, "wait": 10,
+        "urls": [publisher.url], "public_keys": [str(keys[1])], "token_file": str(publisher.edge_token),
+        "start_delay": 0, "wait": 10,
         "guard_min_filings": 10**9,  # six thousand at a time onto 150: the guards would refuse
     })  # fmt: skip
     edge_db = tmp_path / "edge" / "registry.db"
@@ -79,7 +81,7 @@ def test_kill_9_during_an_apply_leaves_a_registry_that_matches_a_serial(tmp_path
         wait_until(lambda: status_of(http_get(port, "bulk-1.example-feed.cn")) == 200, timeout=15)
         start = 1000
         for delay in (0.0, 0.3, 0.6, 1.0):  # bounded: four kills landing at different points of an apply
-            publisher.import_records(bulk_records(start, 6000))
+            publisher.import_records(bulk_records(start, 6000), "--force")  # past the publisher's guard too
             start += 6000
             time.sleep(delay)
             os.kill(gate.process.pid, signal.SIGKILL)
@@ -115,8 +117,9 @@ def test_a_feed_past_max_staleness_follows_stale_mode(tmp_path: Path, origin, mo
     port = free_port()
     config = gate_config(tmp_path, {"http": listener(port, "http", origin.http)})
     with config.open("a", encoding="utf-8") as out:  # a feed that never answers: the registry only ages
-        out.write('[feed]\nurls = ["http://127.0.0.1:9/feed/v1"]\nstart_delay = 0\nconnect_timeout = 0.5\n'
-                  'stale_after = 0.5\nmax_staleness = 1\nstale_mode = "%s"\n' % mode)  # fmt: skip
+        out.write('[feed]\nurls = ["http://127.0.0.1:9/feed/v1"]\nallow_unsigned = true\nstart_delay = 0\n'
+                  'connect_timeout = 0.5\nstale_after = 0.5\nmax_staleness = 1\nstale_mode = "%s"\n'
+                  % mode)  # fmt: skip
     gate = start_gate(config, {"http": port})
     try:
         wait_until(lambda: status_of(http_get(port, "unfiled.example-nothing.cn")) == unfiled_status, timeout=10)
@@ -137,7 +140,8 @@ def test_the_index_swap_under_load_shows_old_or_new_never_a_mix(tmp_path: Path, 
     publisher = start_publisher(tmp_path / "publisher", keys[0], records=[*bulk_records(0, 200), *pair])
     port = free_port()
     config = edge_gate_config(tmp_path / "edge", port, origin.http, {
-        "urls": [publisher.url], "public_keys": [str(keys[1])], "start_delay": 0, "wait": 10,
+        "urls": [publisher.url], "public_keys": [str(keys[1])], "token_file": str(publisher.edge_token),
+        "start_delay": 0, "wait": 10,
     })  # fmt: skip
     assert run_icpgate("feed", "sync", "-c", str(config)).returncode == 0
 

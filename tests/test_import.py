@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 
 import pytest
+from feedkit import bulk_records
 
-from conftest import SAMPLE_CSV, SAMPLES, run_icpgate, sample_records, write_ndjson
+from conftest import REPO, SAMPLE_CSV, SAMPLES, run_icpgate, sample_records, write_ndjson
 from icpgate.registry import MIGRATIONS
 
 
@@ -198,3 +200,83 @@ def test_skip_invalid_drops_every_conflict_beyond_the_reported_ones(config_path:
     assert (report["records"], report["skipped"], report["error_count"]) == (1, 1200, 1200)
     assert len(report["errors"]) == 1000
     assert report["errors"][0]["message"] == "domain same.example.cn is also in the record at line 1"
+
+
+# --- the mass-change guard: a local import is held to what the feed is held to ---------------------
+
+
+@pytest.fixture(scope="module")
+def big_registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A registry of 3000 filings, made once; each test works on its own copy: (config, original db)."""
+    folder = tmp_path_factory.mktemp("big")
+    config = folder / "config.toml"
+    config.write_text('[provider]\nid = "IDC-EXAMPLE"\n[registry]\npath = "registry.db"\n[policy]\npack = "%s"\n'
+                      % (REPO / "policies" / "default.toml"), encoding="utf-8")  # fmt: skip
+    code, report = import_json(config, write_ndjson(folder / "big.ndjson", bulk_records(0, 3000)))
+    assert (code, report["inserted"]) == (0, 3000)
+    return config, folder / "registry.db"
+
+
+@pytest.fixture
+def big(big_registry: tuple[Path, Path], tmp_path: Path) -> Path:
+    config, original = big_registry
+    shutil.copy(config, tmp_path / "config.toml")
+    with sqlite3.connect(original) as source, sqlite3.connect(tmp_path / "registry.db") as copy:
+        source.backup(copy)
+    return tmp_path / "config.toml"
+
+
+def one_line_file(tmp_path: Path) -> Path:
+    return write_ndjson(tmp_path / "one.ndjson", bulk_records(0, 1))
+
+
+def serial_and_count(db: Path) -> tuple[int, int]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT serial FROM state").fetchone()[0], conn.execute("SELECT COUNT(*) FROM filings"
+                                                                                     ).fetchone()[0]  # fmt: skip
+
+
+def test_replace_with_a_one_line_file_is_refused_by_the_guard(big: Path, tmp_path: Path) -> None:
+    before = digest(registry_path(big))
+    result = run_icpgate("import", str(one_line_file(tmp_path)), "--replace", "-c", str(big))
+    assert result.returncode == 4, result.stderr
+    assert "refused %s: the mass-change guard: it would remove 2999 of 3000 filings (100%%)" % one_line_file(
+        tmp_path) in result.stderr  # fmt: skip
+    assert "nothing was imported" in result.stderr and "--dry-run" in result.stderr and "--force" in result.stderr
+    assert digest(registry_path(big)) == before and serial_and_count(registry_path(big)) == (1, 3000)
+
+
+def test_a_mass_addition_is_refused_too_and_a_small_one_passes(big: Path, tmp_path: Path) -> None:
+    code, report = import_json(big, write_ndjson(tmp_path / "many.ndjson", bulk_records(3000, 1000)))  # 33%
+    assert (code, report["committed"], report["refused"]) == (4, False, "guard"), report
+    assert "add 1000 of 3000" in report["refusal"]
+    code, report = import_json(big, write_ndjson(tmp_path / "some.ndjson", bulk_records(3000, 800)))  # 27%
+    assert (code, report["committed"], report["inserted"]) == (0, True, 800), report
+    assert serial_and_count(registry_path(big)) == (2, 3800)
+
+
+def test_dry_run_reports_and_changes_nothing(big: Path, tmp_path: Path) -> None:
+    before = digest(registry_path(big))
+    result = run_icpgate("import", str(one_line_file(tmp_path)), "--replace", "--dry-run", "-c", str(big))
+    assert result.returncode == 4, result.stderr  # what the import itself would answer
+    assert "dry run: %s would import 1 filings into a registry of 3000 (0 new, 0 updated, 1 unchanged, 2999" \
+           " removed); nothing was changed" % one_line_file(tmp_path) in result.stdout  # fmt: skip
+    assert "  removed  京ICP备20770001号-1" in result.stdout and "… and 2979 more" in result.stdout
+    assert "the mass-change guard refuses this import: it would remove 2999" in result.stdout
+    small = write_ndjson(tmp_path / "small.ndjson", bulk_records(2990, 20))  # 10 known, 10 new
+    code, report = import_json(big, small, "--dry-run")
+    assert (code, report["dry_run"], report["committed"]) == (0, True, False), report
+    assert (report["inserted"], report["unchanged"], report["removed"]) == (10, 10, 0)
+    assert digest(registry_path(big)) == before and serial_and_count(registry_path(big)) == (1, 3000)
+
+
+def test_force_applies_past_the_guard_and_is_recorded(big: Path, tmp_path: Path) -> None:
+    result = run_icpgate("import", str(one_line_file(tmp_path)), "--replace", "--force", "-c", str(big))
+    assert result.returncode == 0, result.stderr
+    assert "removed 2999" not in result.stdout and "2999 removed" in result.stdout
+    assert "warning: --force: the mass-change guard was overridden (it would remove 2999 of 3000" in result.stderr
+    assert serial_and_count(registry_path(big)) == (2, 1)
+    with sqlite3.connect(registry_path(big)) as conn:
+        (source,) = conn.execute("SELECT source FROM serials WHERE serial = 2").fetchone()
+        (logged,) = conn.execute("SELECT source FROM imports ORDER BY id DESC LIMIT 1").fetchone()
+    assert source == logged and "(guard overridden: it would remove 2999 of 3000 filings" in source

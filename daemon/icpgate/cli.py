@@ -10,11 +10,11 @@ from enum import IntEnum
 from pathlib import Path
 
 from . import __version__
-from .config import Config, check_config, load_config
+from .config import Config, load_config
 from .explain import explain, render_explanation
 from .interchange import read_filings
 from .policy_pack import load_pack
-from .registry import ImportReport, RegistryError, open_registry, require_registry
+from .registry import Guard, ImportReport, RegistryError, open_registry, require_registry
 from .telemetry.logs import log_to_stderr
 from .telemetry.multiproc import use_metrics_dir
 from .tomlschema import ConfigError
@@ -22,6 +22,7 @@ from .violations.store import DNS_STATES, Filters, open_violations, parse_since
 
 DEFAULT_CONFIG = Path("/etc/icpgate/config.toml")
 MAX_PRINTED_WARNINGS = 20
+LISTED = 20  # licences printed per kind by a dry run without --json
 
 
 class Exit(IntEnum):
@@ -60,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--format", choices=("ndjson", "csv"), help="default: from the file suffix")
     imp.add_argument("--skip-invalid", action="store_true", help="import the good records, skip the bad ones")
     imp.add_argument("--replace", action="store_true", help="the file is the whole registry: remove filings not in it")
+    imp.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
+    imp.add_argument("--force", action="store_true", help="apply even what the mass-change guard refuses")
     imp.add_argument("--json", action="store_true", help="print the import report as JSON")
     imp.set_defaults(handler=_cmd_import)
 
@@ -81,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=_cmd_feed_status)
     serve = feed_commands.add_parser("serve", parents=[common], help="publish the registry to edge gates")
     serve.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve on")
+    serve.add_argument("--no-auth", action="store_true",
+                       help="serve without publish.tokens_file: anyone who can connect gets every filing")  # fmt: skip
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.set_defaults(handler=_cmd_feed_serve)
 
@@ -118,21 +123,27 @@ def main(argv: list[str] | None = None) -> int:
         return Exit.REGISTRY
 
 
+def _refuse_bad_config(args: argparse.Namespace) -> bool:
+    """Print every problem `config check` would, and say whether there were any."""
+    from .preflight import check_config
+
+    problems = check_config(args.config, args.overrides)
+    for problem in problems:
+        print("config error: %s" % problem, file=sys.stderr)
+    return bool(problems)
+
+
 def _cmd_run(args: argparse.Namespace) -> Exit:
+    if _refuse_bad_config(args):
+        return Exit.CONFIG
     config = load_config(args.config, args.overrides)
     # Before the gate (and prometheus-client with it) is imported: it picks its storage at import.
     use_metrics_dir(config.admin.metrics_dir)
     from .admin.server import bind_admin
-    from .feed.signing import KeyFileError, load_public_keys
     from .gate.supervisor import run_gate
     from .gate.worker import GateStartError
     from .services import services
 
-    try:
-        load_public_keys(config.feed.public_keys)
-    except KeyFileError as error:
-        print("config error: feed.public_keys: %s" % error, file=sys.stderr)
-        return Exit.CONFIG
     if config.feed.urls:
         _create_registry(config)
     log_to_stderr(args.log_level, config.log.format)
@@ -171,16 +182,26 @@ def _cmd_feed_serve(args: argparse.Namespace) -> Exit:
     from .config import split_host_port
     from .feed.publisher import serve
 
-    config = load_config(args.config, args.overrides)
     try:
         host, port = split_host_port(args.listen)
     except ValueError as error:
         print("feed serve: --listen: %s" % error, file=sys.stderr)
         return Exit.USAGE
+    if _refuse_bad_config(args):
+        return Exit.CONFIG
+    config = load_config(args.config, args.overrides)
+    if config.publish.tokens_file is None and not args.no_auth:
+        print("feed serve: publish.tokens_file is not set in %s: without it every filing, site owners' names"
+              " included, goes to anyone who can connect. Give each edge a token (docs/feed-protocol.md),"
+              " or pass --no-auth to serve without them knowingly" % config.source, file=sys.stderr)  # fmt: skip
+        return Exit.CONFIG
+    if config.publish.tokens_file is not None and args.no_auth:
+        print("feed serve: --no-auth contradicts publish.tokens_file in %s; drop one" % config.source,
+              file=sys.stderr)  # fmt: skip
+        return Exit.USAGE
     log_to_stderr(args.log_level)
     require_registry(config.registry_path)
-    serve(config, host, port)
-    return Exit.OK
+    return Exit(serve(config, host, port))
 
 
 def _create_registry(config: Config) -> None:
@@ -226,6 +247,8 @@ async def _violations(config: Config, filters: Filters, limit: int) -> tuple[int
 
 
 def _cmd_config_check(args: argparse.Namespace) -> Exit:
+    from .preflight import check_config
+
     problems = check_config(args.config, args.overrides)
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -252,19 +275,27 @@ def _cmd_import(args: argparse.Namespace) -> Exit:
     if not args.file.is_file():
         print("import: no such file: %s" % args.file, file=sys.stderr)
         return Exit.DATA
-    report = asyncio.run(_import(config, args.file, args.format, args.skip_invalid, args.replace))
-    _print_report(report, args.json)
+    guard = Guard(config.feed.guard_share, config.feed.guard_min_filings)
+    report = asyncio.run(_import(config, args, guard))
+    _print_report(report, args.json, dry_run=args.dry_run)
+    if report.forced and not args.json:
+        print("warning: --force: the mass-change guard was overridden (%s); recorded with the import in %s"
+              % (report.forced, config.registry_path), file=sys.stderr)  # fmt: skip
+    if args.dry_run:
+        return Exit.DATA if report.error_count or report.refused else Exit.OK
     return Exit.OK if report.committed else Exit.DATA
 
 
-async def _import(config: Config, path: Path, fmt: str | None, skip_invalid: bool, replace: bool) -> ImportReport:
-    fmt = fmt or ("csv" if path.suffix.lower() == ".csv" else "ndjson")
+async def _import(config: Config, args: argparse.Namespace, guard: Guard) -> ImportReport:
+    path = args.file
+    fmt = args.format or ("csv" if path.suffix.lower() == ".csv" else "ndjson")
     progress = _progress_bar(path)
     try:
         async with open_registry(config.registry_path) as registry:
             return await registry.import_filings(
-                read_filings(path, fmt), source=str(path), fmt=fmt, skip_invalid=skip_invalid,
-                progress=progress.update if progress else None, replace=replace,
+                read_filings(path, fmt), source=str(path), fmt=fmt, skip_invalid=args.skip_invalid,
+                progress=progress.update if progress else None, replace=args.replace, guard=guard,
+                force=args.force, dry_run=args.dry_run,
             )  # fmt: skip
     finally:
         if progress:
@@ -280,12 +311,14 @@ def _progress_bar(path: Path):
     return tqdm(unit=" filings", unit_scale=True, desc="importing", file=sys.stderr)
 
 
-def _print_report(report: ImportReport, as_json: bool) -> None:
+def _print_report(report: ImportReport, as_json: bool, *, dry_run: bool = False) -> None:
     if as_json:
         print(json.dumps({
-            "source": report.source, "committed": report.committed, "records": report.records,
+            "source": report.source, "committed": report.committed, "dry_run": dry_run, "records": report.records,
             "inserted": report.inserted, "updated": report.updated, "unchanged": report.unchanged,
             "removed": report.removed, "skipped": report.skipped, "serial": report.serial,
+            "filings_before": report.filings_before, "refused": report.refused, "refusal": report.refusal,
+            "forced": report.forced, "listed": report.listed,
             "errors": [{"line": e.line, "field": e.field, "message": e.message} for e in report.errors],
             "error_count": report.error_count, "warnings": report.warnings,
         }, ensure_ascii=False, indent=2))  # fmt: skip
@@ -299,14 +332,29 @@ def _print_report(report: ImportReport, as_json: bool) -> None:
         print("warning: %s: %s" % (report.source, warning), file=sys.stderr)
     if len(report.warnings) > MAX_PRINTED_WARNINGS:
         print("warning: … and %d more" % (len(report.warnings) - MAX_PRINTED_WARNINGS), file=sys.stderr)
-    if report.committed:
-        skipped = ", %d invalid skipped" % report.skipped if report.skipped else ""
-        removed = ", %d removed" % report.removed if report.removed else ""
-        print("imported %d filings from %s (%d new, %d updated, %d unchanged%s%s); serial %d" % (
-            report.records, report.source, report.inserted, report.updated, report.unchanged, removed, skipped,
-            report.serial))  # fmt: skip
-    else:
+    skipped = ", %d invalid skipped" % report.skipped if report.skipped else ""
+    removed = ", %d removed" % report.removed if report.removed else ""
+    counts = "%d new, %d updated, %d unchanged%s%s" % (report.inserted, report.updated, report.unchanged, removed,
+                                                       skipped)  # fmt: skip
+    if report.error_count:
         print("refused %s: %d error(s); nothing was imported" % (report.source, report.error_count), file=sys.stderr)
+    elif dry_run:
+        print("dry run: %s would import %d filings into a registry of %d (%s); nothing was changed" % (
+            report.source, report.records, report.filings_before, counts))  # fmt: skip
+        for kind, total in (("added", report.inserted), ("changed", report.updated), ("removed", report.removed)):
+            for licence in report.listed.get(kind, [])[:LISTED]:
+                print("  %-8s %s" % (kind, licence))
+            if total > LISTED:
+                print("  %-8s … and %d more (--json lists up to 1000)" % (kind, total - LISTED))
+        if report.refused or report.forced:
+            print("the mass-change guard refuses this import: %s; --force applies it" % (report.refusal
+                                                                                       or report.forced))  # fmt: skip
+    elif report.refused:
+        print("refused %s: the mass-change guard: %s (feed.guard_share, for registries of feed.guard_min_filings"
+              " or more); nothing was imported" % (report.source, report.refusal), file=sys.stderr)  # fmt: skip
+        print("see what it would change with --dry-run, then add --force to apply it", file=sys.stderr)
+    elif report.committed:
+        print("imported %d filings from %s (%s); serial %d" % (report.records, report.source, counts, report.serial))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .policy_pack import load_pack
-from .tomlschema import ConfigError, Field, Problem, TableList, apply_override, problems_for, read_toml, validate
+from .tomlschema import ConfigError, Field, TableList, apply_override, problems_for, read_toml, validate
 
 
 def _non_empty(value: str) -> str | None:
@@ -145,6 +144,8 @@ CONFIG_SPEC = {
     "feed": {
         "urls": Field((list,), [], _feed_urls),
         "public_keys": Field((list,), [], _paths),
+        "allow_unsigned": Field((bool,), False),
+        "token_file": Field((str,), ""),
         "wait": Field((int, float), 30.0, lambda v: None if 0 <= v <= 300 else "must be 0 to 300 seconds"),
         "min_interval": Field((int, float), 0.25, _at_least(0)),
         "start_delay": Field((int, float), 5.0, _at_least(0)),
@@ -195,8 +196,41 @@ CONFIG_SPEC = {
         "poll_interval": Field((int, float), 0.25, _at_least(0)),
         "max_wait": Field((int, float), 60.0, lambda v: None if 0 <= v <= 300 else "must be 0 to 300 seconds"),
         "cache_dir": Field((str,), ""),
+        "tokens_file": Field((str,), ""),
     },
 }
+
+
+def _cross_check(values: dict) -> list[tuple[str, str]]:
+    """What no single key can say wrong: combinations `run` could not serve safely or bind at all."""
+    errors = []
+    feed = values["feed"]
+    if feed["urls"] and not feed["public_keys"] and not feed["allow_unsigned"]:
+        errors.append(("feed.public_keys", "feed.urls is set but no public key is listed, so feed bodies would be"
+                       " applied without any signature check: list the publisher's Ed25519 public key (PEM), or"
+                       " set feed.allow_unsigned = true to accept unsigned feeds knowingly"))  # fmt: skip
+    gate = values["gate"]
+    for have, missing in (("tls_certificate", "tls_key"), ("tls_key", "tls_certificate")):
+        if gate[have] and not gate[missing]:
+            errors.append(("gate." + missing, "gate.%s is set, so this must be too" % have))
+    sockets = [("listeners[%d]" % number, item["address"], item["port"]) for number, item in
+               enumerate(values["listeners"])]  # fmt: skip
+    if values["admin"]["enabled"]:
+        sockets.append(("admin", values["admin"]["address"], values["admin"]["port"]))
+    for later, (key, address, port) in enumerate(sockets):
+        for first_key, first_address, first_port in sockets[:later]:
+            if port == first_port and _addresses_collide(address, first_address):
+                errors.append((key + ".port", "%s:%d collides with %s (%s:%d): both cannot listen on the same"
+                               " port and address family (a wildcard address takes the port on every address)"
+                               % (address, port, first_key, first_address, first_port)))  # fmt: skip
+                break
+    return errors
+
+
+def _addresses_collide(one: str, other: str) -> bool:
+    """Same family and the same address, or either the wildcard (0.0.0.0, ::) of that family."""
+    a, b = ipaddress.ip_address(one), ipaddress.ip_address(other)
+    return a.version == b.version and (a == b or a.is_unspecified or b.is_unspecified)
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -255,7 +289,9 @@ class FeedConfig:
     """The feed client (docs/feed-protocol.md). Timeouts and intervals in seconds."""
 
     urls: tuple[str, ...]
-    public_keys: tuple[Path, ...]  # when any: every body must carry a good signature by one of them
+    public_keys: tuple[Path, ...]  # every body must carry a good signature by one of them
+    allow_unsigned: bool  # no public_keys on purpose: unsigned bodies are applied (and warned about)
+    token_file: Path | None  # the bearer token this edge shows the publisher
     wait: float  # long-poll: how long a changes request may wait at the publisher
     min_interval: float  # between two requests, at least (the publisher's hint may ask for more)
     start_delay: float  # a random delay up to this at start, so a fleet does not sync at once
@@ -320,6 +356,7 @@ class PublishConfig:
     poll_interval: float  # the minimum wait between polls the publisher asks of clients
     max_wait: float  # longest long-poll the publisher holds
     cache_dir: Path  # where precomputed snapshots are kept
+    tokens_file: Path | None  # the edges' bearer tokens, `name token` a line (docs/feed-protocol.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +383,8 @@ def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Conf
     for assignment in overrides:
         apply_override(data, assignment)
     values, errors = validate(data, CONFIG_SPEC)
+    if not errors:
+        errors = _cross_check(values)
     if errors:
         raise ConfigError(problems_for(path, text, errors))
     base = path.resolve().parent
@@ -380,6 +419,7 @@ def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Conf
             max_wait=float(values["publish"]["max_wait"]),
             cache_dir=_resolve_optional(base, values["publish"]["cache_dir"])
             or _resolve(base, values["registry"]["path"] + ".feed"),
+            tokens_file=_resolve_optional(base, values["publish"]["tokens_file"]),
         ),
         violations=_violations_config(base, values["violations"], values["registry"]["path"]),
         dns=_dns_config(values["dns"]),
@@ -430,6 +470,7 @@ def _feed_config(base: Path, feed: dict) -> FeedConfig:
         **feed, **floats,
         "urls": tuple(_file_url(base, url) for url in feed["urls"]),
         "public_keys": tuple(_resolve(base, key) for key in feed["public_keys"]),
+        "token_file": _resolve_optional(base, feed["token_file"]),
     })  # fmt: skip
 
 
@@ -446,16 +487,3 @@ def _resolve(base: Path, value: str) -> Path:
 
 def _resolve_optional(base: Path, value: str) -> Path | None:
     return _resolve(base, value) if value else None
-
-
-def check_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> list[Problem]:
-    """Every problem in the config and the policy pack it names; empty when both are good."""
-    try:
-        config = load_config(path, overrides)
-    except ConfigError as error:
-        return error.problems
-    try:
-        load_pack(config.policy_pack)
-    except ConfigError as error:
-        return error.problems
-    return []

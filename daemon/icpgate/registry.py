@@ -172,6 +172,7 @@ class ImportReport:
     committed: bool = False
     refused: Refusal | None = None
     refusal: str = ""  # what the refusal is about, in words
+    forced: str = ""  # what the guard would have refused, when `force` applied it anyway
     serial: int = 0  # the registry's serial afterwards (before, when nothing was committed)
     checksum: str = ""
     filings_before: int = 0
@@ -218,10 +219,17 @@ class Registry:
         skip_invalid: bool = False,
         progress: Callable[[int], None] | None = None,
         replace: bool = False,
+        guard: Guard | None = None,
+        force: bool = False,
+        dry_run: bool = False,
     ) -> ImportReport:
-        """A local import (`icpgate import`): the serial moves on by one if anything changed."""
+        """A local import (`icpgate import`): the serial moves on by one if anything changed.
+
+        The feed's guard applies here too: a one-line file given to `--replace` must not empty a
+        registry that edges follow. `force` goes past it, and the override is recorded with the import.
+        """
         return await self.apply(Update(items, source, fmt, replace=replace), skip_invalid=skip_invalid,
-                                progress=progress)  # fmt: skip
+                                progress=progress, guard=guard, force=force, dry_run=dry_run)  # fmt: skip
 
     async def apply(
         self,
@@ -230,10 +238,12 @@ class Registry:
         skip_invalid: bool = False,
         progress: Callable[[int], None] | None = None,
         guard: Guard | None = None,
+        force: bool = False,
         dry_run: bool = False,
     ) -> ImportReport:
         """Apply an update as one transaction; see the module docstring and `Update`.
 
+        `force`: what `guard` refuses is applied anyway, and the report's `forced` says what it was.
         `dry_run` goes as far as the commit, reports what would change, and rolls back.
         """
         report = ImportReport(update.source)
@@ -266,15 +276,18 @@ class Registry:
             report.skipped = parse_errors + dropped
             await self._classify(report, update.replace)
             if guard and (message := _guard_breach(guard, report)):
-                return await self._refuse(report, Refusal.GUARD, message)
+                if not force:
+                    return await self._refuse(report, Refusal.GUARD, message)
+                report.forced = message
             if dry_run:
                 await self.db.execute("ROLLBACK")
                 return report
             await self._merge()
+            source = update.source + (" (guard overridden: %s)" % report.forced if report.forced else "")
             changed = report.inserted + report.updated + report.removed
             if changed or update.serial is not None:
                 serial = state.serial + 1 if update.serial is None else update.serial
-                checksum = await self._log_changes(serial, report, update.source)
+                checksum = await self._log_changes(serial, report, source)
                 if update.checksum is not None and checksum != update.checksum:
                     return await self._refuse(report, Refusal.CHECKSUM, "the registry's checksum would be %s, the"
                                               " update says %s" % (checksum, update.checksum))  # fmt: skip
@@ -282,7 +295,7 @@ class Registry:
             await self.db.execute(
                 "INSERT INTO imports (source, format, started_at, finished_at, records, inserted, updated, skipped)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (update.source, update.fmt, started, _now(), report.records, report.inserted, report.updated,
+                (source, update.fmt, started, _now(), report.records, report.inserted, report.updated,
                  report.skipped),
             )  # fmt: skip
             await self.db.execute("COMMIT")

@@ -23,6 +23,7 @@ from ..registry import Guard, ImportReport, Refusal, Registry, RegistryState, Up
 from .protocol import MAX_INFLATION, Body, FeedError, SyncResult, decode
 from .signing import load_public_keys, verify
 from .sources import Answer, Fetched, FileSource, HttpSource
+from .tokens import read_token
 
 log = logging.getLogger("icpgate.feed")
 _REFUSALS = {
@@ -55,11 +56,15 @@ class FeedClient:
         self.registry = registry
         self.on_applied = on_applied
         self.keys = load_public_keys(config.feed.public_keys)
+        self.token = read_token(config.feed.token_file) if config.feed.token_file else None
         self.guard = Guard(config.feed.guard_share, config.feed.guard_min_filings)
         self.session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> FeedClient:
-        self.session = aiohttp.ClientSession(headers={"User-Agent": "icpgate-feed"})
+        headers = {"User-Agent": "icpgate-feed"}
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token  # aiohttp drops it on a redirect to another host
+        self.session = aiohttp.ClientSession(headers=headers)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -217,7 +222,10 @@ class FeedClient:
             status["last_error"] = outcome.message
             status["last_error_at"] = now
         await self.registry.set_sync_status(status)
-        if outcome.result is SyncResult.APPLIED:
+        if outcome.result is SyncResult.APPLIED and not self.keys:
+            log.warning("feed: %s from %s: UNSIGNED data applied without a signature check"
+                        " (feed.allow_unsigned = true)", outcome.message, outcome.source)  # fmt: skip
+        elif outcome.result is SyncResult.APPLIED:
             log.info("feed: %s from %s", outcome.message, outcome.source)
         elif outcome.result is SyncResult.ERROR:
             log.warning("feed: %s; keeping serial %d", outcome.message, outcome.serial)

@@ -14,6 +14,7 @@ from ..staleness import freshness
 from .client import SUCCESS, FeedClient, Outcome
 from .protocol import SyncResult
 from .signing import KeyFileError
+from .tokens import TokenFileError
 
 LISTED = 20  # licences printed per kind without --json
 
@@ -66,6 +67,8 @@ def status(config: Config, *, as_json: bool) -> Exit:
     print("registry     %s" % data["registry"])
     print("serial       %d (%d filings, checksum %s…)" % (data["serial"], data["filings"], data["checksum"][:16]))
     print("feed         %s" % (", ".join(config.feed.urls) or "none (feed.urls is empty: local imports only)"))
+    if config.feed.urls:
+        print("signatures   %s" % _signatures(config))
     print("last success %s" % age)
     print("freshness    %s (stale after %gs, max staleness %gs, then %s)" % (
         fresh["state"], config.feed.stale_after, config.feed.max_staleness, config.feed.stale_mode))  # fmt: skip
@@ -95,8 +98,17 @@ async def feed_status(config: Config, registry: Registry) -> dict:
         "registry": str(config.registry_path), "serial": state.serial, "floor": state.floor,
         "checksum": state.checksum, "filings": state.filings, "changed_at": state.changed_at,
         "freshness": {"state": fresh.state, "age": fresh.age, "enforcement": fresh.enforcement},
+        "signatures": {"required": bool(config.feed.public_keys), "keys": len(config.feed.public_keys),
+                       "allow_unsigned": config.feed.allow_unsigned},
         "sync": sync,
     }  # fmt: skip
+
+
+def _signatures(config: Config) -> str:
+    keys = len(config.feed.public_keys)
+    if keys:
+        return "required (%d public key%s in feed.public_keys)" % (keys, "" if keys == 1 else "s")
+    return "NOT REQUIRED (feed.allow_unsigned = true): unsigned feed data is applied as it comes"
 
 
 def _run(config: Config, *, force: bool, dry_run: bool) -> Outcome | None:
@@ -111,6 +123,9 @@ def _run(config: Config, *, force: bool, dry_run: bool) -> Outcome | None:
         return asyncio.run(once())
     except KeyFileError as error:
         print("config error: feed.public_keys: %s" % error, file=sys.stderr)
+        return None
+    except TokenFileError as error:
+        print("config error: feed.token_file: %s" % error, file=sys.stderr)
         return None
 
 

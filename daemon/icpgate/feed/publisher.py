@@ -1,10 +1,14 @@
 """`icpgate feed serve`: publish a registry to edge gates (docs/feed-protocol.md).
 
+Every request must carry one of the edges' bearer tokens (`publish.tokens_file`), unless the
+operator started it with `--no-auth`: the filings name individual site owners.
+
 Snapshots are built in the background whenever the serial moves, written compressed and signed
-to `publish.cache_dir`, and served as static files with an ETag, so any HTTP cache or CDN can sit
-in front. Change sets are built per (since, serial) once and shared by every edge asking for
-them. Long-polls wait on one future that the registry watcher resolves when the serial moves,
-which another process (`icpgate import`) may do at any time.
+to `publish.cache_dir`, and served as static files with an ETag. With tokens they are marked
+`private` (a shared cache must not hand one edge's answer to anyone else); without, `public`.
+Change sets are built per (since, serial) once and shared by every edge asking for them.
+Long-polls wait on one future that the registry watcher resolves when the serial moves, which
+another process (`icpgate import`) may do at any time.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,6 +31,7 @@ from ..registry import Registry, RegistryState, open_registry
 from .protocol import Header, encode_changes, write_snapshot
 from .signing import SIGNATURE_HEADER, load_private_key, sign
 from .sources import POLL_HEADER, SERIAL_HEADER
+from .tokens import TokenFileError, authorise, load_tokens
 
 log = logging.getLogger("icpgate.publisher")
 WATCH_INTERVAL = 0.1  # seconds between looks at the registry for commits by other processes
@@ -44,6 +51,7 @@ class Publisher:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.publish = config.publish
+        self.tokens = Tokens(config.publish.tokens_file) if config.publish.tokens_file else None
         self.key = load_private_key(config.publish.signing_key) if config.publish.signing_key else None
         self.registry: Registry | None = None
         self.state: RegistryState | None = None
@@ -55,7 +63,7 @@ class Publisher:
         self._tasks: list[asyncio.Task] = []
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._authorise] if self.tokens else [])
         app.router.add_get("/feed/v1/snapshot", self.get_snapshot)
         app.router.add_get("/feed/v1/changes", self.get_changes)
         app.router.add_get("/feed/v1/", self.get_status)
@@ -76,6 +84,8 @@ class Publisher:
             self.publish.cache_dir.mkdir(parents=True, exist_ok=True)
             self._snapshot_task = asyncio.create_task(self._build_snapshot())
             self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._prune())]
+            if self.tokens:
+                self._tasks.append(asyncio.create_task(self.tokens.follow()))
             log.info("publishing %s at serial %d (%d filings)", registry.path, self.state.serial, self.state.filings)
             yield
             for task in (*self._tasks, self._snapshot_task, *self._building.values()):
@@ -154,8 +164,24 @@ class Publisher:
 
     # --- serving --------------------------------------------------------------------------------
 
+    @web.middleware
+    async def _authorise(self, request: web.Request, handler) -> web.StreamResponse:
+        if self.tokens.authorise(request.headers.get("Authorization")) is None:
+            self.tokens.refused(request.remote or "?", "Authorization" in request.headers)
+            error = ', error="invalid_token"' if "Authorization" in request.headers else ""
+            raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Bearer realm="icpgate-feed"' + error},
+                                       text="a valid feed token is required (Authorization: Bearer ...)\n")  # fmt: skip
+        return await handler(request)
+
     def _headers(self) -> dict[str, str]:
         return {SERIAL_HEADER: str(self.state.serial), POLL_HEADER: "%g" % self.publish.poll_interval}
+
+    def _cacheable(self) -> dict[str, str]:
+        """Snapshots are static per ETag. Behind tokens only the edge's own cache may keep one."""
+        age = max(1, int(self.publish.poll_interval))
+        if self.tokens:
+            return {"Cache-Control": "private, max-age=%d" % age, "Vary": "Authorization"}
+        return {"Cache-Control": "public, max-age=%d" % age}
 
     async def get_snapshot(self, request: web.Request) -> web.StreamResponse:
         snapshot = self.snapshot
@@ -163,7 +189,7 @@ class Publisher:
             raise web.HTTPServiceUnavailable(headers={"Retry-After": "5", **self._headers()},
                                              text="the first snapshot is being built\n")  # fmt: skip
         headers = {**self._headers(), SERIAL_HEADER: str(snapshot.serial), "ETag": snapshot.etag,
-                   "Cache-Control": "public, max-age=%d" % max(1, int(self.publish.poll_interval))}  # fmt: skip
+                   **self._cacheable()}  # fmt: skip
         if snapshot.signature:
             headers[SIGNATURE_HEADER] = snapshot.signature
         if snapshot.etag in request.headers.get("If-None-Match", ""):
@@ -224,17 +250,103 @@ class Publisher:
         state, snapshot = self.state, self.snapshot
         return web.json_response({
             "serial": state.serial, "floor": state.floor, "checksum": state.checksum, "filings": state.filings,
-            "changed_at": state.changed_at, "signed": self.key is not None,
+            "changed_at": state.changed_at, "signed": self.key is not None, "tokens": self.tokens is not None,
             "snapshot": {"serial": snapshot.serial, "etag": snapshot.etag} if snapshot else None,
         }, headers=self._headers())  # fmt: skip
 
 
-def serve(config: Config, host: str, port: int) -> None:
-    """Run the publisher until SIGINT/SIGTERM."""
+def serve(config: Config, host: str, port: int) -> int:
+    """Run the publisher until SIGINT/SIGTERM; 6 (the CLI's START) when it cannot listen."""
     import uvloop
 
-    web.run_app(Publisher(config).app(), host=host, port=port, print=None, access_log=None, shutdown_timeout=5,
-                loop=uvloop.new_event_loop())  # fmt: skip
+    return uvloop.run(_serve(config, host, port))
+
+
+async def _serve(config: Config, host: str, port: int) -> int:
+    publisher = Publisher(config)
+    runner = web.AppRunner(publisher.app(), access_log=None, shutdown_timeout=5, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as error:
+            log.error("cannot listen on %s: %s", _where(host, port), error.strerror or error)
+            return 6
+        auth = (
+            "bearer tokens for %d edges from %s" % (len(publisher.tokens.names), config.publish.tokens_file)
+            if publisher.tokens
+            else "NO AUTHENTICATION (--no-auth): anyone who can connect gets every filing"
+        )
+        log.log(logging.INFO if publisher.tokens else logging.WARNING, "feed publisher listening on http://%s/feed/v1"
+                " (%s)", _where(host, port), auth)  # fmt: skip
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("stopping")
+        return 0
+    finally:
+        await runner.cleanup()
+
+
+def _where(host: str, port: int) -> str:
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+class Tokens:
+    """The edges' tokens, re-read when the file changes (a bad new file keeps the old tokens)."""
+
+    CHECK_INTERVAL = 1.0
+    REFUSAL_LOG_INTERVAL = 60.0  # per client address: a scanner must not flood the log
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp = self._stat()
+        self._tokens = load_tokens(path)
+        self._refusals: OrderedDict[str, float] = OrderedDict()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._tokens)
+
+    def authorise(self, header: str | None) -> str | None:
+        return authorise(self._tokens, header)
+
+    def refused(self, client: str, had_header: bool) -> None:
+        now = time.monotonic()
+        if now - self._refusals.get(client, -self.REFUSAL_LOG_INTERVAL) < self.REFUSAL_LOG_INTERVAL:
+            return
+        self._refusals[client] = now
+        self._refusals.move_to_end(client)
+        while len(self._refusals) > 1024:
+            self._refusals.popitem(last=False)
+        log.warning("refused a request from %s: %s (further refusals from it are not logged for %gs)", client,
+                    "a wrong token" if had_header else "no token", self.REFUSAL_LOG_INTERVAL)  # fmt: skip
+
+    async def follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.CHECK_INTERVAL)
+            stamp = self._stat()
+            if stamp == self._stamp:
+                continue
+            self._stamp = stamp
+            try:
+                tokens = load_tokens(self.path)
+            except TokenFileError as error:
+                log.error("tokens file changed but cannot be used, keeping the %d tokens in force: %s",
+                          len(self._tokens), error)  # fmt: skip
+                continue
+            self._tokens = tokens
+            log.info("tokens file re-read: %d edges (%s)", len(tokens), ", ".join(tokens))
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
 
 
 def _now() -> str:
