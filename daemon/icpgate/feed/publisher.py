@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -263,16 +264,17 @@ def serve(config: Config, host: str, port: int) -> int:
 
 
 async def _serve(config: Config, host: str, port: int) -> int:
+    try:  # bound before anything starts, so a port in use stops nothing half-started
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    backlog=1024)  # fmt: skip
+    except OSError as error:
+        log.error("cannot listen on %s: %s", _where(host, port), error.strerror or error)
+        return 6
     publisher = Publisher(config)
     runner = web.AppRunner(publisher.app(), access_log=None, shutdown_timeout=5, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
-        try:
-            await site.start()
-        except OSError as error:
-            log.error("cannot listen on %s: %s", _where(host, port), error.strerror or error)
-            return 6
+        await web.SockSite(runner, sock).start()
         auth = (
             "bearer tokens for %d edges from %s" % (len(publisher.tokens.names), config.publish.tokens_file)
             if publisher.tokens
