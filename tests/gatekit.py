@@ -157,9 +157,8 @@ def gate_config(
         "[policy]",
         'pack = "%s"' % (pack or REPO / "policies" / "default.toml"),
         "[gate]",
-        "inspect_timeout = 2.0",
     ]
-    lines += ["%s = %s" % (key, json.dumps(value)) for key, value in (gate or {}).items()]
+    lines += ["%s = %s" % (key, json.dumps(value)) for key, value in ({"inspect_timeout": 2.0} | (gate or {})).items()]
     lines.append(upstream)
     for name in sorted({*QUIET_TABLES, *(tables or {})}):
         lines.append("[%s]" % name)

@@ -165,6 +165,23 @@ def test_pipelined_requests_stop_at_the_first_blocked_one(gate, origin) -> None:
         b"GET / HTTP/1.1\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
         b"GET / HTTP/1.1\r\nHost: exa mple.cn\r\n\r\n",
+        # Other schemes in absolute-form: nginx routes on their authority too.
+        b"GET ftp://example-unfiled.cn/ HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n",
+        b"GET x://example-unfiled.cn/ HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n",
+        # Bodies on Upgrade and CONNECT: read as the next request by a backend that does not switch.
+        b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Content-Length: 44\r\n\r\nGET / HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n",
+        # h2c and unknown protocols anywhere in the Upgrade token lists.
+        b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\nConnection: Upgrade\r\nUpgrade: websocket, h2c\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Upgrade: h2c\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\nConnection: Upgrade\r\nUpgrade: TLS/1.0\r\n\r\n",
+        # Raw bytes outside ASCII: UTS-46 would map them onto a filed name the backend never saw.
+        b"GET / HTTP/1.1\r\nHost: www.ex\xaample-filed.cn\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: www.example-fi\xadled.cn\r\n\r\n",
+        # Chunk extensions and bare LF in chunked framing: backends disagree on them.
+        b"POST / HTTP/1.1\r\nHost: example-filed.cn\r\nTransfer-Encoding: chunked\r\n\r\n5;x\r\nhello\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: example-filed.cn\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
     ],
 )
 def test_smuggling_and_malformed_requests_get_400(gate, request_bytes: bytes) -> None:

@@ -1,26 +1,34 @@
-"""Plaintext HTTP/1.x listeners: every request on the connection is checked before it is forwarded."""
+"""Plaintext HTTP/1.x listeners: every request on the connection is checked before it is forwarded,
+and every response is framed, so the gate knows which request each answer belongs to."""
 
 from __future__ import annotations
+
+import logging
 
 from ..policy import Action, Reason, Verdict
 from .blockpage import error_response, new_request_id
 from .connection import GateConnection
+from .http_framing import FramingError
 from .http_inspector import Body, Head, HttpInspector, Invalid, RequestHead, Tunnel
+from .http_responses import ResponseTracker
 
-SWITCH_STATUS_LINE = 16  # enough of the backend's answer to read "HTTP/1.1 101"
+log = logging.getLogger("icpgate.gate")
+
+MAX_RESPONSE_HEAD = 64 * 1024
+WEBSOCKET = b"websocket"
+H2C = b"h2c"
 
 
 class HttpConnection(GateConnection):
     kind = "http"
-    __slots__ = ("_final_answer", "_switch_answer", "_switch_method", "_tunnel", "inspector")
+    __slots__ = ("_final_answer", "_responses", "_tunnel", "inspector")
 
     def __init__(self, listener) -> None:
         super().__init__(listener)
         self.inspector = HttpInspector(self.runtime.gate.max_header_size)
+        self._responses = ResponseTracker(MAX_RESPONSE_HEAD)
         self._tunnel = False
-        self._switch_method = ""  # the Upgrade/CONNECT request whose answer we wait for
-        self._switch_answer = bytearray()
-        self._final_answer: bytes | None = None  # a block to send once the backend has finished
+        self._final_answer: bytes | None = None  # a block to send once earlier requests are answered
 
     def inspect(self, data: bytes) -> None:
         if self._tunnel:
@@ -58,8 +66,7 @@ class HttpConnection(GateConnection):
             self._block(verdict, request)
             return False
         self.inspection_done()
-        if request.upgrade or request.method == "CONNECT":
-            self._switch_method = request.method
+        self._responses.expect(request.method == "HEAD", request.switch)
         self.send_upstream(head.raw)
         return True
 
@@ -68,8 +75,14 @@ class HttpConnection(GateConnection):
         pack = self.runtime.policy.pack
         if request.error:
             return Verdict(Action.BLOCK, Reason.INVALID, "http.request", request.host or "", detail=request.error)
-        if request.upgrade == b"h2c" and pack.h2c is Action.BLOCK:
-            return Verdict(Action.BLOCK, Reason.INVALID, "rules.h2c", request.host or "", detail="h2c upgrade")
+        for token in request.upgrade:
+            # The backend may pick any token of the list: every one must be one the gate allows.
+            if token == H2C:
+                if pack.h2c is Action.BLOCK:
+                    return Verdict(Action.BLOCK, Reason.INVALID, "rules.h2c", request.host or "", detail="h2c upgrade")
+            elif token != WEBSOCKET:
+                detail = "upgrade to %s" % token.decode("ascii")
+                return Verdict(Action.BLOCK, Reason.INVALID, "http.upgrade", request.host or "", detail=detail)
         if request.method == "CONNECT" and pack.connect is Action.BLOCK:
             return Verdict(Action.BLOCK, Reason.INVALID, "rules.connect", request.host or "", detail="CONNECT")
         return None
@@ -84,33 +97,35 @@ class HttpConnection(GateConnection):
         )
         self.runtime.stats["blocks", "http", verdict.reason] += 1
         self.record_violation(verdict, request_id)
-        if self.upstream is None and self._connect_task is None:
+        if request is None or self._responses.idle:
+            # Nothing is owed to the client, or it broke the framing mid-message (the backend
+            # holds a request it will never see the end of): answer now.
             self.reply_and_close(answer)
             return
-        # Earlier requests went to the backend: let it finish answering them, then block.
+        # Earlier requests went to the backend: their answers come first, then the block.
         self._final_answer = answer
         self.pause_client_reading("blocked")
         self.restart_inspect_deadline()  # bounds the wait for the backend
-        # EOF tells a connected backend nothing more is coming, so it can finish and close. Not
-        # while still connecting: EOF right behind the requests makes some backends (aiohttp)
-        # drop their answers; those connections wait for the backend or the deadline instead.
-        if self.upstream is not None and self.upstream.can_write_eof():
-            self.upstream.write_eof()
 
     def on_upstream_data(self, data: bytes) -> None:
-        self.transport.write(data)
-        if self._switch_method and self.inspector.awaiting_switch:
-            self._switch_answer += data
-            if b"\n" in self._switch_answer or len(self._switch_answer) >= SWITCH_STATUS_LINE:
-                self._answer_switch(bytes(self._switch_answer))
-
-    def _answer_switch(self, answer: bytes) -> None:
-        status = answer[9:12]
-        accepted = status.startswith(b"2") if self._switch_method == "CONNECT" else status == b"101"
-        self._switch_method = ""
-        self._switch_answer.clear()
-        self.inspector.switch_answered(accepted)
-        self.inspect(b"")  # what the client sent meanwhile: tunnel it, or inspect it as HTTP
+        responses = self._responses
+        if responses.tunnel:
+            self.transport.write(data)
+            return
+        try:
+            passed = responses.feed(data, self._final_answer is not None)
+        except FramingError as error:
+            self.runtime.stats["upstream_protocol_errors", "http"] += 1
+            log.warning("closed a connection from %s: unreadable response from the backend: %s", self.client[0], error)
+            self.abort()
+            return
+        self.transport.write(data if passed == len(data) else data[:passed])
+        if responses.switched is not None:
+            accepted, responses.switched = responses.switched, None
+            self.inspector.switch_answered(accepted)
+            self.inspect(b"")  # what the client sent meanwhile: tunnel it, or inspect it as HTTP
+        if self._final_answer is not None and responses.idle:
+            self._send_final_answer()
 
     def upstream_eof(self) -> bool:
         if self._final_answer is not None:

@@ -1,21 +1,34 @@
 """Track HTTP/1.x requests on one client->server byte stream, so each is checked before it is sent.
 
-httptools (llhttp) does the parsing. It has no way to pause, so the inspector feeds it exact
-slices: the header section up to its blank line, then the body by Content-Length or, for chunked
-bodies, line by line (a chunked message can only end at a line feed). Every callback therefore
-fires at a known byte position, and the bytes of a pipelined request are never released before
-its head has been decided.
+httptools (llhttp) parses each header section. It has no way to pause, so the inspector feeds it
+exact slices: the header section up to its blank line, then the body up to the end the framing
+gives (Content-Length, or strict chunked framing followed by length in `http_framing`). Every
+callback therefore fires at a known byte position, the bytes of a pipelined request are never
+released before its head has been decided, and llhttp and the framing must agree on where each
+message ends. Body bytes are passed on by length, never looked at one by one: inspection cost is
+linear in the bytes received.
+
+The rule: a request is relayed only when it has been read as a conforming backend reads it. What
+the gate cannot account for (another scheme in the target, a body on an Upgrade, a token it does
+not know, bytes outside ASCII in a name) is refused.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
 import httptools
 
+from .http_framing import ChunkedBody, FramingError
+from .http_responses import CONNECT, NO_SWITCH, UPGRADE
+
 HEAD_END = b"\r\n\r\n"
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:/[!#$%&'*+.^_`|~0-9A-Za-z-]+)?")
+_HTTP_AUTHORITY = re.compile(rb"https?://([^/?#]*)", re.IGNORECASE)
+_NAME_BYTES = re.compile(rb"[\x21-\x7e]+")  # what a Host or authority may contain: visible ASCII
 
 
 class BodyKind(Enum):
@@ -31,8 +44,16 @@ class RequestHead:
     version: str
     host: str | None  # the authority of an absolute-form target, else the Host header
     headers: dict[bytes, bytes] = field(default_factory=dict)  # lower-case names; first value
-    upgrade: bytes = b""  # lower-case Upgrade header, when the request asks to switch protocols
+    # Every token of every Upgrade header, lower-case: the backend may pick any of them.
+    upgrade: tuple[bytes, ...] = ()
     error: str = ""  # set when the head is well-formed HTTP but must be refused (400)
+
+    @property
+    def switch(self) -> int:
+        """Whether the backend's answer may turn the connection into a tunnel (and how)."""
+        if self.method == "CONNECT":
+            return CONNECT
+        return UPGRADE if self.upgrade else NO_SWITCH
 
     @property
     def path(self) -> str:
@@ -84,6 +105,7 @@ class HttpInspector:
 
     __slots__ = (
         "_buffer",
+        "_chunked",
         "_complete",
         "_head_done",
         "_headers",
@@ -92,7 +114,7 @@ class HttpInspector:
         "_repeated",
         "_scanned",
         "_state",
-        "_upgrade_offset",
+        "_upgrades",
         "_url",
         "max_header_size",
     )  # fmt: skip
@@ -104,15 +126,16 @@ class HttpInspector:
         self._scanned = 0
         self._state = _State.HEAD
         self._remaining = 0
+        self._chunked: ChunkedBody | None = None
         self._begin_request()
 
     def _begin_request(self) -> None:
         self._url = bytearray()
         self._headers: dict[bytes, bytes] = {}  # first value of each header
         self._repeated: set[bytes] = set()  # names seen more than once
+        self._upgrades: list[bytes] = []  # every Upgrade header's value
         self._head_done = False
         self._complete = False
-        self._upgrade_offset: int | None = None
 
     @property
     def in_head(self) -> bool:
@@ -125,6 +148,8 @@ class HttpInspector:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
+        if name == b"upgrade":
+            self._upgrades.append(value)
         if name in self._headers:
             self._repeated.add(name)
         else:
@@ -144,6 +169,8 @@ class HttpInspector:
         """The backend answered an Upgrade/CONNECT: tunnel on 101 (2xx for CONNECT), else keep checking."""
         if self._state is _State.AWAIT_SWITCH:
             self._state = _State.TUNNEL if accepted else _State.HEAD
+            # llhttp stops at an Upgrade or CONNECT head; a new parser reads what follows a refusal.
+            self._parser = httptools.HttpRequestParser(self)
             self._begin_request()
 
     def feed(self, data: bytes) -> Iterator[Event]:
@@ -174,6 +201,7 @@ class HttpInspector:
     def _is_one_whole_head(self, data: bytes) -> bool:
         return (
             len(data) <= self.max_header_size
+            and data.endswith(HEAD_END)
             and data.find(HEAD_END) == len(data) - len(HEAD_END)
             and not data.startswith(b"PRI * HTTP/2")
             and not data.startswith(b"\r\n")
@@ -197,8 +225,8 @@ class HttpInspector:
         """Feed one slice; return a parser error message, or ''."""
         try:
             self._parser.feed_data(chunk)
-        except httptools.HttpParserUpgrade as upgrade:
-            self._upgrade_offset = int(upgrade.args[0])
+        except httptools.HttpParserUpgrade:
+            pass  # an Upgrade or CONNECT head: the request's `switch` says what follows it
         except httptools.HttpParserError as error:
             return "malformed HTTP: %s" % (error.args[0] if error.args else type(error).__name__)
         return ""
@@ -230,17 +258,26 @@ class HttpInspector:
 
     def _finish_head(self, raw: bytes) -> Event:
         request = self._request_head()
-        if self._upgrade_offset is not None or request.method == "CONNECT":
+        headers = request.headers
+        has_body = b"transfer-encoding" in headers or headers.get(b"content-length", b"0") != b"0"
+        if has_body and request.switch != NO_SWITCH and not request.error:
+            # A backend that answers without reading the body reads it as the next request,
+            # and one that switches reads it as tunnel data: either way not what we checked.
+            request.error = "a body on an Upgrade or CONNECT request"
+        if request.error:
+            self._state = _State.FAILED  # refused: nothing after it is read
+            self._buffer.clear()
+        elif request.switch != NO_SWITCH:
             self._state = _State.AWAIT_SWITCH
         elif self._complete:
             self._state = _State.HEAD
-        elif b"transfer-encoding" in request.headers:
+            self._begin_request()
+        elif b"transfer-encoding" in headers:
             self._state = _State.CHUNKED
+            self._chunked = ChunkedBody(self.max_header_size)
         else:
             self._state = _State.LENGTH
-            self._remaining = int(request.headers.get(b"content-length", b"0"))
-        if self._state is _State.HEAD:
-            self._begin_request()
+            self._remaining = int(headers.get(b"content-length", b"0"))
         return Head(request, raw)
 
     def _request_head(self) -> RequestHead:
@@ -250,24 +287,29 @@ class HttpInspector:
         target = bytes(self._url)
         request = RequestHead(method, target, parser.get_http_version(), None, headers)
         request.error = _framing_error(self._repeated, headers, request.version)
+        if self._upgrades:
+            request.upgrade, error = _upgrade_tokens(self._upgrades)
+            request.error = request.error or error
         host_header = headers.get(b"host")
-        authority = _authority(target, method)
+        if host_header is not None and not _NAME_BYTES.fullmatch(host_header):
+            # Raw bytes outside ASCII would be mapped by UTS-46 (\xaa becomes "a", a soft hyphen
+            # vanishes) into a name the backend never saw. Unicode names travel as A-labels.
+            request.error = request.error or "Host with bytes outside visible ASCII"
+            return request
+        authority, error = _authority(target, method)
+        request.error = request.error or error
         if b"host" in self._repeated:
             request.error = request.error or "more than one Host header"
         elif authority is not None:
-            if authority == "":
-                request.error = request.error or "malformed request target"
-            elif host_header is not None and host_header.decode("latin-1").lower() != authority.lower():
+            if host_header is not None and host_header.decode("ascii").lower() != authority.lower():
                 # RFC 9112 says the target wins; a backend that reads Host instead would be
                 # steered past the check, so a mismatch is refused.
-                request.error = request.error or "Host header differs from the absolute-form target"
-            request.host = authority or None
+                request.error = request.error or "Host header differs from the request target's authority"
+            request.host = authority
         elif host_header is not None:
-            request.host = host_header.decode("latin-1")
+            request.host = host_header.decode("ascii")
         elif request.version != "1.0":
             request.error = request.error or "HTTP/1.1 request without Host"
-        if self._upgrade_offset is not None or parser.should_upgrade():
-            request.upgrade = headers.get(b"upgrade", b"").lower()
         return request
 
     def _read_length_body(self) -> Event:
@@ -283,15 +325,21 @@ class HttpInspector:
         return Body(chunk)
 
     def _read_chunked_body(self) -> Event:
-        newline = self._buffer.find(b"\n")
-        take = len(self._buffer) if newline < 0 else newline + 1
-        chunk = bytes(self._buffer[:take])
-        del self._buffer[:take]
-        error = self._parse(chunk)
+        """Everything of the body that has arrived, as one event: sizes and data are skipped by length."""
+        try:
+            end = self._chunked.advance(self._buffer)
+        except FramingError as error:
+            return self._fail("malformed chunked body: %s" % error)
+        chunk = bytes(self._buffer[:end])
+        del self._buffer[:end]
+        error = self._parse(chunk)  # llhttp reads the same bytes and must agree on the end
         if error:
             return self._fail(error)
-        if self._complete:
+        if self._chunked.done:
+            self._chunked = None
             return self._end_message(chunk)
+        if self._complete:
+            return self._fail("message did not end where its framing says")
         return Body(chunk)
 
     def _end_message(self, chunk: bytes) -> Event:
@@ -303,14 +351,14 @@ class HttpInspector:
 
 
 def _framing_error(repeated: set[bytes], headers: dict[bytes, bytes], version: str) -> str:
-    """Ambiguous framing is how requests are smuggled past a gate: refuse it (DESIGN §4)."""
+    """Ambiguous framing is how requests are smuggled past a gate: refuse it."""
     has_length = b"content-length" in headers
     has_encoding = b"transfer-encoding" in headers
     if has_length and has_encoding:
         return "Content-Length together with Transfer-Encoding"
     if b"content-length" in repeated:
         return "more than one Content-Length"
-    if has_length and not headers[b"content-length"].isdigit():
+    if has_length and not (headers[b"content-length"].isdigit() and len(headers[b"content-length"]) <= 18):
         return "malformed Content-Length"
     if has_encoding:
         if b"transfer-encoding" in repeated or headers[b"transfer-encoding"].lower() != b"chunked":
@@ -320,20 +368,48 @@ def _framing_error(repeated: set[bytes], headers: dict[bytes, bytes], version: s
     return ""
 
 
-def _authority(target: bytes, method: str) -> str | None:
-    """The authority of an absolute-form or authority-form (CONNECT) target; None for origin-form."""
+def _upgrade_tokens(values: list[bytes]) -> tuple[tuple[bytes, ...], str]:
+    """Every protocol named by every Upgrade header (each is a comma-separated list), lower-case."""
+    tokens = []
+    for element in b",".join(values).split(b","):
+        element = element.strip(b" \t")
+        if not element:
+            continue  # empty list elements are allowed and mean nothing
+        if not _TOKEN.fullmatch(element):
+            return (), "malformed Upgrade token"
+        tokens.append(element.lower())
+    if not tokens:
+        return (), "empty Upgrade header"
+    return tuple(tokens), ""
+
+
+def _authority(target: bytes, method: str) -> tuple[str | None, str]:
+    """The authority the backend routes on, from the request target's form, and an error.
+
+    origin-form (`/path`) has none, nor does `*` (OPTIONS only); authority-form is CONNECT's;
+    absolute-form must be http or https. Backends route absolute-form targets of any scheme on
+    their authority (nginx reads `x://host/`), so any other form is refused rather than guessed.
+    """
     if method == "CONNECT":
-        return target.decode("latin-1")
-    lowered = target[:8].lower()
-    if not (lowered.startswith(b"http://") or lowered.startswith(b"https://")):
-        return None
+        if not _NAME_BYTES.fullmatch(target) or target.startswith(b"/"):
+            return None, "malformed CONNECT target"
+        return target.decode("ascii"), ""
+    if target.startswith(b"/"):
+        return None, ""
+    if target == b"*":
+        return None, "" if method == "OPTIONS" else "asterisk target outside OPTIONS"
+    absolute = _HTTP_AUTHORITY.match(target)
+    if absolute is None:
+        return None, "request target is neither a path nor an http or https URL"
+    if not _NAME_BYTES.fullmatch(absolute.group(1)):
+        return None, "request target authority empty or with bytes outside visible ASCII"
     try:
         url = httptools.parse_url(target)
     except httptools.HttpParserInvalidURLError:
-        return ""
+        return None, "malformed request target"
     if not url.host or url.userinfo:
-        return ""
-    host = url.host.decode("latin-1")
+        return None, "malformed request target authority"
+    host = url.host.decode("ascii")
     if ":" in host:
         host = "[%s]" % host
-    return host if url.port is None else "%s:%d" % (host, url.port)
+    return (host if url.port is None else "%s:%d" % (host, url.port)), ""
