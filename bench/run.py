@@ -2,7 +2,7 @@
 
     python bench/run.py [--filings 1000000] [--seconds 5] [--rounds 3]
 
-nginx does the same job the clouds' setups do (DESIGN §5): `map $host` in http{} returning 403,
+nginx does the same job the clouds' setups do (docs/performance.md): `map $host` in http{} returning 403,
 and `ssl_preread` + `map $ssl_preread_server_name` in stream{}, with every allowed domain in both
 maps. Both gates run one worker pinned to CPU 0; the origin (another nginx) and the load
 generator (h2load, curl) share CPU 1. Each scenario alternates nginx and icpgate for `rounds`

@@ -26,7 +26,7 @@ class Action(StrEnum):
 
 
 class Reason(StrEnum):
-    """The closed set of reason codes (DESIGN §2), shared by pages, JSON, metrics, logs and the CLI."""
+    """The closed set of reason codes (docs/statuses.md), shared by pages, JSON, metrics, logs and the CLI."""
 
     FILED = "filed"
     ACCESS_PENDING = "access_pending"

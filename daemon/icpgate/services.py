@@ -1,7 +1,7 @@
 """What runs beside the gate workers: the feed client, violation upkeep and the admin API.
 
 With one worker they run in its event loop; with several, in one supervised service process
-(DESIGN §3: one process owns the state, N workers serve).
+(one process owns the state and its writers, N workers serve: docs/gate.md).
 """
 
 from __future__ import annotations
