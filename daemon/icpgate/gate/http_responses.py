@@ -21,7 +21,6 @@ NO_SWITCH, UPGRADE, CONNECT = 0, 1, 2
 HEAD_END = b"\r\n\r\n"
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: [\t \x21-\x7e\x80-\xff]*)?\r\n")
-_FIELD_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t \x21-\x7e\x80-\xff]*\r\n)*\r\n")
 _FRAMING_FIELD = re.compile(rb"\n(content-length|transfer-encoding):[ \t]*([^\r]*)", re.IGNORECASE)
 
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _TUNNEL = range(5)
@@ -122,8 +121,8 @@ class ResponseTracker:
         status_line = _STATUS_LINE.match(head)
         if status_line is None:
             raise FramingError("malformed response status line")
-        if _FIELD_LINES.fullmatch(head, status_line.end()) is None:
-            raise FramingError("malformed response header field")
+        if head.count(b"\n") != head.count(b"\r\n") or b"\n " in head or b"\n\t" in head:
+            raise FramingError("bare LF or folded line in the response header section")
         status = int(status_line.group(1))
         expected = self._expected[0] if self._expected else None  # None: an answer nobody asked for
         if status < 200:
@@ -137,17 +136,32 @@ class ResponseTracker:
             return
         if expected is not None:
             self._expected.popleft()
-            if expected[1] == CONNECT and status < 300:
-                self._state = _TUNNEL
-                self.switched = True
-                return
             if expected[1] != NO_SWITCH:
+                if expected[1] == CONNECT and status < 300:
+                    self._state = _TUNNEL
+                    self.switched = True
+                    return
                 self.switched = False
-        if (expected is not None and expected[0]) or status in (204, 304):
+        if (expected is not None and expected[0]) or status == 204 or status == 304:
             return  # no body, whatever the headers say
         self._frame_body(head)
 
     def _frame_body(self, head: bytes) -> None:
+        lower = head.lower()
+        length_at = lower.find(b"\ncontent-length:")
+        if (
+            length_at >= 0
+            and b"\ntransfer-encoding:" not in lower
+            and lower.find(b"\ncontent-length:", length_at + 16) < 0
+        ):
+            # The common case: one Content-Length, no Transfer-Encoding.
+            value = head[length_at + 16 : head.index(b"\r", length_at + 16)].strip(b" \t")
+            if not value.isdigit() or len(value) > 18:
+                raise FramingError("malformed response Content-Length")
+            self._remaining = int(value)
+            if self._remaining:
+                self._state = _LENGTH
+            return
         lengths: set[bytes] = set()
         encodings: list[bytes] = []
         for name, value in _FRAMING_FIELD.findall(head):
