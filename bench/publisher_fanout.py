@@ -77,8 +77,8 @@ def main() -> None:
     subprocess.run([sys.executable, BENCH / "gen_filings.py", str(args.filings), str(source)], check=True)
     subprocess.run([*ICPGATE, "import", str(source), "-c", str(config)], check=True, capture_output=True)
     port = free_port()
-    publisher = subprocess.Popen([*ICPGATE, "feed", "serve", "--listen", "127.0.0.1:%d" % port, "-c", str(config)],
-                                 stderr=(OUT / "publisher.log").open("w"))  # fmt: skip
+    serve = [*ICPGATE, "feed", "serve", "--no-auth", "--listen", "127.0.0.1:%d" % port, "-c", str(config)]
+    publisher = subprocess.Popen(serve, stderr=(OUT / "publisher.log").open("w"))
     url = "http://127.0.0.1:%d/feed/v1" % port
     time.sleep(3)
     try:
