@@ -1,4 +1,4 @@
-"""The fast SNI extractor, against mitmproxy's ClientHello parser as the oracle."""
+"""The fast SNI extractor, against mitmproxy's ClientHello parser as the oracle, and its reassembly."""
 
 from __future__ import annotations
 
@@ -10,11 +10,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mitmproxy.proxy.layers.tls import get_client_hello, parse_client_hello
 
-from icpgate.gate.client_hello import HelloState
-from icpgate.gate.client_hello import parse_client_hello as fast_parse
+from icpgate.gate.client_hello import MAX_HELLO_RECORDS, Hello, HelloReassembler, HelloState
 from icpgate.hostname import HostKind, normalize_host
 
 CAP = 16384
+
+
+def fast_parse(data: bytes, max_size: int) -> Hello:
+    """What the gate reads from `data` arriving in one piece."""
+    return HelloReassembler(max_size).feed(data)
+
+
+def fed_in_pieces(data: bytes, cuts: list[int], max_size: int = CAP) -> tuple[Hello, HelloReassembler]:
+    """Feed `data` cut at the given offsets: the last answer, and the reassembler."""
+    reader = HelloReassembler(max_size)
+    result = reader.feed(b"")
+    for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
+        result = reader.feed(data[start:end])
+    return result, reader
 
 
 def oracle(data: bytes) -> tuple[str, str | None]:
@@ -136,3 +149,68 @@ def test_mutated_hellos_same_sni_or_refused(position: int, value: int, cut: int)
             assert ours.sni is None or normalize_host(ours.sni).kind is HostKind.INVALID
         else:
             assert theirs[1] == ours.sni
+
+
+# --- the reassembler: split anywhere, record cap, oversize, garbage ----------------------------------
+@settings(max_examples=300, deadline=None)
+@given(
+    records=st.lists(st.integers(min_value=1, max_value=300), max_size=MAX_HELLO_RECORDS - 1),
+    cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=30),
+    trailer=st.binary(max_size=20),
+)
+def test_split_anywhere_same_answer_and_end(records: list[int], cuts: list[int], trailer: bytes) -> None:
+    """However records and segments cut the hello, the answer is the one-piece answer, and `end`
+    marks where the hello's records stop (what follows is kept for the relay, not read)."""
+    hello = build_hello([server_name_extension("example-filed.cn")], key_share_size=600, record_sizes=records)
+    data = hello + trailer
+    result, reader = fed_in_pieces(data, sorted({c % len(data) for c in cuts}))
+    assert result == fast_parse(hello, CAP) == (HelloState.COMPLETE, "example-filed.cn", "", False)
+    assert reader.end == len(hello) and bytes(reader.data) == data
+
+
+def test_each_record_is_read_once() -> None:
+    """One byte at a time: a record is consumed when its last byte arrives, never re-read."""
+    hello = build_hello([server_name_extension("example-filed.cn")], record_sizes=[1] * 40)
+    reader = HelloReassembler(CAP)
+    ends = []
+    for index in range(len(hello)):
+        before = reader.end
+        assert reader.feed(hello[index : index + 1]).state is (
+            HelloState.COMPLETE if index == len(hello) - 1 else HelloState.NEED_MORE
+        )
+        if reader.end != before:
+            ends.append(reader.end)
+    assert ends == [*range(6, 6 * 41, 6), len(hello)]
+
+
+def test_record_cap() -> None:
+    body_size = len(build_hello([server_name_extension("example-filed.cn")])) - 5
+    at_cap = [1] * (MAX_HELLO_RECORDS - 1)  # plus the rest in one: exactly the cap
+    assert fast_parse(build_hello([server_name_extension("a.cn")], record_sizes=at_cap), CAP).sni == "a.cn"
+    over = build_hello([server_name_extension("a.cn")], record_sizes=[1] * body_size)
+    result, reader = fed_in_pieces(over, list(range(1, len(over))))
+    assert result.state is HelloState.ERROR
+    assert result.error == "ClientHello spans more than %d TLS records" % MAX_HELLO_RECORDS
+    assert reader.end == 6 * MAX_HELLO_RECORDS  # refused at the cap, not at the end of the hello
+
+
+def test_oversize_and_garbage_fail_as_soon_as_they_show() -> None:
+    big = build_hello([server_name_extension("a.cn")], key_share_size=3000, record_sizes=[4])
+    result, reader = fed_in_pieces(big, [5, 9], max_size=2000)  # the handshake header says 3 KB
+    assert result.state is HelloState.ERROR and "larger than 2000" in result.error
+    assert reader.end == 9
+    result, reader = fed_in_pieces(build_hello([], key_share_size=3000), [5], max_size=2000)
+    assert "larger than 2000" in result.error and reader.end == 0  # the record header says so
+    reader = HelloReassembler(2000)
+    assert reader.feed(b"\x16\x03").state is HelloState.NEED_MORE
+    assert "record version 3.9" in reader.feed(b"\x09").error
+    assert "not a TLS handshake" in HelloReassembler(CAP).feed(b"G").error
+    final = HelloReassembler(CAP)
+    assert final.feed(b"\x17").state is HelloState.ERROR
+    assert final.feed(python_hello("example-filed.cn")).state is HelloState.ERROR  # an error is final
+
+
+def test_a_hello_followed_by_more_handshake_in_its_record_is_refused() -> None:
+    hello = build_hello([server_name_extension("a.cn")])
+    stretched = hello[:3] + (int.from_bytes(hello[3:5], "big") + 4).to_bytes(2, "big") + hello[5:] + b"\x0f\x00\x00\x00"
+    assert "handshake data after the ClientHello" in fast_parse(stretched, CAP).error

@@ -3,6 +3,12 @@
 The hot-path extractor: it only walks lengths, never copies the hello more than once, and refuses
 anything it cannot account for byte by byte (fail closed). mitmproxy's ClientHello parser is its
 oracle in the property tests; it is too slow and too lenient to run here.
+
+`HelloReassembler` is fed the client's bytes as they arrive and consumes each TLS record once,
+when it is complete, so a hello costs time linear in its size however it is cut into segments
+and records. A hello may span at most `MAX_HELLO_RECORDS` records: real stacks use one to three
+(a hello over 16 KiB needs two), record-fragmenting anti-censorship clients use tens; a hello in
+hundreds of tiny records is only ever an attempt to make the gate work.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ RECORD_HEADER = 5
 HANDSHAKE = 0x16
 CLIENT_HELLO = 0x01
 MAX_RECORD = 1 << 14
+MAX_HELLO_RECORDS = 64
 EXT_SERVER_NAME = 0x0000
 EXT_ECH = 0xFE0D
 HOST_NAME = 0x00
@@ -39,51 +46,83 @@ def _error(message: str) -> Hello:
     return Hello(HelloState.ERROR, error=message)
 
 
-def parse_client_hello(data: bytes, max_size: int) -> Hello:
-    """Parse what has arrived so far: NEED_MORE, COMPLETE with the SNI (or None), or ERROR."""
-    handshake = bytearray()
-    offset = 0
-    needed = None  # handshake message length once its header is in
-    while needed is None or len(handshake) < needed:
-        if len(data) - offset < RECORD_HEADER:
-            return _need_more_or_error(data, offset, max_size)
-        if data[offset] != HANDSHAKE:
+class HelloReassembler:
+    """One connection's ClientHello, fed as it arrives: each record is read once, when complete.
+
+    `data` keeps every byte fed (the gate replays them byte-exact); once the result is COMPLETE,
+    `end` is where the hello's last record ends in it: what follows is the client's next record.
+    After COMPLETE or ERROR the result is final and further feeds only keep the bytes.
+    """
+
+    __slots__ = ("_handshake", "_max_records", "_max_size", "_needed", "_records", "data", "end", "result")
+
+    def __init__(self, max_size: int, max_records: int = MAX_HELLO_RECORDS) -> None:
+        self.data = bytearray()
+        self.end = 0  # the first byte not yet consumed; once COMPLETE, the end of the hello
+        self.result = NEED_MORE
+        self._max_size = max_size
+        self._max_records = max_records
+        self._handshake = bytearray()
+        self._needed = 0  # the handshake message's length with its header, once that is in
+        self._records = 0
+
+    def feed(self, data: bytes) -> Hello:
+        self.data += data
+        if self.result is NEED_MORE:
+            self.result = self._consume()
+        return self.result
+
+    def _consume(self) -> Hello:
+        data = self.data
+        handshake = self._handshake
+        while True:
+            offset = self.end
+            if len(data) - offset < RECORD_HEADER:
+                return self._partial_header(offset)
+            if data[offset] != HANDSHAKE:
+                return _error("not a TLS handshake record (first byte 0x%02x)" % data[offset])
+            if data[offset + 1] != 3 or data[offset + 2] > 3:
+                # Record versions are 3.0-3.3; TLS 1.3 keeps 3.1/3.3 on the record layer.
+                return _error("unknown TLS record version %d.%d" % (data[offset + 1], data[offset + 2]))
+            length = (data[offset + 3] << 8) | data[offset + 4]
+            if length == 0 or length > MAX_RECORD:
+                return _error("TLS record length %d out of range" % length)
+            end = offset + RECORD_HEADER + length
+            if end > self._max_size:
+                return _error("ClientHello larger than %d bytes" % self._max_size)
+            if end > len(data):
+                return NEED_MORE
+            handshake += data[offset + RECORD_HEADER : end]
+            self.end = end
+            self._records += 1
+            if not self._needed and len(handshake) >= 4:
+                if handshake[0] != CLIENT_HELLO:
+                    return _error("first handshake message is not a ClientHello (type %d)" % handshake[0])
+                self._needed = 4 + ((handshake[1] << 16) | (handshake[2] << 8) | handshake[3])
+                if self._needed > self._max_size:
+                    return _error("ClientHello larger than %d bytes" % self._max_size)
+            if self._needed and len(handshake) >= self._needed:
+                break
+            if self._records >= self._max_records:
+                return _error("ClientHello spans more than %d TLS records" % self._max_records)
+        if len(handshake) != self._needed:
+            # The record that ends the hello carries more handshake data: not what a client sends first.
+            return _error("handshake data after the ClientHello in the same record")
+        self._handshake = bytearray()  # the body is parsed below; nothing needs it afterwards
+        return _parse_body(memoryview(handshake)[4:])
+
+    def _partial_header(self, offset: int) -> Hello:
+        """A partial record header: check what bytes there are, so garbage fails at once."""
+        data = self.data
+        present = len(data) - offset
+        if present and data[offset] != HANDSHAKE:
             return _error("not a TLS handshake record (first byte 0x%02x)" % data[offset])
-        if data[offset + 1] != 3 or data[offset + 2] > 3:
-            # Record versions are 3.0-3.3; TLS 1.3 keeps 3.1/3.3 on the record layer.
-            return _error("unknown TLS record version %d.%d" % (data[offset + 1], data[offset + 2]))
-        length = (data[offset + 3] << 8) | data[offset + 4]
-        if length == 0 or length > MAX_RECORD:
-            return _error("TLS record length %d out of range" % length)
-        end = offset + RECORD_HEADER + length
-        if end > max_size:
-            return _error("ClientHello larger than %d bytes" % max_size)
-        if end > len(data):
-            return NEED_MORE
-        handshake += data[offset + RECORD_HEADER : end]
-        offset = end
-        if needed is None and len(handshake) >= 4:
-            if handshake[0] != CLIENT_HELLO:
-                return _error("first handshake message is not a ClientHello (type %d)" % handshake[0])
-            needed = 4 + ((handshake[1] << 16) | (handshake[2] << 8) | handshake[3])
-            if needed > max_size:
-                return _error("ClientHello larger than %d bytes" % max_size)
-    if len(handshake) != needed:
-        # The record that ends the hello carries more handshake data: not what a client sends first.
-        return _error("handshake data after the ClientHello in the same record")
-    return _parse_body(memoryview(handshake)[4:needed])
-
-
-def _need_more_or_error(data: bytes, offset: int, max_size: int) -> Hello:
-    """A partial record header: check what bytes there are, so garbage fails at once."""
-    rest = data[offset:]
-    if rest and rest[0] != HANDSHAKE:
-        return _error("not a TLS handshake record (first byte 0x%02x)" % rest[0])
-    if (len(rest) > 1 and rest[1] != 3) or (len(rest) > 2 and rest[2] > 3):
-        return _error("unknown TLS record version %d.%d" % (rest[1], rest[2] if len(rest) > 2 else 0))
-    if offset + RECORD_HEADER > max_size:
-        return _error("ClientHello larger than %d bytes" % max_size)
-    return NEED_MORE
+        if (present > 1 and data[offset + 1] != 3) or (present > 2 and data[offset + 2] > 3):
+            minor = data[offset + 2] if present > 2 else 0
+            return _error("unknown TLS record version %d.%d" % (data[offset + 1], minor))
+        if offset + RECORD_HEADER > self._max_size:
+            return _error("ClientHello larger than %d bytes" % self._max_size)
+        return NEED_MORE
 
 
 class _Reader:
