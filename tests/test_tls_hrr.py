@@ -8,10 +8,12 @@ and still passing real clients, including ones that get a retry request for a re
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,3 +342,45 @@ def test_server_records_split_anywhere_classify_the_same() -> None:
     # ServerHello and Certificate in one record (TLS 1.2 style): the first message decides.
     packed = SERVER_HELLO_[5:] + b"\x0b\x00\x00\x00"
     assert watch_for().from_server(record(0x16, packed)) == (True, b"")
+
+
+# --- through the gate, bytes driven by hand ---------------------------------------------------------
+def test_second_hello_sent_ahead_of_the_retry_is_held_and_refused(hrr_gate, vhosts: Vhosts) -> None:
+    """Both hellos in one write: the second waits at the gate until nginx's retry request, then is read."""
+    seen_before = len(vhosts.server_names())
+    sock = socket.create_connection(("127.0.0.1", hrr_gate.ports["tls"]), timeout=10)
+    sock.sendall(hello(FILED) + CCS + record(0x16, client_hello(UNFILED, bytes(32))))
+    assert closed_by_peer(sock) == "reset"
+    time.sleep(0.3)
+    assert vhosts.server_names()[seen_before:] == [FILED]
+
+
+@pytest.fixture
+def double_retry_backend():
+    """A backend no real TLS stack imitates: it answers every read with two retry requests."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                with conn:
+                    if conn.recv(65536):
+                        conn.sendall(RETRY + CCS + RETRY)
+                    conn.recv(65536)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    server.close()
+
+
+def test_a_backend_asking_twice_gets_the_client_reset(tmp_path: Path, double_retry_backend: int) -> None:
+    port = free_port()
+    gate = start_gate(gate_config(tmp_path, {"tls": listener(port, "tls", double_retry_backend)}), {"tls": port})
+    try:
+        result = retry_handshake("127.0.0.1", port, FILED, FILED)
+        assert result.outcome == "reset", result  # not "second_retry": the second one never reached the client
+    finally:
+        assert gate.stop() == 0
+    assert "Traceback" not in gate.log()

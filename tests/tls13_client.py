@@ -20,6 +20,7 @@ server's flight up to its Certificate message.
              "closed"       the peer closed the connection (EOF) before a certificate came
              "alert"        the server sent a TLS alert (see `alert`)
              "no_retry"     the server answered the first hello with a ServerHello, not a HelloRetryRequest
+             "second_retry" the server answered the second hello with another HelloRetryRequest
              "timeout"      nothing came for `timeout` seconds
     certificate_der: the DER of the server's end-entity certificate, when outcome is "certificate"
     retried: whether a HelloRetryRequest was received (outcomes after it say what became of hello #2)
@@ -251,7 +252,9 @@ def retry_handshake(
             except (BrokenPipeError, ConnectionResetError):
                 raise _Ended("reset") from None
             server_hello = records.message()
-            _, suite, extensions = _server_hello(server_hello)
+            answer_random, suite, extensions = _server_hello(server_hello)
+            if answer_random == HRR_RANDOM:
+                return RetryResult("second_retry", retried=True, cookie=result.cookie)
             share = extensions[EXT_KEY_SHARE]
             server_key = X25519PublicKey.from_public_bytes(share[4 : 4 + int.from_bytes(share[2:4], "big")])
             # RFC 8446 4.4.1: after a retry request the first hello enters the transcript as its hash.
