@@ -82,7 +82,7 @@ def _launch(kind: str, directory: Path, argv: list[str], ports: dict[str, int], 
 
 
 # --- nginx ----------------------------------------------------------------------------------------
-def _nginx_server(name: str, ports: dict[str, int], cert: tuple[Path, Path], default: bool) -> str:
+def _nginx_server(name: str, ports: dict[str, int], cert: tuple[Path, Path], files: Path, default: bool) -> str:
     label = "default" if default else name
     flag = " default_server" if default else ""
     return """
@@ -92,6 +92,10 @@ def _nginx_server(name: str, ports: dict[str, int], cert: tuple[Path, Path], def
         server_name %(server_name)s;
         ssl_certificate %(chain)s;
         ssl_certificate_key %(key)s;
+        add_header X-Served-By "%(label)s" always;
+        location /files/ {
+            alias %(files)s/;
+        }
         location / {
             return 200 "served host=$host sni=$ssl_server_name server=%(label)s\\n";
         }
@@ -104,25 +108,29 @@ def _nginx_server(name: str, ports: dict[str, int], cert: tuple[Path, Path], def
         "chain": cert[0],
         "key": cert[1],
         "label": label,
+        "files": files,
     }
 
 
-def start_nginx(tmp_path: Path, names: list[str], certs: trustme.CA) -> Backend:
+def start_nginx(tmp_path: Path, names: list[str], certs: trustme.CA, files: dict[str, bytes] | None = None) -> Backend:
     """nginx with one server per name on a plain and a TLS port (its own certificate from `certs`)
-    plus a default server on both. Every location is a `return`, so nginx answers without reading
-    a request body: whatever follows the headers is parsed as the next request, as in production
-    sites that serve static files."""
+    plus a default server on both. `/` is a `return`, so nginx answers without reading a request
+    body, as for static files; `/files/<name>` serves `files` as static files. Every answer carries
+    `X-Served-By: <server name>` (`default` for the default server)."""
     directory = tmp_path / "nginx"
     directory.mkdir(parents=True, exist_ok=True)
-    for temp in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+    for temp in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi", "files"):
         (directory / temp).mkdir(exist_ok=True)
+    for file_name, content in (files or {}).items():
+        (directory / "files" / file_name).write_bytes(content)
     ca_pem = directory / "ca.pem"
     certs.cert_pem.write_to_path(ca_pem)
     cert_paths = issue_certs(directory / "certs", names, certs)
     ports = {"http": free_port(), "tls": free_port()}
     error_log, access_log = directory / "error.log", directory / "access.log"
-    servers = _nginx_server("default", ports, cert_paths["default.invalid"], default=True)
-    servers += "".join(_nginx_server(name, ports, cert_paths[name], default=False) for name in names)
+    files_dir = directory / "files"
+    servers = _nginx_server("default", ports, cert_paths["default.invalid"], files_dir, default=True)
+    servers += "".join(_nginx_server(name, ports, cert_paths[name], files_dir, default=False) for name in names)
     conf = directory / "nginx.conf"
     conf.write_text(
         """
@@ -142,6 +150,7 @@ http {
     keepalive_timeout 30s;
     keepalive_requests 1000;
     server_names_hash_bucket_size 128;
+    ssl_protocols TLSv1.2 TLSv1.3;  # nginx 1.22 leaves TLS 1.3 out by default
 %(servers)s
 }
 """
