@@ -339,6 +339,13 @@ def test_server_records_split_anywhere_classify_the_same() -> None:
         assert watch.from_server(flight[:cut]) == (False, b"")
         assert watch.from_server(flight[cut:]) == (False, b"")
         assert watch.awaiting_client, cut
+    for cut in range(1, len(SERVER_HELLO_)):  # whole, it takes the short way; cut, the long one
+        watch = watch_for()
+        if cut < 5 + 4 + 2 + 32:  # record header, message header, version, random
+            assert watch.from_server(SERVER_HELLO_[:cut]) == (False, b"")
+            assert watch.from_server(SERVER_HELLO_[cut:]) == (True, b""), cut
+        else:
+            assert watch.from_server(SERVER_HELLO_[:cut]) == (True, b""), cut
     # ServerHello and Certificate in one record (TLS 1.2 style): the first message decides.
     packed = SERVER_HELLO_[5:] + b"\x0b\x00\x00\x00"
     assert watch_for().from_server(record(0x16, packed)) == (True, b"")

@@ -98,6 +98,18 @@ class ServerFlight:
 
     def feed(self, data: bytes) -> list[Reply]:
         """The messages classified in this chunk, in order; ServerViolation for garbage or a second retry."""
+        if (
+            not self._records
+            and len(data) >= RECORD_HEADER + HELLO_PREFIX
+            and data[0] == HANDSHAKE
+            and data[5] == SERVER_HELLO
+            and data[1] == 3
+            and data[2] <= 4
+            and HELLO_PREFIX <= (data[3] << 8 | data[4]) <= MAX_CIPHERTEXT
+            and (data[6] << 16 | data[7] << 8 | data[8]) >= HELLO_PREFIX - 4
+            and data[11:43] != HRR_RANDOM
+        ):
+            return [Reply.SERVER_HELLO]  # the usual answer, whole in the first read: the pass path
         replies: list[Reply] = []
         position, size = 0, len(data)
         while position < size:
@@ -171,7 +183,7 @@ class HandshakeWatch:
     __slots__ = ("_buffer", "_first", "_hello", "_holding", "_max_size", "_mode", "_server")
 
     def __init__(self, first_sni: str | None, max_size: int) -> None:
-        self._first = sni_key(first_sni)
+        self._first = first_sni  # normalised only if a second hello comes
         self._max_size = max_size
         self._mode = _Mode.SAFE_ONLY
         self._buffer = bytearray()  # client bytes not forwarded: a partial record, or all that is held
@@ -251,11 +263,11 @@ class HandshakeWatch:
             return b""
         if hello.state is HelloState.ERROR:
             raise RetryViolation("second ClientHello after HelloRetryRequest: " + hello.error)
-        second = sni_key(hello.sni)
-        if second != self._first:
+        first, second = sni_key(self._first), sni_key(hello.sni)
+        if second != first:
             raise RetryViolation(
                 "second ClientHello after HelloRetryRequest names %s, the first named %s"
-                % (_shown(second), _shown(self._first)),
+                % (_shown(second), _shown(first)),
                 second or "",
             )
         # Same name: the hello goes on; what follows it waits for the server's next message.
