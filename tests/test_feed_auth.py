@@ -62,7 +62,8 @@ def test_an_edge_syncs_with_its_token_and_not_without(publisher, tmp_path: Path,
     status = run_icpgate("feed", "status", "-c", str(edge))
     assert "signatures   required (1 public key in feed.public_keys)" in status.stdout
     log = publisher.log.read_text()
-    assert "feed publisher listening on http://127.0.0.1:%d/feed/v1 (bearer tokens for 2 edges" % publisher.port in log
+    listening = "feed publisher listening on http://127.0.0.1:%d/feed/v1" % publisher.port
+    assert listening + " (bearer tokens for 2 edge(s)" in log
     assert "refused a request from 127.0.0.1: no token" in log
     for text in (log, status.stdout, status.stderr, json.dumps(outcome)):
         assert publisher.token not in text

@@ -278,7 +278,7 @@ def _cmd_import(args: argparse.Namespace) -> Exit:
     guard = Guard(config.feed.guard_share, config.feed.guard_min_filings)
     report = asyncio.run(_import(config, args, guard))
     _print_report(report, args.json, dry_run=args.dry_run)
-    if report.forced and not args.json:
+    if report.forced and report.committed:
         print("warning: --force: the mass-change guard was overridden (%s); recorded with the import in %s"
               % (report.forced, config.registry_path), file=sys.stderr)  # fmt: skip
     if args.dry_run:

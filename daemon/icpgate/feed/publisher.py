@@ -276,7 +276,7 @@ async def _serve(config: Config, host: str, port: int) -> int:
     try:
         await web.SockSite(runner, sock).start()
         auth = (
-            "bearer tokens for %d edges from %s" % (len(publisher.tokens.names), config.publish.tokens_file)
+            "bearer tokens for %d edge(s) from %s" % (len(publisher.tokens.names), config.publish.tokens_file)
             if publisher.tokens
             else "NO AUTHENTICATION (--no-auth): anyone who can connect gets every filing"
         )
