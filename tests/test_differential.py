@@ -21,7 +21,7 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +46,8 @@ FAKE_101 = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnectio
 H2_SETTINGS = b"AAMAAABkAAQAAP__"
 INSPECT_TIMEOUT = 5.0  # long, so a blocked pipelined request that waits for it shows
 PROMPT = 2.0  # a block must arrive well before the inspect timeout
-READ_DEADLINE = 8.0
+READ_DEADLINE = 3.0
+MAX_FAILURES = 25
 SERVED = re.compile(rb"served host=[^\n]*? server=([a-z0-9.-]+)")
 # A static file for the response-boundary attack: any slice of it that starts at an even offset
 # has "101" at bytes 9-11. Larger than what loopback socket buffers hold (4 MiB send buffers on
@@ -86,11 +87,10 @@ class Variant:
     name: str
     requests: list[Request]
     must_serve: bool = False  # a plain filed request: refusing it is a failure too
-    trailer: bytes = b""  # bytes after the modelled requests that are not a request of their own
 
     @property
     def wire(self) -> bytes:
-        return b"".join(r.raw for r in self.requests) + self.trailer
+        return b"".join(r.raw for r in self.requests)
 
     @property
     def expects_block(self) -> bool:
@@ -182,10 +182,9 @@ def gen_absolute_form(rng: random.Random) -> Variant:
 
 def gen_host_forms(rng: random.Random) -> Variant:
     """Header case and whitespace, duplicates, HTTP/1.0 without Host, IP literals, hosts with
-    delimiters in them, bare line feeds in the head (bypass 8: non-ASCII bytes in Host and
-    authority)."""
+    delimiters in them, bare line feeds in the head."""
     name = any_name(rng)
-    kind = rng.randrange(11)
+    kind = rng.randrange(9)
     if kind == 0:
         header = rng.choice([b"host", b"HOST", b"hOsT", b"Host"])
         ows = rng.choice([b"", b" ", b"  ", b"\t", b" \t"])
@@ -209,11 +208,6 @@ def gen_host_forms(rng: random.Random) -> Variant:
         value = rng.choice(ODD_HOSTS)
         first = Request(request(value), route(value))
     elif kind == 7:
-        first = Request(request(non_ascii(rng, name)), None)
-    elif kind == 8:
-        raw = non_ascii(rng, name)
-        first = Request(request(raw, target=rng.choice([b"http", b"https"]) + b"://" + raw + b"/"), None)
-    elif kind == 9:
         return bare_line_feeds(rng)
     else:
         value = spelling(rng, name)
@@ -268,14 +262,37 @@ def bare_line_feeds(rng: random.Random) -> Variant:
 
 
 def non_ascii(rng: random.Random, name: str) -> bytes:
-    """A filed name with a byte >= 0x80 in it that UTS-46 maps away or that a backend reads as
-    another name: latin-1 ordinal indicators, soft hyphens, zero-width spaces, full-width dots."""
+    """A filed name with a byte >= 0x80 in it that UTS-46 maps away (read as latin-1: the ordinal
+    indicators ª and º become "a" and "o", a soft hyphen disappears) or that is UTF-8 for an
+    invisible or look-alike character; a backend reads it as another name."""
     raw = name.encode()
-    insert = rng.choice([b"\xad", b"\xc2\xad", b"\xe2\x80\x8b", b"\xaa", b"\xef\xbc\x8e", b"\xba"])
-    if insert in (b"\xaa", b"\xba") and b"a" in raw:
-        return raw.replace(b"a", insert, 1)
+    roll = rng.random()
+    if roll < 0.3 and b"a" in raw:
+        position = rng.choice([i for i, c in enumerate(raw) if c == ord("a")])
+        return raw[:position] + b"\xaa" + raw[position + 1 :]
+    if roll < 0.45 and b"o" in raw:
+        position = rng.choice([i for i, c in enumerate(raw) if c == ord("o")])
+        return raw[:position] + b"\xba" + raw[position + 1 :]
+    insert = rng.choice([b"\xad", b"\xad", b"\xc2\xad", b"\xe2\x80\x8b", b"\xef\xbc\x8e"])
     position = rng.randrange(1, len(raw))
     return raw[:position] + insert + raw[position:]
+
+
+def gen_non_ascii(rng: random.Random) -> Variant:
+    """Bypass 8: bytes >= 0x80 in Host or in an absolute-form authority, around filed names."""
+    name = rng.choice(FILED)
+    raw = non_ascii(rng, name)
+    scheme = rng.choice([b"http", b"https", b"HTTP"])
+    kind = rng.randrange(4)
+    if kind == 0:
+        first = request(raw)
+    elif kind == 1:
+        first = request(raw, target=scheme + b"://" + raw + b"/")
+    elif kind == 2:
+        first = request(name.encode(), target=scheme + b"://" + raw + b"/")
+    else:
+        first = request(raw, target=scheme + b"://" + name.encode() + b"/")
+    return Variant("nonascii %r" % raw, [Request(first, None), *follower(rng)])
 
 
 UPGRADE_TOKENS = [b"websocket", b"WebSocket", b"h2c", b"H2C", b"TLS/1.0", b"HTTP/2.0", b"foo", b"websocket/13"]
@@ -451,7 +468,8 @@ def gen_plain(rng: random.Random) -> Variant:
 GENERATORS: list[tuple[Callable[[random.Random], Variant], int]] = [
     (gen_plain, 20),
     (gen_absolute_form, 60),
-    (gen_host_forms, 50),
+    (gen_host_forms, 40),
+    (gen_non_ascii, 30),
     (gen_upgrade, 60),
     (gen_switch_with_body, 30),
     (gen_pipeline, 40),
@@ -470,8 +488,7 @@ def variants(seed: int) -> list[Variant]:
 class Response:
     status: int
     headers: dict[bytes, bytes]
-    raw: bytes
-    tunnel: bytes = b""  # after a 101: what came through the switched connection
+    raw: bytes  # after a 101 the rest is the switched connection, left in Exchange.data
 
     @property
     def served_by(self) -> str | None:
@@ -508,7 +525,7 @@ def split_responses(data: bytes) -> tuple[list[Response], bytes]:
             headers.setdefault(name.strip().lower(), value.strip())
         status, body_start = int(match.group(1)), end + 4
         if status == 101:
-            responses.append(Response(status, headers, data[offset:body_start], data[body_start:]))
+            responses.append(Response(status, headers, data[offset:body_start]))
             return responses, b""
         if b"content-length" in headers:
             body_end = body_start + int(headers[b"content-length"])
@@ -616,7 +633,8 @@ def report(variant: Variant, result: Exchange, problems: list[str]) -> str:
 
 
 def run_variants(port: int, cases: list[Variant], filed: set[str]) -> tuple[list[str], Counter[str]]:
-    """Failure reports, and how many requests of each generator class a backend served."""
+    """Failure reports (in variant order; the run stops early once MAX_FAILURES are found, so a
+    badly broken gate fails in seconds), and how many requests of each class a backend served."""
 
     def one(variant: Variant) -> tuple[str | None, int]:
         # Only a connection the gate must close by itself is left open; the others are half-closed
@@ -627,13 +645,19 @@ def run_variants(port: int, cases: list[Variant], filed: set[str]) -> tuple[list
         return (report(variant, result, problems) if problems else None), served
 
     served: Counter[str] = Counter()
-    failures = []
-    with ThreadPoolExecutor(8) as pool:
-        for variant, (failure, count) in zip(cases, pool.map(one, cases), strict=True):
-            served[variant.name.split()[0]] += count
+    failures: dict[int, str] = {}
+    with ThreadPoolExecutor(16) as pool:
+        futures = {pool.submit(one, variant): index for index, variant in enumerate(cases)}
+        for future in as_completed(futures):
+            failure, count = future.result()
+            served[cases[futures[future]].name.split()[0]] += count
             if failure:
-                failures.append(failure)
-    return failures, served
+                failures[futures[future]] = failure
+            if len(failures) >= MAX_FAILURES:
+                for pending in futures:
+                    pending.cancel()
+                break
+    return [failures[index] for index in sorted(failures)], served
 
 
 # --- fixtures --------------------------------------------------------------------------------------
@@ -712,24 +736,29 @@ def test_generated_requests_reach_only_the_decided_vhost(stack: Stack, backend: 
     if "Traceback" in stack.gate.log()[before:]:
         failures += traceback_culprits(stack.gate, port, cases)
         stack.log_checked = len(stack.gate.log())  # reported here, with the bytes that cause them
-    # Not vacuous: every class has requests the gate must pass (websocket upgrades, agreeing
-    # absolute-form targets, well-formed chunked bodies...), and some of each were served.
-    classes = {generate.__name__.removeprefix("gen_").split("_")[0] for generate, _ in GENERATORS}
-    failures += ["no request of class %r was served" % name for name in sorted(classes) if not served[name]]
-    assert not failures, "%d variants broke the invariant behind %s:\n%s" % (
+    # Not vacuous: every class with requests the gate must pass (websocket upgrades, agreeing
+    # absolute-form targets, well-formed chunked bodies...) had some of them served.
+    if len(failures) < MAX_FAILURES:
+        classes = {v.name.split()[0] for v in cases if v.requests[0].expect is not None}
+        failures += ["no request of class %r was served" % name for name in sorted(classes) if not served[name]]
+    assert not failures, "%d variants broke the invariant behind %s (the run stops at %d):\n%s" % (
         len(failures),
         backend,
-        "\n".join(failures[:25]),
+        MAX_FAILURES,
+        "\n".join(failures),
     )
 
 
 def traceback_culprits(gate: Gate, port: int, cases: list[Variant]) -> list[str]:
     """The gate logged a traceback during the parallel run: replay one variant at a time to say
     which bytes cause it."""
-    culprits = []
+    culprits: list[str] = []
+    deadline = time.monotonic() + 30
     for variant in cases:
+        if len(culprits) >= 5 or time.monotonic() > deadline:
+            break
         before = len(gate.log())
-        exchange(port, variant.wire, half_close=not variant.expects_block, deadline=2.0)
+        exchange(port, variant.wire, half_close=not variant.expects_block, deadline=1.0)
         time.sleep(0.05)
         log = gate.log()[before:]
         if "Traceback" in log:
