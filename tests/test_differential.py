@@ -93,6 +93,10 @@ class Variant:
         return b"".join(r.raw for r in self.requests)
 
     @property
+    def methods(self) -> list[bytes]:
+        return [r.raw.split(b" ", 1)[0] for r in self.requests]
+
+    @property
     def expects_block(self) -> bool:
         return any(r.expect is None for r in self.requests)
 
@@ -357,13 +361,19 @@ def body_request(rng: random.Random, host: bytes) -> Request:
 
 def gen_pipeline(rng: random.Random) -> Variant:
     """Bypass 5: several requests in one write, filed then unfiled, bodies that look like
-    responses; an allowed Upgrade in the middle that the backend answers without switching."""
+    responses, HEAD and Expect: 100-continue; an allowed Upgrade in the middle that the backend
+    answers without switching."""
     requests: list[Request] = []
     for _ in range(rng.randrange(2, 6)):
         host = spelling(rng, any_name(rng))
-        kind = rng.randrange(4)
+        kind = rng.randrange(6)
         if kind == 0:
             requests.append(plain(host, b"/p%d" % len(requests)))
+        elif kind == 4:  # an answer with Content-Length and no body
+            requests.append(Request(request(host, method=b"HEAD"), route(host)))
+        elif kind == 5:  # nginx and Apache answer at once; a 100 Continue would come first
+            headers = [b"Expect: 100-continue", b"Content-Length: 5"]
+            requests.append(Request(request(host, method=b"POST", headers=headers, body=b"hello"), route(host)))
         elif kind == 1:
             requests.append(body_request(rng, host))
         elif kind == 2:
@@ -489,10 +499,15 @@ class Response:
     status: int
     headers: dict[bytes, bytes]
     raw: bytes  # after a 101 the rest is the switched connection, left in Exchange.data
+    head: bool = False  # the answer to a HEAD request: no body, the vhost named in a header
 
     @property
     def served_by(self) -> str | None:
-        """The vhost that served it, from the body (a backend's own 400 page names no vhost)."""
+        """The vhost that served it, from the body (a backend's own 400 page names no vhost); for
+        HEAD, from X-Served-By of a served answer (nginx 200, Apache's ErrorDocument 404)."""
+        if self.head:
+            value = self.headers.get(b"x-served-by") if self.status in (200, 404) else None
+            return value.decode("latin-1").lower() if value else None
         found = SERVED.search(self.raw)
         return found.group(1).decode() if found else None
 
@@ -510,9 +525,11 @@ class Exchange:
     leftover: bytes = b""
 
 
-def split_responses(data: bytes) -> tuple[list[Response], bytes]:
-    """HTTP/1.1 responses by their framing; after a 101 the rest is tunnel data."""
-    responses, offset = [], 0
+def split_responses(data: bytes, methods: list[bytes]) -> tuple[list[Response], bytes]:
+    """HTTP/1.1 responses by their framing (`methods`: of the requests in order, for HEAD);
+    interim 1xx answers are skipped; after a 101 the rest is tunnel data."""
+    responses: list[Response] = []
+    offset = 0
     while offset < len(data):
         end = data.find(b"\r\n\r\n", offset)
         match = re.match(rb"HTTP/1\.[01] (\d{3})", data[offset : offset + 12])
@@ -524,18 +541,22 @@ def split_responses(data: bytes) -> tuple[list[Response], bytes]:
             name, _, value = line.partition(b":")
             headers.setdefault(name.strip().lower(), value.strip())
         status, body_start = int(match.group(1)), end + 4
+        head = len(responses) < len(methods) and methods[len(responses)] == b"HEAD"
         if status == 101:
             responses.append(Response(status, headers, data[offset:body_start]))
             return responses, b""
-        if b"content-length" in headers:
+        if 100 <= status < 200:
+            offset = body_start
+            continue
+        if head or status in (204, 304):
+            body_end = body_start
+        elif b"content-length" in headers:
             body_end = body_start + int(headers[b"content-length"])
         elif headers.get(b"transfer-encoding", b"").lower() == b"chunked":
             body_end = _chunked_end(data, body_start)
-        elif status in (204, 304):
-            body_end = body_start
         else:
             body_end = len(data)
-        responses.append(Response(status, headers, data[offset:body_end]))
+        responses.append(Response(status, headers, data[offset:body_end], head))
         offset = body_end
     return responses, data[offset:]
 
@@ -553,8 +574,9 @@ def _chunked_end(data: bytes, offset: int) -> int:
         offset += size + 2
 
 
-def exchange(port: int, wire: bytes, *, half_close: bool, deadline: float = READ_DEADLINE) -> Exchange:
-    """Send the bytes in one write and read until the gate ends the connection."""
+def exchange(variant: Variant, port: int, *, half_close: bool, deadline: float = READ_DEADLINE) -> Exchange:
+    """Send the variant's bytes in one write and read until the gate ends the connection."""
+    wire = variant.wire
     started = time.monotonic()
     sock = socket.create_connection(("127.0.0.1", port), timeout=deadline)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -576,7 +598,7 @@ def exchange(port: int, wire: bytes, *, half_close: bool, deadline: float = READ
     finally:
         sock.close()
     result = Exchange(data, time.monotonic() - started, ended)
-    result.responses, result.leftover = split_responses(data)
+    result.responses, result.leftover = split_responses(data, variant.methods)
     return result
 
 
@@ -639,7 +661,7 @@ def run_variants(port: int, cases: list[Variant], filed: set[str]) -> tuple[list
     def one(variant: Variant) -> tuple[str | None, int]:
         # Only a connection the gate must close by itself is left open; the others are half-closed
         # so the backend ends them once it has answered.
-        result = exchange(port, variant.wire, half_close=not variant.expects_block)
+        result = exchange(variant, port, half_close=not variant.expects_block)
         problems = violations(variant, result, filed)
         served = sum(1 for response in result.responses if response.served_by)
         return (report(variant, result, problems) if problems else None), served
@@ -758,7 +780,7 @@ def traceback_culprits(gate: Gate, port: int, cases: list[Variant]) -> list[str]
         if len(culprits) >= 5 or time.monotonic() > deadline:
             break
         before = len(gate.log())
-        exchange(port, variant.wire, half_close=not variant.expects_block, deadline=1.0)
+        exchange(variant, port, half_close=not variant.expects_block, deadline=1.0)
         time.sleep(0.05)
         log = gate.log()[before:]
         if "Traceback" in log:
@@ -848,7 +870,7 @@ def test_a_response_body_is_not_read_as_the_switch_answer(stack: Stack) -> None:
             [Request(big, "example-filed.cn"), Request(upgrade, "example-filed.cn"), Request(SMUGGLED, None)],
         )
         result = Exchange(data, 0.0, "closed")
-        result.responses, result.leftover = split_responses(data)
+        result.responses, result.leftover = split_responses(data, variant.methods)
         problems = violations(variant, result, stack.filed)
         if not result.responses or len(result.responses[0].raw) < BIG_FILE_SIZE:
             problems.append("the file did not arrive whole: %d bytes, ending %r" % (len(data), data[-300:]))
