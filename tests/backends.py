@@ -96,6 +96,11 @@ def _nginx_server(name: str, ports: dict[str, int], cert: tuple[Path, Path], fil
         location /files/ {
             alias %(files)s/;
         }
+        location /chunked/ {
+            sub_filter_types *;
+            sub_filter "served" "served";
+            return 200 "served host=$host sni=$ssl_server_name server=%(label)s uri=$request_uri\\n";
+        }
         location / {
             return 200 "served host=$host sni=$ssl_server_name server=%(label)s\\n";
         }
@@ -115,7 +120,8 @@ def _nginx_server(name: str, ports: dict[str, int], cert: tuple[Path, Path], fil
 def start_nginx(tmp_path: Path, names: list[str], certs: trustme.CA, files: dict[str, bytes] | None = None) -> Backend:
     """nginx with one server per name on a plain and a TLS port (its own certificate from `certs`)
     plus a default server on both. `/` is a `return`, so nginx answers without reading a request
-    body, as for static files; `/files/<name>` serves `files` as static files. Every answer carries
+    body, as for static files; `/chunked/` answers the same with a chunked body (a sub_filter
+    drops the length); `/files/<name>` serves `files` as static files. Every answer carries
     `X-Served-By: <server name>` (`default` for the default server)."""
     directory = tmp_path / "nginx"
     directory.mkdir(parents=True, exist_ok=True)

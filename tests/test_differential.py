@@ -361,13 +361,15 @@ def body_request(rng: random.Random, host: bytes) -> Request:
 
 def gen_pipeline(rng: random.Random) -> Variant:
     """Bypass 5: several requests in one write, filed then unfiled, bodies that look like
-    responses, HEAD and Expect: 100-continue; an allowed Upgrade in the middle that the backend
-    answers without switching."""
+    responses, chunked answers, HEAD and Expect: 100-continue; an allowed Upgrade in the middle
+    that the backend answers without switching."""
     requests: list[Request] = []
     for _ in range(rng.randrange(2, 6)):
         host = spelling(rng, any_name(rng))
-        kind = rng.randrange(6)
-        if kind == 0:
+        kind = rng.randrange(7)
+        if kind == 6:  # nginx answers with a chunked body that mentions 101
+            requests.append(plain(host, b"/chunked/HTTP/1.1%%20101/%d" % len(requests)))
+        elif kind == 0:
             requests.append(plain(host, b"/p%d" % len(requests)))
         elif kind == 4:  # an answer with Content-Length and no body
             requests.append(Request(request(host, method=b"HEAD"), route(host)))
