@@ -184,6 +184,33 @@ def gen_absolute_form(rng: random.Random) -> Variant:
     )
 
 
+def gen_target_forms(rng: random.Random) -> Variant:
+    """Request targets that are neither origin-form nor absolute-form: `*` (OPTIONS only),
+    authority-form (CONNECT only), scheme-less names, and paths that look like authorities."""
+    host = spelling(rng, any_name(rng))
+    other = spelling(rng, any_name(rng))
+    method, target, allowed = rng.choice(
+        [
+            (b"OPTIONS", b"*", True),
+            (b"GET", b"*", False),
+            (b"GET", other + b":80", False),
+            (b"GET", other + b"/", False),
+            (b"GET", b"//" + other + b"/", True),
+            (b"GET", b"/http://" + other + b"/", True),
+            (b"GET", b"http:/" + other + b"/", False),
+            (b"GET", b"http:" + other + b"/", False),
+            (b"GET", b"http:///" + other + b"/", False),
+            (b"GET", b"http://" + b"/" + other, False),
+            (b"CONNECT", b"/", False),
+            (b"OPTIONS", b"http://" + other, None),
+        ]
+    )
+    expect = route(host) if allowed else None
+    if allowed is None:  # absolute-form: the authority is decided and Host must agree
+        expect = route(other) if same_name(host, other) else None
+    return Variant("target %r %r" % (method, target), [Request(request(host, method=method, target=target), expect)])
+
+
 def gen_host_forms(rng: random.Random) -> Variant:
     """Header case and whitespace, duplicates, HTTP/1.0 without Host, IP literals, hosts with
     delimiters in them, bare line feeds in the head."""
@@ -202,7 +229,8 @@ def gen_host_forms(rng: random.Random) -> Variant:
         first = Request(request(None, version=b"HTTP/1.0"), None)
     elif kind == 3:
         value = spelling(rng, name)
-        first = Request(request(value, version=b"HTTP/1.0"), route(value))
+        headers = [b"Connection: keep-alive"] if rng.random() < 0.5 else []
+        first = Request(request(value, version=b"HTTP/1.0", headers=headers), route(value))
     elif kind == 4:
         first = Request(request(None, host_line=b"Host : " + spelling(rng, name)), None)
     elif kind == 5:
@@ -480,6 +508,7 @@ def gen_plain(rng: random.Random) -> Variant:
 GENERATORS: list[tuple[Callable[[random.Random], Variant], int]] = [
     (gen_plain, 20),
     (gen_absolute_form, 60),
+    (gen_target_forms, 24),
     (gen_host_forms, 40),
     (gen_non_ascii, 30),
     (gen_upgrade, 60),
