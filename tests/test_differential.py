@@ -355,10 +355,13 @@ def gen_upgrade(rng: random.Random) -> Variant:
 
 
 def gen_switch_with_body(rng: random.Random) -> Variant:
-    """Bypass 2: Upgrade and CONNECT requests carrying a body, which backends that answer without
-    a switch (nginx `return`, static files) read as the next request."""
+    """Bypass 2: Upgrade and CONNECT requests carrying a body. A gate that holds the body until
+    the switch is answered and then reads it as requests disagrees with a backend that skips it
+    as a body: a filed POST head inside the body makes the gate swallow the unfiled request
+    behind it as that POST's body, while the backend reads it as a request."""
     host = spelling(rng, rng.choice(FILED))
-    content = rng.choice([SMUGGLED, FAKE_101 + SMUGGLED, b"hello", SMUGGLED * 2])
+    nested = b"POST /inner HTTP/1.1\r\nHost: example-filed.cn\r\nContent-Length: %d\r\n\r\n" % len(SMUGGLED)
+    content = rng.choice([SMUGGLED, FAKE_101 + SMUGGLED, b"hello", SMUGGLED * 2, nested, nested])
     framing = rng.choice(["length", "chunked", "zero"])
     if framing == "length":
         headers, body = [b"Content-Length: %d" % len(content)], content
@@ -375,7 +378,8 @@ def gen_switch_with_body(rng: random.Random) -> Variant:
         expect = None  # the default pack refuses CONNECT
     first = Request(request(host, method=method, target=target, headers=headers, body=body), expect)
     # The body is not a request of ours; if a backend reads it as one, it is an extra answer.
-    return Variant("switch with body %s %r" % (framing, method), [first, *follower(rng)])
+    rest = [Request(SMUGGLED, None)] if content == nested and framing != "zero" else follower(rng)
+    return Variant("switch with body %s %r" % (framing, method), [first, *rest])
 
 
 def body_request(rng: random.Random, host: bytes) -> Request:
