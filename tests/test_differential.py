@@ -743,25 +743,24 @@ class Stack:
 def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("differential")
     ca = trustme.CA()
-    nginx = start_nginx(tmp, list(VHOSTS), ca, files={"big.txt": b"10" * (BIG_FILE_SIZE // 2)})
-    apache = start_apache(tmp, list(VHOSTS), ca)
-    ports = {"nginx": free_port(), "apache": free_port(), "nginx_tls": free_port()}
-    listeners = {
-        "nginx": listener(ports["nginx"], "http", nginx.http),
-        "apache": listener(ports["apache"], "http", apache.http),
-        "nginx_tls": listener(ports["nginx_tls"], "tls", nginx.tls),
-    }
-    config = gate_config(tmp, listeners, gate={"inspect_timeout": INSPECT_TIMEOUT})
-    # The oracle for filed-ness is the gate's own policy on the sample registry, not a list here.
-    filed = {name for name in VHOSTS if check_json(config, name)["action"] == "allow"}
-    assert filed == set(FILED), filed
-    gate = start_gate(config, ports)
-    try:
+    with contextlib.ExitStack() as cleanup:  # whatever started is stopped, also when a later start fails
+        nginx = start_nginx(tmp, list(VHOSTS), ca, files={"big.txt": b"10" * (BIG_FILE_SIZE // 2)})
+        cleanup.callback(nginx.stop)
+        apache = start_apache(tmp, list(VHOSTS), ca)
+        cleanup.callback(apache.stop)
+        ports = {"nginx": free_port(), "apache": free_port(), "nginx_tls": free_port()}
+        listeners = {
+            "nginx": listener(ports["nginx"], "http", nginx.http),
+            "apache": listener(ports["apache"], "http", apache.http),
+            "nginx_tls": listener(ports["nginx_tls"], "tls", nginx.tls),
+        }
+        config = gate_config(tmp, listeners, gate={"inspect_timeout": INSPECT_TIMEOUT})
+        # The model's filed names must be what the gate's own policy says on the sample registry.
+        filed = {name for name in VHOSTS if check_json(config, name)["action"] == "allow"}
+        assert filed == set(FILED), filed
+        gate = start_gate(config, ports)
+        cleanup.callback(gate.stop)
         yield Stack(gate, nginx, apache, filed)
-    finally:
-        gate.stop()
-        nginx.stop()
-        apache.stop()
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ filed request on another connection is answered promptly while the upload is ins
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -49,16 +50,14 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("cost")
-    nginx = start_nginx(tmp, ["example-filed.cn", "example-shop.cn"], trustme.CA())
-    port = free_port()
-    gate = start_gate(
-        gate_config(tmp, {"http": listener(port, "http", nginx.http)}, gate={"workers": 1}), {"http": port}
-    )
-    try:
+    with contextlib.ExitStack() as cleanup:
+        nginx = start_nginx(tmp, ["example-filed.cn", "example-shop.cn"], trustme.CA())
+        cleanup.callback(nginx.stop)
+        port = free_port()
+        config = gate_config(tmp, {"http": listener(port, "http", nginx.http)}, gate={"workers": 1})
+        gate = start_gate(config, {"http": port})
+        cleanup.callback(gate.stop)
         yield Stack(gate, nginx)
-    finally:
-        gate.stop()
-        nginx.stop()
     assert "Traceback" not in gate.log(), gate.log()[-5000:]
 
 
