@@ -21,7 +21,7 @@ H2C = b"h2c"
 
 class HttpConnection(GateConnection):
     kind = "http"
-    __slots__ = ("_final_answer", "_responses", "_tunnel", "inspector")
+    __slots__ = ("_eof_held", "_final_answer", "_responses", "_tunnel", "inspector")
 
     def __init__(self, listener) -> None:
         super().__init__(listener)
@@ -29,6 +29,7 @@ class HttpConnection(GateConnection):
         self._responses = ResponseTracker(MAX_RESPONSE_HEAD)
         self._tunnel = False
         self._final_answer: bytes | None = None  # a block to send once earlier requests are answered
+        self._eof_held = False  # the client's EOF came while bytes wait for an Upgrade's answer
 
     def inspect(self, data: bytes) -> None:
         if self._tunnel:
@@ -124,8 +125,18 @@ class HttpConnection(GateConnection):
             accepted, responses.switched = responses.switched, None
             self.inspector.switch_answered(accepted)
             self.inspect(b"")  # what the client sent meanwhile: tunnel it, or inspect it as HTTP
+            if self._eof_held and not self._closing and not self.inspector.awaiting_switch:
+                self._eof_held = False
+                super().eof_received()  # now that the held bytes have gone on, pass the EOF
         if self._final_answer is not None and responses.idle:
             self._send_final_answer()
+
+    def eof_received(self) -> bool:
+        if self.inspector.awaiting_switch:
+            # Bytes sent after an Upgrade wait for its answer; the EOF must follow them, not pass them.
+            self._eof_held = True
+            return True
+        return super().eof_received()
 
     def upstream_eof(self) -> bool:
         if self._final_answer is not None:
