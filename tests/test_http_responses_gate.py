@@ -142,3 +142,19 @@ def test_an_unframable_response_closes_the_connection(scripted, answer: bytes) -
     while "unreadable response from the backend" not in gate.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "unreadable response from the backend" in gate.log()
+
+
+def test_a_half_close_behind_a_refused_upgrade_still_delivers_the_held_request(scripted) -> None:
+    script = [
+        1,
+        b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n",
+        2,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext",
+    ]
+    _, gate = scripted(script)
+    sock = socket.create_connection(("127.0.0.1", gate.ports["http"]), timeout=10)
+    sock.sendall(UPGRADE + b"GET /next HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n")
+    sock.shutdown(socket.SHUT_WR)
+    answer = closed_by_peer(sock)
+    assert "426 Upgrade Required" in answer and answer.endswith("next"), answer
+    assert "Traceback" not in gate.log()
