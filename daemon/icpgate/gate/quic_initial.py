@@ -1,0 +1,417 @@
+"""Find the SNI in the ClientHello a QUIC client sends in its Initial packets (QUIC v1 and v2).
+
+A QUIC client's first flight is readable by anyone: Initial packets are encrypted with keys derived
+from the client's own Destination Connection ID and a salt published in RFC 9001 (v1) and RFC 9369
+(v2). `InitialReassembler` is fed the client's datagrams as they arrive, in any order; it removes
+header protection, decrypts each Initial, collects its CRYPTO frames and, once the CRYPTO stream
+from offset 0 holds the whole ClientHello, hands it to the TLS extractor in `client_hello` (the same
+parser the TCP gate uses, so both read a hello alike).
+
+Fail closed: a byte it cannot account for (a truncated packet, a failed authentication tag, a frame
+an Initial may not carry, CRYPTO data that disagrees with itself, more data or datagrams than the
+caps allow) is an ERROR, never a guess. Cost is linear in the bytes fed: each packet is decrypted
+once, each CRYPTO byte is copied once and compared at most once per overlapping retransmission.
+
+Crypto uses the `cryptography` package (AES-128-GCM, AES-128-ECB for the header protection sample)
+and the standard library's HMAC for the key schedule; see docs/quic.md for why not aioquic's helpers.
+"""
+
+from __future__ import annotations
+
+import hmac
+from enum import Enum
+from typing import NamedTuple
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .client_hello import CLIENT_HELLO, HANDSHAKE, MAX_RECORD, HelloReassembler, HelloState
+
+VERSION_1 = 0x00000001
+VERSION_2 = 0x6B3343CF
+MAX_CID = 20
+MIN_FIRST_DCID = 8  # RFC 9000 §7.2: a client's first Destination Connection ID is at least 8 bytes
+MIN_INITIAL_DATAGRAM = 1200  # RFC 9000 §14.1: servers drop smaller datagrams that carry an Initial
+SAMPLE = 16
+TAG = 16
+MAX_DATAGRAMS = 32  # a 16 KiB hello needs ~15 full datagrams; real clients send 1-3
+MAX_PACKETS = 64
+
+# Long-header packet types (first byte bits 4-5), which RFC 9369 §3.2 renumbers for v2.
+INITIAL, ZERO_RTT, HANDSHAKE_PACKET, RETRY = "initial", "0-rtt", "handshake", "retry"
+PACKET_TYPES = {
+    VERSION_1: (INITIAL, ZERO_RTT, HANDSHAKE_PACKET, RETRY),
+    VERSION_2: (RETRY, INITIAL, ZERO_RTT, HANDSHAKE_PACKET),
+}
+
+FRAME_PADDING = 0x00
+FRAME_PING = 0x01
+FRAME_ACK = 0x02
+FRAME_ACK_ECN = 0x03
+FRAME_CRYPTO = 0x06
+FRAME_CONNECTION_CLOSE = 0x1C
+
+
+def _expand_label_info(label: bytes, length: int) -> bytes:
+    """The HKDF-Expand-Label info (RFC 8446 §7.1) with an empty context, plus HKDF's counter byte 1."""
+    full = b"tls13 " + label
+    return length.to_bytes(2, "big") + bytes([len(full)]) + full + b"\x00\x01"
+
+
+def _expand_label(secret: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-Expand-Label for outputs up to one SHA-256 block: a single HMAC."""
+    return hmac.digest(secret, info, "sha256")[:length]
+
+
+class _Schedule(NamedTuple):
+    salt: bytes
+    key: bytes
+    iv: bytes
+    hp: bytes
+
+
+_CLIENT_IN = _expand_label_info(b"client in", 32)
+SCHEDULES = {
+    VERSION_1: _Schedule(
+        bytes.fromhex("38762cf7f55934b34d179ae6a4c80cadccbb7f0a"),
+        _expand_label_info(b"quic key", 16),
+        _expand_label_info(b"quic iv", 12),
+        _expand_label_info(b"quic hp", 16),
+    ),
+    VERSION_2: _Schedule(
+        bytes.fromhex("0dede3def700a6db819381be6e269dcbf9bd2ed9"),
+        _expand_label_info(b"quicv2 key", 16),
+        _expand_label_info(b"quicv2 iv", 12),
+        _expand_label_info(b"quicv2 hp", 16),
+    ),
+}
+
+
+def initial_keys(version: int, dcid: bytes) -> tuple[bytes, bytes, bytes]:
+    """The client's Initial (key, iv, hp) for this version and first Destination Connection ID."""
+    schedule = SCHEDULES[version]
+    initial_secret = hmac.digest(schedule.salt, dcid, "sha256")
+    client_secret = _expand_label(initial_secret, _CLIENT_IN, 32)
+    return (
+        _expand_label(client_secret, schedule.key, 16),
+        _expand_label(client_secret, schedule.iv, 12),
+        _expand_label(client_secret, schedule.hp, 16),
+    )
+
+
+class QuicState(Enum):
+    NEED_MORE = "need_more"
+    COMPLETE = "complete"
+    ERROR = "error"
+    UNKNOWN_VERSION = "unknown_version"
+
+
+class QuicHello(NamedTuple):
+    state: QuicState
+    sni: str | None = None
+    version: int = 0
+    ech: bool = False  # an outer ClientHello of ECH: `sni` is the public_name, not the real site
+    error: str = ""
+
+
+NEED_MORE = QuicHello(QuicState.NEED_MORE)
+
+
+class QuicError(Exception):
+    """Something in the client's datagrams that no honest first flight holds."""
+
+
+def peek_version(datagram: bytes) -> int | None:
+    """The version of a long-header packet starting the datagram, or None (short header or too short)."""
+    if len(datagram) < 5 or not datagram[0] & 0x80:
+        return None
+    return int.from_bytes(datagram[1:5], "big")
+
+
+def is_initial(datagram: bytes) -> bool:
+    """Whether the datagram starts with a v1 or v2 Initial packet: what opens a QUIC flow."""
+    version = peek_version(datagram)
+    types = PACKET_TYPES.get(version) if version is not None else None
+    return types is not None and types[(datagram[0] >> 4) & 3] == INITIAL
+
+
+def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    """A QUIC variable-length integer (RFC 9000 §16) at `pos`: its value and the position after it."""
+    if pos >= end:
+        raise QuicError("truncated variable-length integer")
+    first = data[pos]
+    size = 1 << (first >> 6)
+    if pos + size > end:
+        raise QuicError("truncated variable-length integer")
+    value = first & 0x3F
+    for index in range(pos + 1, pos + size):
+        value = (value << 8) | data[index]
+    return value, pos + size
+
+
+class InitialReassembler:
+    """One QUIC flow's ClientHello, from the client's datagrams fed in any order.
+
+    The keys come from the Destination Connection ID of the first Initial fed; every packet after it
+    must carry the same version and Destination Connection ID. After COMPLETE, ERROR or
+    UNKNOWN_VERSION the result is final and further feeds return it unchanged.
+    """
+
+    __slots__ = (
+        "_aead",
+        "_crypto",
+        "_datagrams",
+        "_dcid",
+        "_hp",
+        "_iv",
+        "_max_crypto",
+        "_max_datagrams",
+        "_max_packets",
+        "_needed",
+        "_packets",
+        "_ranges",
+        "_types",
+        "result",
+        "version",
+    )
+
+    def __init__(
+        self, max_crypto: int = 16384, max_datagrams: int = MAX_DATAGRAMS, max_packets: int = MAX_PACKETS
+    ) -> None:
+        self.result = NEED_MORE
+        self.version = 0
+        self._max_crypto = max_crypto
+        self._max_datagrams = max_datagrams
+        self._max_packets = max_packets
+        self._datagrams = 0
+        self._packets = 0
+        self._dcid = b""
+        self._types: tuple[str, ...] = ()
+        self._aead: AESGCM | None = None
+        self._hp = None
+        self._iv = b""
+        self._crypto = bytearray()  # CRYPTO stream bytes, valid where `_ranges` says
+        self._ranges: list[list[int]] = []  # sorted, disjoint, non-adjacent [start, end) received
+        self._needed = 0  # the ClientHello's length with its handshake header, once known
+
+    def feed(self, datagram: bytes) -> QuicHello:
+        if self.result is NEED_MORE:
+            try:
+                self.result = self._datagram(datagram)
+            except QuicError as error:
+                self.result = QuicHello(QuicState.ERROR, version=self.version, error=str(error))
+        return self.result
+
+    def _datagram(self, datagram: bytes) -> QuicHello:
+        self._datagrams += 1
+        if self._datagrams > self._max_datagrams:
+            raise QuicError("no complete ClientHello in %d datagrams" % self._max_datagrams)
+        if not self.version:
+            version = peek_version(datagram)
+            if version is None:
+                raise QuicError("first datagram does not start with a long-header packet")
+            if version not in SCHEDULES:
+                if version == 0:
+                    raise QuicError("Version Negotiation packet from a client")
+                return QuicHello(QuicState.UNKNOWN_VERSION, version=version)
+        pos = 0
+        end = len(datagram)
+        initial = False
+        while pos < end:
+            if not datagram[pos]:
+                if datagram.count(0, pos) != end - pos:
+                    raise QuicError("bytes after the padding at the end of a datagram")
+                break
+            pos, is_initial_packet = self._packet(datagram, pos, end)
+            initial |= is_initial_packet
+        if initial and end < MIN_INITIAL_DATAGRAM:
+            raise QuicError("datagram carrying an Initial is %d bytes, under %d" % (end, MIN_INITIAL_DATAGRAM))
+        return self._decide()
+
+    def _packet(self, data: bytes, pos: int, end: int) -> tuple[int, bool]:
+        """Read the packet at `pos`: the position after it, and whether it was an Initial."""
+        self._packets += 1
+        if self._packets > self._max_packets:
+            raise QuicError("no complete ClientHello in %d packets" % self._max_packets)
+        first = data[pos]
+        if not first & 0x80:
+            raise QuicError("short-header packet in a client's first flight")
+        if pos + 7 > end:
+            raise QuicError("truncated long header")
+        version = int.from_bytes(data[pos + 1 : pos + 5], "big")
+        if not self.version:
+            self._start(version)
+        elif version != self.version:
+            raise QuicError("version 0x%08x in a flow of version 0x%08x" % (version, self.version))
+        dcid_len = data[pos + 5]
+        if dcid_len > MAX_CID:
+            raise QuicError("Destination Connection ID of %d bytes" % dcid_len)
+        cursor = pos + 6 + dcid_len
+        if cursor >= end:
+            raise QuicError("truncated long header")
+        dcid = data[pos + 6 : cursor]
+        scid_len = data[cursor]
+        if scid_len > MAX_CID:
+            raise QuicError("Source Connection ID of %d bytes" % scid_len)
+        cursor += 1 + scid_len
+        kind = self._types[(first >> 4) & 3]
+        if kind == RETRY:
+            raise QuicError("Retry packet from a client")
+        if kind == INITIAL:
+            token_len, cursor = _varint(data, cursor, end)
+            cursor += token_len
+        length, cursor = _varint(data, cursor, end)
+        packet_end = cursor + length
+        if packet_end > end:
+            raise QuicError("packet Length %d runs past the datagram" % length)
+        if not self._dcid:
+            if len(dcid) < MIN_FIRST_DCID:
+                raise QuicError("first Destination Connection ID is %d bytes, under %d" % (len(dcid), MIN_FIRST_DCID))
+            self._set_keys(bytes(dcid))
+        elif dcid != self._dcid:
+            raise QuicError("packet with a Destination Connection ID other than the flow's")
+        if kind == INITIAL:
+            self._initial(data, pos, cursor, packet_end)
+        return packet_end, kind == INITIAL
+
+    def _start(self, version: int) -> None:
+        if version not in SCHEDULES:
+            raise QuicError("unknown version 0x%08x after the first packet" % version)
+        self.version = version
+        self._types = PACKET_TYPES[version]
+
+    def _set_keys(self, dcid: bytes) -> None:
+        key, self._iv, hp = initial_keys(self.version, dcid)
+        self._dcid = dcid
+        self._aead = AESGCM(key)
+        self._hp = Cipher(algorithms.AES(hp), modes.ECB()).encryptor()
+
+    def _initial(self, data: bytes, start: int, pn_offset: int, end: int) -> None:
+        """Remove header protection (RFC 9001 §5.4), decrypt, and read the frames of one Initial."""
+        if pn_offset + 4 + SAMPLE > end:
+            raise QuicError("Initial packet too short to sample for header protection")
+        assert self._hp is not None and self._aead is not None
+        mask = self._hp.update(data[pn_offset + 4 : pn_offset + 4 + SAMPLE])
+        first = data[start] ^ (mask[0] & 0x0F)
+        pn_len = (first & 0x03) + 1
+        if pn_offset + pn_len + TAG > end:
+            raise QuicError("Initial packet shorter than its packet number and tag")
+        header = bytearray(data[start : pn_offset + pn_len])
+        header[0] = first
+        packet_number = 0
+        for index in range(pn_len):
+            byte = header[pn_offset - start + index] ^ mask[1 + index]
+            header[pn_offset - start + index] = byte
+            packet_number = (packet_number << 8) | byte
+        # A client's first flight numbers its Initials from 0, so the truncated number is the full one.
+        nonce = (int.from_bytes(self._iv, "big") ^ packet_number).to_bytes(12, "big")
+        try:
+            payload = self._aead.decrypt(nonce, data[pn_offset + pn_len : end], bytes(header))
+        except InvalidTag:
+            raise QuicError("Initial packet fails authentication (keys from another connection ID?)") from None
+        if first & 0x0C:
+            raise QuicError("reserved header bits set in an Initial packet")
+        if not payload:
+            raise QuicError("Initial packet without frames")
+        self._frames(payload)
+
+    def _frames(self, payload: bytes) -> None:
+        """The frames an Initial may carry (RFC 9000 §12.4); any other is a protocol violation."""
+        pos = 0
+        end = len(payload)
+        while pos < end:
+            frame = payload[pos]
+            pos += 1
+            if frame in (FRAME_PADDING, FRAME_PING):
+                continue
+            if frame == FRAME_CRYPTO:
+                offset, pos = _varint(payload, pos, end)
+                length, pos = _varint(payload, pos, end)
+                if pos + length > end:
+                    raise QuicError("CRYPTO frame runs past its packet")
+                self._add_crypto(offset, payload[pos : pos + length])
+                pos += length
+            elif frame in (FRAME_ACK, FRAME_ACK_ECN):
+                pos = self._skip_ack(payload, pos, end, frame == FRAME_ACK_ECN)
+            elif frame == FRAME_CONNECTION_CLOSE:
+                for _ in range(2):  # error code, frame type
+                    _, pos = _varint(payload, pos, end)
+                reason_len, pos = _varint(payload, pos, end)
+                pos += reason_len
+                if pos > end:
+                    raise QuicError("CONNECTION_CLOSE reason runs past its packet")
+            else:
+                raise QuicError("frame type 0x%02x in an Initial packet" % frame)
+
+    @staticmethod
+    def _skip_ack(payload: bytes, pos: int, end: int, ecn: bool) -> int:
+        """Skip an ACK frame: it says nothing about the hello, but its length must add up."""
+        for _ in range(2):  # largest acknowledged, ack delay
+            _, pos = _varint(payload, pos, end)
+        ranges, pos = _varint(payload, pos, end)
+        _, pos = _varint(payload, pos, end)  # first ACK range
+        if ranges > (end - pos) // 2:
+            raise QuicError("ACK frame with more ranges than bytes")
+        for _ in range(2 * ranges + (3 if ecn else 0)):  # gap and length per range; ECN counts
+            _, pos = _varint(payload, pos, end)
+        return pos
+
+    def _add_crypto(self, offset: int, data: bytes) -> None:
+        """Place CRYPTO data in the stream; bytes received twice must be the same bytes."""
+        stop = offset + len(data)
+        limit = self._needed or self._max_crypto
+        if stop > limit:
+            if self._needed:
+                raise QuicError("CRYPTO data beyond the ClientHello's %d bytes" % self._needed)
+            raise QuicError("CRYPTO data beyond %d bytes" % self._max_crypto)
+        if not data:
+            return
+        crypto = self._crypto
+        if stop > len(crypto):
+            crypto.extend(bytes(stop - len(crypto)))
+        merged = [offset, stop]
+        kept: list[list[int]] = []
+        for span in self._ranges:
+            if span[1] < offset or span[0] > stop:
+                kept.append(span)
+                continue
+            low, high = max(span[0], offset), min(span[1], stop)
+            if low < high and crypto[low:high] != data[low - offset : high - offset]:
+                raise QuicError("CRYPTO data at offset %d differs from what was received before" % low)
+            merged = [min(merged[0], span[0]), max(merged[1], span[1])]
+        crypto[offset:stop] = data
+        kept.append(merged)
+        kept.sort()
+        self._ranges = kept
+        if not self._needed and kept[0][0] == 0 and kept[0][1] >= 4:
+            self._read_handshake_header()
+
+    def _read_handshake_header(self) -> None:
+        crypto = self._crypto
+        if crypto[0] != CLIENT_HELLO:
+            raise QuicError("first handshake message is not a ClientHello (type %d)" % crypto[0])
+        self._needed = 4 + int.from_bytes(crypto[1:4], "big")
+        if self._needed > self._max_crypto:
+            raise QuicError("ClientHello of %d bytes, over %d" % (self._needed, self._max_crypto))
+        if self._ranges[-1][1] > self._needed:
+            raise QuicError("CRYPTO data beyond the ClientHello's %d bytes" % self._needed)
+
+    def _decide(self) -> QuicHello:
+        """After a whole datagram was accounted for: the hello's SNI once all of it is in."""
+        ranges = self._ranges
+        if not self._needed or ranges[0][0] != 0 or ranges[0][1] < self._needed:
+            return NEED_MORE
+        hello = memoryview(self._crypto)[: self._needed]
+        # The TLS extractor reads records: frame the handshake message as TCP would carry it.
+        framed = bytearray()
+        for chunk in range(0, self._needed, MAX_RECORD):
+            part = hello[chunk : chunk + MAX_RECORD]
+            framed += bytes((HANDSHAKE, 3, 1, len(part) >> 8, len(part) & 0xFF))
+            framed += part
+        hello.release()
+        self._crypto = bytearray()
+        parsed = HelloReassembler(len(framed)).feed(bytes(framed))
+        if parsed.state is not HelloState.COMPLETE:
+            return QuicHello(QuicState.ERROR, version=self.version, error="ClientHello: " + parsed.error)
+        return QuicHello(QuicState.COMPLETE, parsed.sni, self.version, parsed.ech)
