@@ -71,6 +71,8 @@ def test_post_quantum_size_hello() -> None:
         ([server_name_extension()], "empty server_name"),
         ([server_name_extension("a.cn", name_type=1)], "unknown server name type"),
         ([(0, b"\x00\x05\x00\x00\x09ab")], "truncated"),
+        ([server_name_extension("example-filed.cn:443")], "colon"),
+        ([server_name_extension("cafe::1")], "colon"),
     ],
 )
 def test_bad_server_names_are_refused(extensions, error: str) -> None:

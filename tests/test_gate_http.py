@@ -295,3 +295,44 @@ def wait_until(condition, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met")
         time.sleep(0.05)
+
+
+def test_bytes_after_the_backend_closed_end_the_connection_cleanly(gate) -> None:
+    sock = socket.create_connection(("127.0.0.1", gate.ports["http"]), timeout=10)
+    sock.sendall(b"GET /a HTTP/1.1\r\nHost: example-filed.cn\r\nConnection: close\r\n\r\n")
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200")
+    try:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n")
+        assert sock.recv(65536) == b""
+    except OSError:
+        pass  # reset: the gate closed both ends once the backend was done
+    sock.close()
+    time.sleep(0.3)
+    assert "Traceback" not in gate.log()
+
+
+def test_a_head_begun_behind_an_allowed_one_has_its_own_deadline(gate) -> None:
+    sock = socket.create_connection(("127.0.0.1", gate.ports["http_record"]), timeout=10)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\n")
+    time.sleep(0.3)
+    started = time.monotonic()
+    sock.sendall(b"\r\nGET /second HTTP/1.1\r\nHost: example-filed.cn\r\nX: ")
+    answer = closed_by_peer(sock)
+    assert "reason=invalid" in answer and time.monotonic() - started < 8
+
+
+def test_a_flood_of_empty_lines_before_a_request_is_refused(gate) -> None:
+    raw = exchange(gate.ports["http"], b"\r\n" * 1000 + b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 400") and b"reason=invalid" in raw
+
+
+def test_a_request_refused_behind_a_closing_one_comes_after_its_answer(gate) -> None:
+    raw = exchange(
+        gate.ports["http"],
+        b"GET /a HTTP/1.1\r\nHost: example-filed.cn\r\nConnection: close\r\n\r\n"
+        b"GET /b HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n",
+    )
+    assert raw.startswith(b"HTTP/1.1 200") and b'"path": "/a"' in raw and b'"path": "/b"' not in raw

@@ -27,7 +27,6 @@ from icpgate.hostname import HostKind, normalize_host, parent_names
         ("203.0.113.5:80", HostKind.IPV4, "203.0.113.5"),
         ("[2001:DB8::1]", HostKind.IPV6, "2001:db8::1"),
         ("[2001:db8:0:0::1]:8443", HostKind.IPV6, "2001:db8::1"),
-        ("2001:db8::1", HostKind.IPV6, "2001:db8::1"),
         ("localhost", HostKind.NAME, "localhost"),
     ],
 )
@@ -56,6 +55,8 @@ def test_normalises(raw: str, kind: HostKind, value: str) -> None:
         ("[2001:db8::1", "unclosed"),
         ("[2001:db8::1]x", "port"),
         ("[fe80::1%eth0]", "zone"),
+        ("2001:db8::1", "brackets"),
+        ("cafe::1", "brackets"),
         ("1:2:3", "IPv6"),
         ("127.1", "numeric top-level"),
         ("256.1.1.1", "numeric top-level"),

@@ -65,7 +65,9 @@ def normalize_host(raw: str) -> Host:
         if not _valid_port(port):
             return _invalid("malformed port %r" % port)
     elif colons > 1:
-        return _ipv6(text)
+        # An IPv6 literal in a Host must be bracketed (RFC 3986), and an SNI holds no literal at
+        # all. nginx cuts an unbracketed one at its first colon: `cafe::1` would reach vhost `cafe`.
+        return _invalid("IPv6 literal without brackets")
     if text.endswith("."):
         text = text[:-1]
     if _DOTTED_QUAD.fullmatch(text):

@@ -218,6 +218,10 @@ def _server_name(data: memoryview) -> str | Hello:
             host = bytes(name).decode("ascii")
         except UnicodeDecodeError:
             return _error("host_name is not ASCII")
+        if ":" in host:
+            # A DNS name holds no colon. Backends differ on a port or an IPv6 literal here (nginx
+            # cuts at the first colon, Apache keeps it): refuse rather than guess.
+            return _error("host_name with a colon (a port or an IPv6 literal)")
     if host is None:
         return _error("empty server_name list")
     return host

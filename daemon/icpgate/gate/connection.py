@@ -130,6 +130,7 @@ class GateConnection(asyncio.Protocol):
     __slots__ = (
         "__weakref__",
         "_client_eof",
+        "_client_write_closed",
         "_closing",
         "_connect_task",
         "_deadline",
@@ -162,6 +163,7 @@ class GateConnection(asyncio.Protocol):
         self._pending = bytearray()  # for the upstream, until it is connected
         self._read_pauses: set[str] = set()
         self._client_eof = False
+        self._client_write_closed = False  # the backend's EOF was passed on: nothing more can be written
         self._upstream_eof = False
         self._closing = False
         self._timer: asyncio.TimerHandle | None = None
@@ -336,6 +338,7 @@ class GateConnection(asyncio.Protocol):
         self._half_closed()
         if self.transport is not None and not self.transport.is_closing() and self.transport.can_write_eof():
             self.transport.write_eof()
+            self._client_write_closed = True
         if self._client_eof:
             self.close()
         return True
@@ -368,7 +371,8 @@ class GateConnection(asyncio.Protocol):
         """Send a final answer; the close waits for it to be written (the idle timer bounds that)."""
         self._closing = True
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+            if not self._client_write_closed:
+                self.transport.write(data)
             self.transport.close()
             self._set_deadline(self.runtime.gate.inspect_timeout)
         if self.upstream is not None:

@@ -50,9 +50,10 @@ class HttpConnection(GateConnection):
             elif isinstance(event, Invalid):
                 verdict = Verdict(Action.BLOCK, Reason.INVALID, "http.framing", "", detail=event.message)
                 self.count_decision(verdict)
-                self._block(verdict, None)
+                self._block(verdict, None, at_once=event.mid_message)
                 return
-        if self.inspector.in_head and started_head:
+        if self.inspector.in_head and (started_head or self._deadline is None):
+            # A new head has begun (in this read, or behind an allowed one): it gets its own deadline.
             self.restart_inspect_deadline()
 
     def _on_head(self, head: Head) -> bool:
@@ -88,7 +89,7 @@ class HttpConnection(GateConnection):
             return Verdict(Action.BLOCK, Reason.INVALID, "rules.connect", request.host or "", detail="CONNECT")
         return None
 
-    def _block(self, verdict: Verdict, request: RequestHead | None) -> None:
+    def _block(self, verdict: Verdict, request: RequestHead | None, *, at_once: bool = False) -> None:
         request_id = new_request_id()
         answer = self.runtime.pages.http_response(
             verdict,
@@ -98,7 +99,7 @@ class HttpConnection(GateConnection):
         )
         self.runtime.stats["blocks", "http", verdict.reason] += 1
         self.record_violation(verdict, request_id)
-        if request is None or self._responses.idle:
+        if at_once or self._responses.idle:
             # Nothing is owed to the client, or it broke the framing mid-message (the backend
             # holds a request it will never see the end of): answer now.
             self.reply_and_close(answer)
@@ -141,6 +142,11 @@ class HttpConnection(GateConnection):
     def upstream_eof(self) -> bool:
         if self._final_answer is not None:
             self._send_final_answer()
+            return False
+        if not self._responses.tunnel:
+            # A backend that ends an HTTP connection answers nothing more on it: end the client's too,
+            # once what it sent has been written.
+            self.close()
             return False
         return super().upstream_eof()
 

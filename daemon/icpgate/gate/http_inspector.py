@@ -26,6 +26,7 @@ from .http_framing import ChunkedBody, FramingError
 from .http_responses import CONNECT, NO_SWITCH, UPGRADE
 
 HEAD_END = b"\r\n\r\n"
+MAX_BLANK_RUNS = 2  # runs of empty lines (up to four lines each) tolerated before a request line
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:/[!#$%&'*+.^_`|~0-9A-Za-z-]+)?")
 _HTTP_AUTHORITY = re.compile(rb"https?://([^/?#]*)", re.IGNORECASE)
 _NAME_BYTES = re.compile(rb"[\x21-\x7e]+")  # what a Host or authority may contain: visible ASCII
@@ -89,6 +90,7 @@ class Tunnel(Event):
 @dataclass(slots=True)
 class Invalid(Event):
     message: str
+    mid_message: bool = False  # inside a body: the backend holds a request it will never see the end of
 
 
 class _State(Enum):
@@ -104,6 +106,7 @@ class HttpInspector:
     """One per client connection. `feed` yields events; stop iterating to stop processing."""
 
     __slots__ = (
+        "_blank_runs",
         "_buffer",
         "_chunked",
         "_complete",
@@ -136,6 +139,7 @@ class HttpInspector:
         self._upgrades: list[bytes] = []  # every Upgrade header's value
         self._head_done = False
         self._complete = False
+        self._blank_runs = 0
 
     @property
     def in_head(self) -> bool:
@@ -217,9 +221,10 @@ class HttpInspector:
         return self._finish_head(raw)
 
     def _fail(self, message: str) -> Invalid:
+        mid_message = self._state is _State.LENGTH or self._state is _State.CHUNKED
         self._state = _State.FAILED
         self._buffer.clear()
-        return Invalid(message)
+        return Invalid(message, mid_message)
 
     def _parse(self, chunk: bytes | bytearray) -> str:
         """Feed one slice; return a parser error message, or ''."""
@@ -254,7 +259,11 @@ class HttpInspector:
                 return self._fail(error)
             if self._head_done:
                 return self._finish_head(raw)
-            # Blank lines before a request: llhttp skips them, and so do we (they are not forwarded).
+            # Blank lines before a request: llhttp skips them, and so do we (they are not forwarded),
+            # but only a few: a flood of them would cost a parse each.
+            self._blank_runs += 1
+            if self._blank_runs > MAX_BLANK_RUNS:
+                return self._fail("too many empty lines before a request")
 
     def _finish_head(self, raw: bytes) -> Event:
         request = self._request_head()
