@@ -19,11 +19,12 @@ and the standard library's HMAC for the key schedule; see docs/quic.md for why n
 from __future__ import annotations
 
 import hmac
+import re
 from enum import Enum
 from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .client_hello import CLIENT_HELLO, HANDSHAKE, MAX_RECORD, HelloReassembler, HelloState
@@ -51,6 +52,7 @@ FRAME_ACK = 0x02
 FRAME_ACK_ECN = 0x03
 FRAME_CRYPTO = 0x06
 FRAME_CONNECTION_CLOSE = 0x1C
+_NOT_PADDING = re.compile(rb"[^\x00]")  # the end of a run of PADDING frames, found in C, not byte by byte
 
 
 def _expand_label_info(label: bytes, length: int) -> bytes:
@@ -189,8 +191,8 @@ class InitialReassembler:
         self._dcid = b""
         self._types: tuple[str, ...] = ()
         self._aead: AESGCM | None = None
-        self._hp = None
-        self._iv = b""
+        self._hp: CipherContext | None = None
+        self._iv = 0  # as a number, for the per-packet nonce
         self._crypto = bytearray()  # CRYPTO stream bytes, valid where `_ranges` says
         self._ranges: list[list[int]] = []  # sorted, disjoint, non-adjacent [start, end) received
         self._needed = 0  # the ClientHello's length with its handshake header, once known
@@ -282,7 +284,8 @@ class InitialReassembler:
         self._types = PACKET_TYPES[version]
 
     def _set_keys(self, dcid: bytes) -> None:
-        key, self._iv, hp = initial_keys(self.version, dcid)
+        key, iv, hp = initial_keys(self.version, dcid)
+        self._iv = int.from_bytes(iv, "big")
         self._dcid = dcid
         self._aead = AESGCM(key)
         self._hp = Cipher(algorithms.AES(hp), modes.ECB()).encryptor()
@@ -305,9 +308,9 @@ class InitialReassembler:
             header[pn_offset - start + index] = byte
             packet_number = (packet_number << 8) | byte
         # A client's first flight numbers its Initials from 0, so the truncated number is the full one.
-        nonce = (int.from_bytes(self._iv, "big") ^ packet_number).to_bytes(12, "big")
+        nonce = (self._iv ^ packet_number).to_bytes(12, "big")
         try:
-            payload = self._aead.decrypt(nonce, data[pn_offset + pn_len : end], bytes(header))
+            payload = self._aead.decrypt(nonce, memoryview(data)[pn_offset + pn_len : end], header)
         except InvalidTag:
             raise QuicError("Initial packet fails authentication (keys from another connection ID?)") from None
         if first & 0x0C:
@@ -323,9 +326,12 @@ class InitialReassembler:
         while pos < end:
             frame = payload[pos]
             pos += 1
-            if frame in (FRAME_PADDING, FRAME_PING):
+            if frame == FRAME_PADDING:
+                found = _NOT_PADDING.search(payload, pos)
+                pos = found.start() if found else end
+            elif frame == FRAME_PING:
                 continue
-            if frame == FRAME_CRYPTO:
+            elif frame == FRAME_CRYPTO:
                 offset, pos = _varint(payload, pos, end)
                 length, pos = _varint(payload, pos, end)
                 if pos + length > end:
@@ -411,7 +417,7 @@ class InitialReassembler:
             framed += part
         hello.release()
         self._crypto = bytearray()
-        parsed = HelloReassembler(len(framed)).feed(bytes(framed))
+        parsed = HelloReassembler(len(framed)).feed(framed)
         if parsed.state is not HelloState.COMPLETE:
             return QuicHello(QuicState.ERROR, version=self.version, error="ClientHello: " + parsed.error)
         return QuicHello(QuicState.COMPLETE, parsed.sni, self.version, parsed.ech)
