@@ -5,6 +5,7 @@ ClientHello reader is the oracle, and hand-built Initials (protected with aioqui
 from __future__ import annotations
 
 import functools
+import itertools
 import ssl
 from pathlib import Path
 
@@ -112,6 +113,12 @@ def handshake_message(extensions: list[tuple[int, bytes]] | None = None, key_sha
 @functools.cache
 def huge_flight(version: int) -> tuple[bytes, ...]:
     return tuple(client_flight(version, alpn=HUGE_ALPN))
+
+
+@functools.cache
+def one_datagram() -> bytes:
+    (datagram,) = client_flight(VERSION_1)
+    return datagram
 
 
 def test_initial_keys_match_the_rfc_vectors() -> None:
@@ -275,10 +282,11 @@ def test_garbage_never_raises_nor_completes(data: bytes) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(position=st.integers(0, 1199), flip=st.integers(1, 255))
-def test_any_flipped_byte_in_the_protected_region_is_an_error(position: int, flip: int) -> None:
-    """After the header, every byte is covered by header protection or the AEAD tag: a changed byte
-    changes the keys (DCID), the packet number, the ciphertext or the tag, never the SNI read."""
-    datagram = bytearray(huge_flight(VERSION_1)[0])
+def test_any_flipped_byte_is_an_error(position: int, flip: int) -> None:
+    """Every byte of a datagram is accounted for: the header is authenticated or changes the keys
+    (DCID), the rest is ciphertext, tag or zero padding. A changed byte never yields an SNI."""
+    datagram = bytearray(one_datagram())
+    assert feed_all([bytes(datagram)]).sni == SNI
     datagram[position] ^= flip
     result = feed_all([bytes(datagram)])
     assert result.state is not QuicState.COMPLETE
@@ -330,6 +338,35 @@ def test_overlapping_crypto_must_agree(version: int) -> None:
     for order in ([first, lying], [lying, first]):
         result = feed_all(order)
         assert result.state is QuicState.ERROR and "differs" in result.error, result
+
+
+def test_chrome_style_chaos_protection() -> None:
+    """Chrome cuts its hello into out-of-order CRYPTO frames among PING and PADDING frames."""
+    hello = handshake_message()
+    cuts = [0, 90, 300, 301, 700, 1000, 1100, len(hello)]
+    pieces = [crypto_frame(start, hello[start:end]) for start, end in itertools.pairwise(cuts)]
+    first = b"\x01" + pieces[5] + b"\x00" * 7 + pieces[1] + b"\x01\x01" + pieces[3]
+    second = pieces[6] + b"\x00" * 30 + pieces[0] + pieces[4] + b"\x01" + pieces[2]
+    datagrams = [protect(VERSION_1, first, packet_number=0), protect(VERSION_1, second, packet_number=1)]
+    for order in (datagrams, datagrams[::-1]):
+        assert feed_all(order) == QuicHello(QuicState.COMPLETE, SNI, VERSION_1)
+
+
+def test_tiny_disjoint_crypto_frames_are_capped() -> None:
+    """Many one-byte pieces with holes between them: refused once 64 are held, not stored in a long list."""
+    hello = handshake_message()
+    frames = b"".join(crypto_frame(offset, hello[offset : offset + 1]) for offset in range(1, 400, 2))
+    result = feed_all([protect(VERSION_1, frames)])
+    assert result.state is QuicState.ERROR and "64 disjoint pieces" in result.error
+
+
+def test_datagrams_without_packets() -> None:
+    for empty in (b"", bytes(1200)):
+        assert "datagram" in feed_all([empty]).error
+    half = client_flight(VERSION_1, alpn=BIG_ALPN)[0]
+    for empty in (b"", bytes(1200)):
+        result = feed_all([half, empty])
+        assert result.state is QuicState.ERROR and "datagram" in result.error, result
 
 
 def test_crypto_frames_in_one_packet_any_order() -> None:

@@ -38,6 +38,8 @@ SAMPLE = 16
 TAG = 16
 MAX_DATAGRAMS = 32  # a 16 KiB hello needs ~15 full datagrams; real clients send 1-3
 MAX_PACKETS = 64
+MAX_CRYPTO_PIECES = 64  # disjoint CRYPTO ranges held at once: Chrome cuts its hello into ~10 pieces; this
+# bounds the work per frame, so a flood of tiny out-of-order frames costs time linear in its bytes
 
 # Long-header packet types (first byte bits 4-5), which RFC 9369 §3.2 renumbers for v2.
 INITIAL, ZERO_RTT, HANDSHAKE_PACKET, RETRY = "initial", "0-rtt", "handshake", "retry"
@@ -222,11 +224,15 @@ class InitialReassembler:
         initial = False
         while pos < end:
             if not datagram[pos]:
+                if not pos:
+                    raise QuicError("datagram without a QUIC packet")
                 if datagram.count(0, pos) != end - pos:
                     raise QuicError("bytes after the padding at the end of a datagram")
                 break
             pos, is_initial_packet = self._packet(datagram, pos, end)
             initial |= is_initial_packet
+        if not end:
+            raise QuicError("empty datagram")
         if initial and end < MIN_INITIAL_DATAGRAM:
             raise QuicError("datagram carrying an Initial is %d bytes, under %d" % (end, MIN_INITIAL_DATAGRAM))
         return self._decide()
@@ -388,6 +394,8 @@ class InitialReassembler:
             merged = [min(merged[0], span[0]), max(merged[1], span[1])]
         crypto[offset:stop] = data
         kept.append(merged)
+        if len(kept) > MAX_CRYPTO_PIECES:
+            raise QuicError("CRYPTO data in more than %d disjoint pieces" % MAX_CRYPTO_PIECES)
         kept.sort()
         self._ranges = kept
         if not self._needed and kept[0][0] == 0 and kept[0][1] >= 4:
