@@ -219,6 +219,10 @@ class InitialReassembler:
                 if version == 0:
                     raise QuicError("Version Negotiation packet from a client")
                 return QuicHello(QuicState.UNKNOWN_VERSION, version=version)
+            self.version = version
+            self._types = PACKET_TYPES[version]
+        if not datagram:
+            raise QuicError("empty datagram")
         pos = 0
         end = len(datagram)
         initial = False
@@ -231,8 +235,6 @@ class InitialReassembler:
                 break
             pos, is_initial_packet = self._packet(datagram, pos, end)
             initial |= is_initial_packet
-        if not end:
-            raise QuicError("empty datagram")
         if initial and end < MIN_INITIAL_DATAGRAM:
             raise QuicError("datagram carrying an Initial is %d bytes, under %d" % (end, MIN_INITIAL_DATAGRAM))
         return self._decide()
@@ -248,9 +250,7 @@ class InitialReassembler:
         if pos + 7 > end:
             raise QuicError("truncated long header")
         version = int.from_bytes(data[pos + 1 : pos + 5], "big")
-        if not self.version:
-            self._start(version)
-        elif version != self.version:
+        if version != self.version:
             raise QuicError("version 0x%08x in a flow of version 0x%08x" % (version, self.version))
         dcid_len = data[pos + 5]
         if dcid_len > MAX_CID:
@@ -282,12 +282,6 @@ class InitialReassembler:
         if kind == INITIAL:
             self._initial(data, pos, cursor, packet_end)
         return packet_end, kind == INITIAL
-
-    def _start(self, version: int) -> None:
-        if version not in SCHEDULES:
-            raise QuicError("unknown version 0x%08x after the first packet" % version)
-        self.version = version
-        self._types = PACKET_TYPES[version]
 
     def _set_keys(self, dcid: bytes) -> None:
         key, iv, hp = initial_keys(self.version, dcid)
