@@ -142,7 +142,7 @@ def test_stop_when_idle_cuts_at_the_end_of_the_last_expected_answer() -> None:
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\n folded\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\nX: y\r\n\r\n",  # a bare LF
         b"HTTP/2 200\r\n\r\n",
         b"SSH-2.0-OpenSSH\r\n\r\n",
     ],
