@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import json
 import sys
 from enum import IntEnum
@@ -12,7 +13,7 @@ from pathlib import Path
 from . import __version__
 from .config import Config, check_config, load_config
 from .explain import explain, render_explanation
-from .interchange import read_filings
+from .import_files import FORMATS, ImportOptions, detect_format, prepare, read_any
 from .policy_pack import load_pack
 from .registry import ImportReport, RegistryError, open_registry, require_registry
 from .telemetry.logs import log_to_stderr
@@ -57,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
 
     imp = commands.add_parser("import", parents=[common], help="import filings into the registry")
     imp.add_argument("file", type=Path)
-    imp.add_argument("--format", choices=("ndjson", "csv"), help="default: from the file suffix")
+    imp.add_argument("--format", choices=FORMATS, help="default: detected from the content, then the suffix")
+    imp.add_argument("--encoding", help="text encoding of a CSV (default: UTF-8 if it decodes, else GB18030/GBK)")
     imp.add_argument("--skip-invalid", action="store_true", help="import the good records, skip the bad ones")
     imp.add_argument("--replace", action="store_true", help="the file is the whole registry: remove filings not in it")
     imp.add_argument("--json", action="store_true", help="print the import report as JSON")
@@ -252,22 +254,31 @@ def _cmd_import(args: argparse.Namespace) -> Exit:
     if not args.file.is_file():
         print("import: no such file: %s" % args.file, file=sys.stderr)
         return Exit.DATA
-    report = asyncio.run(_import(config, args.file, args.format, args.skip_invalid, args.replace))
-    _print_report(report, args.json)
+    if args.encoding:
+        try:
+            codecs.lookup(args.encoding)
+        except LookupError:
+            print("import: --encoding: unknown encoding %r" % args.encoding, file=sys.stderr)
+            return Exit.USAGE
+    options = ImportOptions(args.encoding, config.imports.default_timezone, config.imports.isp_ids)
+    report = asyncio.run(_import(config, args.file, args.format, options, args.skip_invalid, args.replace))
+    _print_report(report, args.json, options.notes)
     return Exit.OK if report.committed else Exit.DATA
 
 
-async def _import(config: Config, path: Path, fmt: str | None, skip_invalid: bool, replace: bool) -> ImportReport:
-    fmt = fmt or ("csv" if path.suffix.lower() == ".csv" else "ndjson")
+async def _import(config: Config, path: Path, fmt: str | None, options: ImportOptions, skip_invalid: bool,
+                  replace: bool) -> ImportReport:  # fmt: skip
+    fmt = fmt or detect_format(path)
     progress = _progress_bar(path)
     try:
         async with open_registry(config.registry_path) as registry:
+            await prepare(path, fmt, options, registry)
             return await registry.import_filings(
-                read_filings(path, fmt), source=str(path), fmt=fmt, skip_invalid=skip_invalid,
-                progress=progress.update if progress else None, replace=replace,
+                read_any(path, fmt, options), source=str(path), fmt=fmt, skip_invalid=skip_invalid,
+                progress=progress.update if progress is not None else None, replace=replace,
             )  # fmt: skip
     finally:
-        if progress:
+        if progress is not None:  # a tqdm without a total refuses bool(): test for None, not truth
             progress.close()
 
 
@@ -280,14 +291,14 @@ def _progress_bar(path: Path):
     return tqdm(unit=" filings", unit_scale=True, desc="importing", file=sys.stderr)
 
 
-def _print_report(report: ImportReport, as_json: bool) -> None:
+def _print_report(report: ImportReport, as_json: bool, notes: list[str]) -> None:
     if as_json:
         print(json.dumps({
             "source": report.source, "committed": report.committed, "records": report.records,
             "inserted": report.inserted, "updated": report.updated, "unchanged": report.unchanged,
             "removed": report.removed, "skipped": report.skipped, "serial": report.serial,
             "errors": [{"line": e.line, "field": e.field, "message": e.message} for e in report.errors],
-            "error_count": report.error_count, "warnings": report.warnings,
+            "error_count": report.error_count, "warnings": report.warnings, "notes": notes,
         }, ensure_ascii=False, indent=2))  # fmt: skip
         return
     for error in report.errors:
@@ -299,6 +310,8 @@ def _print_report(report: ImportReport, as_json: bool) -> None:
         print("warning: %s: %s" % (report.source, warning), file=sys.stderr)
     if len(report.warnings) > MAX_PRINTED_WARNINGS:
         print("warning: … and %d more" % (len(report.warnings) - MAX_PRINTED_WARNINGS), file=sys.stderr)
+    for note in notes:
+        print("note: %s: %s" % (report.source, note), file=sys.stderr)
     if report.committed:
         skipped = ", %d invalid skipped" % report.skipped if report.skipped else ""
         removed = ", %d removed" % report.removed if report.removed else ""

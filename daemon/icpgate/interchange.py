@@ -81,6 +81,35 @@ def parse_filing(record: object, line: int) -> ParsedFiling:
     return ParsedFiling(line, filing, tuple(warnings))
 
 
+def record_errors(record: dict, line: int) -> list[RecordError]:
+    """Every wrong field of a record, not only the first: for spreadsheets, fixed by hand in one go."""
+    errors = [RecordError(line, name, "required field is missing") for name in REQUIRED_FIELDS if name not in record]
+    checks = {
+        "licence": lambda: _website_licence(record["licence"], line, []),
+        "subject_name": lambda: _text(record, "subject_name", line),
+        "subject_type": lambda: _enum(SubjectType, record, "subject_type", line),
+        "site_name": lambda: _text(record, "site_name", line),
+        "status": lambda: _enum(FilingStatus, record, "status", line),
+        "limit_access": lambda: _bool(record["limit_access"], "limit_access", line),
+        "domains": lambda: _domains(record["domains"], line),
+        "access": lambda: _access_records(record["access"], line),
+        "updated_at": lambda: _timestamp(record["updated_at"], line),
+    }
+    for name, check in checks.items():
+        if name in record:
+            try:
+                check()
+            except RecordError as error:
+                errors.append(error)
+    if "subject_licence" in record and "licence" in record:
+        try:
+            _subject_licence(record["subject_licence"], _website_licence(record["licence"], line, []), line)
+        except RecordError as error:
+            if error.field == "subject_licence":
+                errors.append(error)
+    return errors
+
+
 def _website_licence(value: object, line: int, warnings: list[str]) -> str:
     if not isinstance(value, str):
         raise RecordError(line, "licence", "must be a string")

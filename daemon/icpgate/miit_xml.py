@@ -1,0 +1,377 @@
+"""Read the national filing system's download data (企业系统接口规范 V3.0, 企业下载数据格式.xsd):
+a `DownloadData` document, GBK, as the operator's enterprise-side system leaves it once unzipped and
+decrypted. docs/filings-format.md maps it field by field.
+
+- `ICP/BASJ/Baxx`: one subject (`Zt_xx`) with its websites (`Wz_xx`); each website is one filing.
+- `ICP/ZXSJ/Zxxx`: cancellations by the province system's record id (`Jlid`): a subject or a website
+  deregistered (注销), or an access record cancelled (取消接入). They are applied to the filings of
+  the same file and to the stored ones they name (`Cancellations`).
+- `ICP/FFJRHMD`, `ICP/WBAWZLB`: the bureau's lists of illegally accessed and unfiled sites. They
+  are not filings; each entry becomes a note for the operator.
+
+The document is parsed as a stream (ElementTree's pull parser, each record cleared once read), so
+a file of a million filings stays in bounded memory. Lines are found by scanning the text fed to
+the parser for the records' opening tags, which keeps the per-element work in C.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ipaddress
+import re
+import xml.etree.ElementTree as ET
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, tzinfo
+from typing import BinaryIO
+
+from .filings import AccessStatus, Filing, FilingStatus
+from .interchange import ParsedFiling, RecordError, parse_filing
+
+# 单位性质 (Dwxz) codes of the filing system: 1 军队, 2 政府机关, 3 事业单位, 4 企业, 5 个人, 6 社会团体.
+SUBJECT_TYPES = {"2": "government", "3": "institution", "4": "enterprise", "5": "individual"}
+SUBJECT, WEBSITE, ACCESS = 0, 1, 2  # Zxlb: what a cancellation's Jlid names
+CANCELLATION_KINDS = {SUBJECT: "主体注销", WEBSITE: "网站注销", ACCESS: "取消接入"}
+LIST_NAMES = {"Ffjrxx": "FFJRHMD 非法接入黑名单", "Wbawz_xx": "WBAWZLB 未备案网站列表"}
+_RECORD_TAGS = ("Baxx", "Zxxx", "Ffjrxx", "Wbawz_xx")
+_OPENING = re.compile(r"<(Baxx|Zxxx|Ffjrxx|Wbawz_xx)[\s/>]")
+_DECLARATION = re.compile(rb"""^\s*<\?xml[^>]*encoding\s*=\s*["']([A-Za-z0-9_.-]+)["']""")
+_BLOCK = 1 << 18
+_MAX_NOTES = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Cancellation:
+    kind: int  # SUBJECT, WEBSITE or ACCESS
+    record_id: str  # the province system's id: Ztid, Wzid or Jrid
+    line: int
+
+
+@dataclass(slots=True)
+class Cancellations:
+    """The cancellations of a file, found before its filings are read, and the stored filings they
+    name (looked up in the registry by the ids kept with each filing)."""
+
+    items: list[Cancellation] = field(default_factory=list)
+    stored: dict[str, Filing] = field(default_factory=dict)  # by licence
+
+    def matching(self, filing: Filing) -> list[Cancellation]:
+        ids = {SUBJECT: str(filing.extra.get("miit_ztid", "")), WEBSITE: str(filing.extra.get("miit_wzid", ""))}
+        jrids = filing.extra.get("miit_jrids") or {}
+        return [c for c in self.items if (c.record_id in jrids if c.kind == ACCESS else c.record_id == ids[c.kind])]
+
+
+@dataclass(slots=True)
+class MiitOptions:
+    default_timezone: tzinfo
+    isp_ids: dict[str, str]  # Ispid -> our provider id; unlisted Ispids stay as they are
+    cancellations: Cancellations = field(default_factory=Cancellations)
+    applied: set[Cancellation] = field(default_factory=set)  # matched a filing of the file
+    notes: list[str] = field(default_factory=list)  # for the operator: lists, unmatched cancellations
+
+
+def xml_encoding(head: bytes) -> str:
+    """The codec for a document's declared encoding: GBK and GB2312 read as GB18030, their superset."""
+    if head.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    match = _DECLARATION.match(head)
+    name = match.group(1).decode().lower() if match else "utf-8"
+    if name in ("gbk", "gb2312", "gb18030", "cp936", "x-gbk"):
+        return "gb18030"
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        raise RecordError(1, "", "unknown encoding %r in the XML declaration" % name) from None
+
+
+def _text_blocks(stream: BinaryIO) -> Iterator[str]:
+    head = stream.read(_BLOCK)
+    encoding = xml_encoding(head[:200])
+    decoder = codecs.getincrementaldecoder(encoding)()
+    data, lines = head, 1
+    while data:
+        try:
+            yield decoder.decode(data)
+        except UnicodeDecodeError as error:
+            line = lines + data[: error.start].count(b"\n")
+            raise RecordError(line, "", "not %s text (GBK when the declaration says so)" % encoding) from None
+        lines += data.count(b"\n")
+        data = stream.read(_BLOCK)
+    yield decoder.decode(b"", final=True)
+
+
+class _Parser:
+    """Feeds text to the pull parser and pairs each finished record with the line it starts on."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.blocks = _text_blocks(stream)
+        self.parser = ET.XMLPullParser(events=("start", "end"))
+        self.starts: dict[str, deque[int]] = {tag: deque() for tag in _RECORD_TAGS}
+        self.line = 1
+        self.path: list[str] = []
+
+    def records(self) -> Iterator[tuple[list[str], ET.Element, int]]:
+        """(path of the parent, record element, line) for each record; the element is cleared after."""
+        holders: list[ET.Element] = []
+        try:
+            for text in self.blocks:
+                self._note_openings(text)
+                self.parser.feed(text)
+                for event, element in self.parser.read_events():
+                    tag = element.tag
+                    if event == "start":
+                        self.path.append(tag)
+                        holders.append(element)
+                        continue
+                    self.path.pop()
+                    holders.pop()
+                    if tag in self.starts:
+                        line = self.starts[tag].popleft() if self.starts[tag] else self.line
+                        yield self.path, element, line
+                        if holders:
+                            holders[-1].clear()  # drop the finished record (and any before it)
+            self.parser.close()
+        except ET.ParseError as error:
+            raise RecordError(error.position[0], "", "not well-formed XML: %s" % error) from None
+
+    def _note_openings(self, text: str) -> None:
+        position = 0
+        for match in _OPENING.finditer(text):
+            self.line += text.count("\n", position, match.start())
+            position = match.start()
+            self.starts[match.group(1)].append(self.line)
+        self.line += text.count("\n", position)
+
+
+def scan_cancellations(stream: BinaryIO) -> list[Cancellation]:
+    """The file's `ZXSJ/Zxxx` records, read before its filings so that both orders work. The
+    cancellations of a download are few; a file without `<ZXSJ` is only searched, not parsed."""
+    found = []
+    for path, element, line in _Parser(stream).records():
+        if element.tag == "Zxxx" and path[-2:] == ["ICP", "ZXSJ"]:
+            kind, record_id = _text(element, "Zxlb"), _text(element, "Jlid")
+            if kind in ("0", "1", "2") and record_id.isdigit():
+                found.append(Cancellation(int(kind), record_id, line))
+    return found
+
+
+def has_cancellations(stream: BinaryIO) -> bool:
+    tail = b""
+    while chunk := stream.read(1 << 20):
+        if b"<ZXSJ" in tail + chunk:
+            return True
+        tail = chunk[-8:]
+    return False
+
+
+def read_download(stream: BinaryIO, options: MiitOptions) -> Iterator[ParsedFiling | RecordError]:
+    """Yield the filings of a download file (cancellations applied), or the errors that refuse them."""
+    seen: set[str] = set()
+    parser = _Parser(stream)
+    for path, element, line in parser.records():
+        tag = element.tag
+        if tag == "Baxx" and path[-2:] == ["ICP", "BASJ"]:
+            for item in _websites(element, line, options):
+                if isinstance(item, ParsedFiling):
+                    seen.add(item.filing.licence)
+                yield item
+        elif tag == "Zxxx" and path[-2:] == ["ICP", "ZXSJ"]:
+            error = _check_cancellation(element, line)
+            if error:
+                yield error
+        elif tag in LIST_NAMES and len(path) >= 2 and path[-2] == "ICP":
+            _note_list_entry(tag, element, line, options)
+    yield from _stored_cancellations(options, seen)
+
+
+def _websites(baxx: ET.Element, line: int, options: MiitOptions) -> Iterator[ParsedFiling | RecordError]:
+    subject = baxx.find("Zt_xx")
+    if subject is None:
+        yield RecordError(line, "Zt_xx", "required element is missing")
+        return
+    websites = baxx.findall("Wz_xx")
+    if not websites:
+        yield RecordError(line, "Wz_xx", "required element is missing")
+    for index, website in enumerate(websites):
+        where = "Wz_xx[%d]" % index
+        try:
+            record = _record(subject, website, where, line, options)
+            parsed = parse_filing(record, line)
+        except RecordError as error:
+            error.field = xml_field(error.field, where)
+            yield error
+            continue
+        cancelled = options.cancellations.matching(parsed.filing)
+        if cancelled:
+            options.applied.update(cancelled)
+            parsed = ParsedFiling(line, _cancel(parsed.filing, cancelled), parsed.warnings)
+        yield parsed
+
+
+_FIELDS = {"licence": "{w}.Baxh", "subject_licence": "Zt_xx.Baxh", "subject_name": "Zt_xx.Dwmc",
+           "site_name": "{w}.Wzmc", "updated_at": "{w}.Zjxgsj", "domains": "{w}.Ym_xx"}  # fmt: skip
+_INDEXED = re.compile(r"^(domains|access)\[(\d+)\](.*)$")
+
+
+def xml_field(name: str, where: str) -> str:
+    """An interchange field name as the XML element it came from: `domains[1]` -> `Wz_xx[0].Ym_xx[1].Ym`."""
+    if name.startswith(("Zt_xx", "Wz_xx")):
+        return name
+    if name in _FIELDS:
+        return _FIELDS[name].format(w=where)
+    match = _INDEXED.match(name)
+    if match:
+        kind, index, rest = match.groups()
+        return "%s.%s[%s]%s" % (where, "Ym_xx" if kind == "domains" else "Jr_xx", index,
+                                ".Ym" if kind == "domains" else rest.replace(".ips", ".Ip_xx"))  # fmt: skip
+    return "%s (%s)" % (where, name) if name else where
+
+
+def _record(subject: ET.Element, website: ET.Element, where: str, line: int, options: MiitOptions) -> dict:
+    """One website of a subject in the interchange form (docs/filings-format.md)."""
+    subject_licence = _required(subject, "Baxh", "Zt_xx", line)
+    licence = _required(website, "Baxh", where, line)
+    kind = _text(subject, "Dwxz")
+    modified = _text(website, "Zjxgsj") or _required(subject, "Zjxgsj", "Zt_xx", line)
+    access, jrids = [], {}
+    for index, entry in enumerate(website.findall("Jr_xx")):
+        at = "%s.Jr_xx[%d]" % (where, index)
+        ispid = _required(entry, "Ispid", at, line)
+        provider = options.isp_ids.get(ispid, ispid)
+        ips = []
+        for number, block in enumerate(entry.findall("Ip_xx")):
+            ips.extend(ip_range(_text(block, "Qsip"), _text(block, "Zzip"), "%s.Ip_xx[%d]" % (at, number), line))
+        access.append({"provider": provider, "status": "active", "ips": ips})
+        jrid = _text(entry, "Jrid")
+        if jrid:
+            jrids[jrid] = provider
+    return {
+        "licence": licence,
+        "subject_licence": subject_licence,
+        "subject_name": _required(subject, "Dwmc", "Zt_xx", line),
+        "subject_type": SUBJECT_TYPES.get(kind, "other"),
+        "site_name": _required(website, "Wzmc", where, line),
+        "status": "approved",
+        "domains": [_text(entry, "Ym") for entry in website.findall("Ym_xx")],
+        "access": access,
+        "updated_at": local_timestamp(modified, options.default_timezone, "%s.Zjxgsj" % where, line),
+        "miit_ztid": _text(subject, "Ztid"),
+        "miit_wzid": _text(website, "Wzid"),
+        "miit_jrids": jrids,
+    }
+
+
+def ip_range(first: str, last: str, where: str, line: int) -> list[str]:
+    """`Qsip`..`Zzip` as CIDR blocks. The schema gives IPv4 addresses as integers; an address in
+    text (IPv4 or IPv6, as newer exports write them) is taken as well."""
+    try:
+        start, end = _address(first), _address(last)
+    except ValueError as error:
+        raise RecordError(line, where, str(error)) from None
+    if start.version != end.version or end < start:
+        raise RecordError(line, where, "Qsip %s .. Zzip %s is not a range" % (start, end))
+    return [str(network) for network in ipaddress.summarize_address_range(start, end)]
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if text.isdigit():
+        if int(text) > 0xFFFFFFFF:
+            raise ValueError("%s is beyond the IPv4 range an integer address may name" % text)
+        return ipaddress.IPv4Address(int(text))
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError("%r is neither an integer IPv4 address nor an IP address" % text) from None
+
+
+_TIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d", "%Y%m%d%H%M%S", "%Y/%m/%d %H:%M:%S", "%Y/%m/%d")
+
+
+def local_timestamp(text: str, zone: tzinfo, where: str, line: int) -> str:
+    """A filing-system time (`2026-11-02 08:00:00`, no zone: `import.default_timezone`) as UTC RFC 3339."""
+    value = text.strip()
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        for form in _TIME_FORMATS:
+            try:
+                moment = datetime.strptime(value, form)
+                break
+            except ValueError:
+                continue
+        else:
+            raise RecordError(line, where, "%r is not a time like 2026-11-02 08:00:00" % text) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zone)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _text(element: ET.Element, name: str) -> str:
+    found = element.find(name)
+    return (found.text or "").strip() if found is not None else ""
+
+
+def _required(element: ET.Element, name: str, where: str, line: int) -> str:
+    value = _text(element, name)
+    if not value:
+        raise RecordError(line, "%s.%s" % (where, name), "required element is missing or empty")
+    return value
+
+
+def _check_cancellation(element: ET.Element, line: int) -> RecordError | None:
+    kind, record_id = _text(element, "Zxlb"), _text(element, "Jlid")
+    if kind not in ("0", "1", "2"):
+        return RecordError(line, "Zxxx.Zxlb", "%r is not 0 (subject), 1 (website) or 2 (access)" % kind)
+    if not record_id.isdigit():
+        return RecordError(line, "Zxxx.Jlid", "%r is not a record id" % record_id)
+    return None
+
+
+def _cancel(filing: Filing, cancellations: Iterable[Cancellation]) -> Filing:
+    """注销 (a subject or a website) deregisters the filing; 取消接入 cancels that provider's access."""
+    status, access = filing.status, list(filing.access)
+    jrids = filing.extra.get("miit_jrids") or {}
+    for cancellation in cancellations:
+        if cancellation.kind == ACCESS:
+            provider = jrids[cancellation.record_id]
+            access = [replace(a, status=AccessStatus.CANCELLED) if a.provider == provider else a for a in access]
+        else:
+            status = FilingStatus.DEREGISTERED
+    return replace(filing, status=status, access=tuple(access))
+
+
+def _stored_cancellations(options: MiitOptions, seen: set[str]) -> Iterator[ParsedFiling]:
+    """Stored filings a cancellation names, updated; a cancellation that names nothing is noted."""
+    cancellations = options.cancellations
+    matched: set[Cancellation] = set()
+    for licence, filing in cancellations.stored.items():
+        hits = cancellations.matching(filing)
+        matched.update(hits)
+        if licence in seen or not hits:
+            continue  # the file itself carried the filing: already updated
+        changed = _cancel(filing, hits)
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        yield ParsedFiling(min(hit.line for hit in hits), replace(changed, updated_at=now), ())
+    for cancellation in cancellations.items:
+        if cancellation not in matched and cancellation not in options.applied:
+            _note(options, "line %d: %s of record %s: no filing with that id is stored or in this file; ignored"
+                  % (cancellation.line, CANCELLATION_KINDS[cancellation.kind], cancellation.record_id))  # fmt: skip
+
+
+def _note_list_entry(tag: str, element: ET.Element, line: int, options: MiitOptions) -> None:
+    domain = _text(element, "Ym") or _text(element, "Wzym_mc")
+    raw_ip = _text(element, "Ip") or _text(element, "IP")
+    try:
+        ip = str(_address(raw_ip))
+    except ValueError:
+        ip = raw_ip or "-"
+    _note(options, "line %d: %s lists %s at %s; not a filing: the gate blocks it unless a filing covers it"
+          % (line, LIST_NAMES[tag], domain or "-", ip))  # fmt: skip
+
+
+def _note(options: MiitOptions, text: str) -> None:
+    if len(options.notes) < _MAX_NOTES:
+        options.notes.append(text)
+    elif len(options.notes) == _MAX_NOTES:
+        options.notes.append("… more notes left out")
