@@ -7,6 +7,7 @@ import asyncio
 import codecs
 import json
 import sys
+import time
 from enum import IntEnum
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from .registry import ImportReport, RegistryError, open_registry, require_regist
 from .telemetry.logs import log_to_stderr
 from .telemetry.multiproc import use_metrics_dir
 from .tomlschema import ConfigError
-from .violations.store import DNS_STATES, Filters, open_violations, parse_since
+from .violations.store import DNS_STATES, HANDLING_STATES, MAX_NOTE, Filters, open_violations, parse_since
 
 DEFAULT_CONFIG = Path("/etc/icpgate/config.toml")
 MAX_PRINTED_WARNINGS = 20
@@ -93,12 +94,31 @@ def _parser() -> argparse.ArgumentParser:
     violations.add_argument("--ip", help="destination IP")
     violations.add_argument("--reason", help="reason code (unfiled, pending, ...)")
     violations.add_argument("--dns", choices=DNS_STATES, help="DNS state")
+    violations.add_argument("--state", choices=HANDLING_STATES, help="handling state (open takes reopened in)")
     violations.add_argument("--limit", type=int, default=100, help="records at most; 0 for all (default %(default)s)")
     output = violations.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON")
     output.add_argument("--csv", action="store_true", help="print CSV")
     output.add_argument("--isms", action="store_true", help="print the ISMS unfiled-site report (CSV)")
+    violations.add_argument("--include-unconfirmed", action="store_true",
+                            help="--isms: also records DNS did not confirm, marked in a column")  # fmt: skip
     violations.set_defaults(handler=_cmd_violations)
+    handling = violations.add_subparsers(dest="violations_command", metavar="{ack,resolve,reopen}")
+    for name, state, text in (("ack", "acknowledged", "acknowledge records: seen, being worked on"),
+                              ("resolve", "resolved", "mark records resolved (open again if seen after)"),
+                              ("reopen", "open", "take the acknowledgement or resolution back")):  # fmt: skip
+        command = handling.add_parser(name, parents=[common], help=text)
+        command.add_argument("ids", type=int, nargs="+", metavar="ID", help="record ids (the ID column)")
+        command.add_argument("--note", default="", help="what was done, who was called (at most 1000 characters)")
+        command.set_defaults(handler=_cmd_handling, state=state)
+
+    customers = commands.add_parser("customers", help="the customer map: address ranges to customers")
+    customer_commands = customers.add_subparsers(dest="customers_command", required=True)
+    customer_import = customer_commands.add_parser("import", parents=[common], help="replace the map from a file")
+    customer_import.add_argument("file", type=Path, help="CSV (network,name,contract) or TOML ([[customer]])")
+    customer_import.set_defaults(handler=_cmd_customers_import)
+    customer_list = customer_commands.add_parser("list", parents=[common], help="print the map")
+    customer_list.set_defaults(handler=_cmd_customers_list)
 
     config = commands.add_parser("config", help="config commands")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -206,25 +226,95 @@ def _cmd_violations(args: argparse.Namespace) -> Exit:
     except ValueError as error:
         print("violations: --since: %s" % error, file=sys.stderr)
         return Exit.USAGE
-    filters = Filters(args.confirmed, since, args.domain, args.ip, args.reason, args.dns)
-    total, records = asyncio.run(_violations(config, filters, args.limit or 2**62))
+    if args.include_unconfirmed and not args.isms:
+        print("violations: --include-unconfirmed goes with --isms", file=sys.stderr)
+        return Exit.USAGE
+    confirmed = args.confirmed or (args.isms and not args.include_unconfirmed)
+    filters = Filters(confirmed, since, args.domain, args.ip, args.reason, args.dns, args.state)
+    total, records = asyncio.run(_violations(config, filters, args.limit or 2**62, not (args.json or args.csv)))
     if args.json:
         print(export.as_json(records, total))
     elif args.csv:
         sys.stdout.write(export.as_csv(records))
     elif args.isms:
-        require_registry(config.registry_path)
-        sys.stdout.write(asyncio.run(export.as_isms(config, records)))
+        sys.stdout.write(export.as_isms(records, mark_dns=args.include_unconfirmed))
     else:
-        sys.stdout.write(export.as_table(records, total))
+        sys.stdout.write(export.as_table(records, total, config.display_timezone))
     return Exit.OK
 
 
-async def _violations(config: Config, filters: Filters, limit: int) -> tuple[int, list[dict]]:
+async def _violations(config: Config, filters: Filters, limit: int, current: bool) -> tuple[int, list[dict]]:
+    from .violations.current import annotate_from_file
+
     if not config.violations.path.is_file():  # nothing blocked yet; do not create files as this user
         return 0, []
     async with open_violations(config.violations.path) as store:
-        return await store.query(filters, limit)
+        total, records = await store.query(filters, limit)
+    if current:
+        await annotate_from_file(config, records)
+    return total, records
+
+
+def _cmd_handling(args: argparse.Namespace) -> Exit:
+    config = load_config(args.config, args.overrides)
+    if len(args.note) > MAX_NOTE:
+        print("violations %s: --note: at most %d characters" % (args.violations_command, MAX_NOTE), file=sys.stderr)
+        return Exit.USAGE
+    if not config.violations.path.is_file():
+        print("violations %s: no violation log at %s" % (args.violations_command, config.violations.path),
+              file=sys.stderr)  # fmt: skip
+        return Exit.DATA
+
+    async def apply() -> list[int]:
+        async with open_violations(config.violations.path) as store:
+            return await store.set_handling(args.ids, args.state, args.note.strip(), time.time())
+
+    missing = asyncio.run(apply())
+    if missing:
+        print("violations %s: no record with id %s; nothing was changed"
+              % (args.violations_command, ", ".join(map(str, missing))), file=sys.stderr)  # fmt: skip
+        return Exit.DATA
+    print("%d record(s) %s" % (len(args.ids), args.state))
+    return Exit.OK
+
+
+def _cmd_customers_import(args: argparse.Namespace) -> Exit:
+    from .violations.customers import CustomerError, read_customers
+
+    config = load_config(args.config, args.overrides)
+    try:
+        customers = read_customers(args.file)
+    except CustomerError as error:
+        print("error: %s" % error, file=sys.stderr)
+        print("refused %s; the customer map stays as it was" % args.file, file=sys.stderr)
+        return Exit.DATA
+
+    async def store_them() -> None:
+        async with open_violations(config.violations.path) as store:
+            await store.replace_customers(customers)
+
+    asyncio.run(store_them())
+    names = len({customer.name for customer in customers})
+    print("imported %d ranges of %d customers from %s" % (len(customers), names, args.file))
+    return Exit.OK
+
+
+def _cmd_customers_list(args: argparse.Namespace) -> Exit:
+    config = load_config(args.config, args.overrides)
+    if not config.violations.path.is_file():
+        print("no customer map imported")
+        return Exit.OK
+
+    async def read() -> list:
+        async with open_violations(config.violations.path) as store:
+            return (await store.customers()).customers
+
+    customers = sorted(asyncio.run(read()), key=lambda customer: (customer.name, customer.network))
+    for customer in customers:
+        print("%-24s  %s  %s" % (customer.network, customer.name, customer.contract))
+    if not customers:
+        print("no customer map imported")
+    return Exit.OK
 
 
 def _cmd_config_check(args: argparse.Namespace) -> Exit:
