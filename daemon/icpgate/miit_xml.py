@@ -167,13 +167,13 @@ def has_cancellations(stream: BinaryIO) -> bool:
 
 def read_download(stream: BinaryIO, options: MiitOptions) -> Iterator[ParsedFiling | RecordError]:
     """Yield the filings of a download file (cancellations applied), or the errors that refuse them."""
-    seen: set[str] = set()
+    seen: set[str] = set()  # stored filings a cancellation names that the file carries too
     parser = _Parser(stream)
     for path, element, line in parser.records():
         tag = element.tag
         if tag == "Baxx" and path[-2:] == ["ICP", "BASJ"]:
             for item in _websites(element, line, options):
-                if isinstance(item, ParsedFiling):
+                if isinstance(item, ParsedFiling) and item.filing.licence in options.cancellations.stored:
                     seen.add(item.filing.licence)
                 yield item
         elif tag == "Zxxx" and path[-2:] == ["ICP", "ZXSJ"]:
