@@ -92,7 +92,6 @@ def record_errors(record: dict, line: int) -> list[RecordError]:
         "status": lambda: _enum(FilingStatus, record, "status", line),
         "limit_access": lambda: _bool(record["limit_access"], "limit_access", line),
         "domains": lambda: _domains(record["domains"], line),
-        "access": lambda: _access_records(record["access"], line),
         "updated_at": lambda: _timestamp(record["updated_at"], line),
     }
     for name, check in checks.items():
@@ -101,11 +100,31 @@ def record_errors(record: dict, line: int) -> list[RecordError]:
                 check()
             except RecordError as error:
                 errors.append(error)
+    errors.extend(_access_errors(record.get("access", []), line))
     if "subject_licence" in record and "licence" in record:
         try:
             _subject_licence(record["subject_licence"], _website_licence(record["licence"], line, []), line)
         except RecordError as error:
             if error.field == "subject_licence":
+                errors.append(error)
+    return errors
+
+
+def _access_errors(value: object, line: int) -> list[RecordError]:
+    """The access records' errors, the status and the addresses of each checked apart."""
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        try:
+            _access_records(value, line)
+        except RecordError as error:
+            return [error]
+        return []
+    errors = []
+    for index, item in enumerate(value):
+        for probe in ({**item, "ips": []}, {**item, "provider": "-", "status": AccessStatus.ACTIVE.value}):
+            try:
+                _access_records([probe], line)
+            except RecordError as error:
+                error.field = error.field.replace("access[0]", "access[%d]" % index, 1)
                 errors.append(error)
     return errors
 
