@@ -189,7 +189,7 @@ class AdminApi:
         """Acknowledge, resolve or reopen one record, with a note (behind the token)."""
         self._authorize(request)
         text = request.match_info["id"]
-        if not text.isdigit() or len(text) > 18:
+        if not text.isdigit() or int(text) > MAX_OFFSET:
             raise BadRequest("id: %r is not a record id" % text)
         body = await _json_body(request)
         unknown = sorted(set(body) - {"state", "note"})
