@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import sqlite3
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -152,3 +154,26 @@ def test_a_large_download_streams_in_bounded_memory(config_path: Path, tmp_path:
     assert peak < 8_000_000, (peak, size)  # measured: about 5 MB at 5,000 filings and at 40,000
     code, report = import_json(config_path, path)
     assert code == 0 and report["inserted"] == 30_000
+
+
+def test_a_spool_folder_is_taken_in_order_and_stops_at_a_refused_file(config_path: Path, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    write_gbk(spool / "download-1.xml", document(baxx(subject_one())))
+    write_gbk(spool / "download-2.xml", document(zxsj=zxxx(1, 2001)))  # needs download-1 first
+    write_gbk(spool / "download-10.xml", document(baxx(subject_two())).replace("<Dwmc>张示例</Dwmc>", ""))
+    write_gbk(spool / "download-11.xml", document(zxsj=zxxx(0, 1002)))
+    for path in spool.iterdir():
+        os.utime(path, (time.time() - 60, time.time() - 60))  # written a while ago: settled
+    result = run_icpgate("import", str(spool), "-c", str(config_path), *ISP_MAP)
+    assert result.returncode == 4, result.stderr
+    assert result.stdout.index("download-1.xml") < result.stdout.index("download-2.xml")
+    assert "refused %s" % (spool / "download-10.xml") in result.stderr and "download-11" not in result.stdout
+    assert sorted(p.name for p in (spool / "imported").iterdir()) == ["download-1.xml", "download-2.xml"]
+    assert stored(config_path)["京ICP备20269001号-1"]["status"] == "deregistered"
+    write_gbk(spool / "download-10.xml", document(baxx(subject_two())))  # fixed by hand
+    os.utime(spool / "download-10.xml", (time.time() - 60, time.time() - 60))
+    code, reports = import_json(config_path, spool)
+    assert code == 0 and [r["source"].rsplit("/", 1)[1] for r in reports] == ["download-10.xml", "download-11.xml"]
+    assert stored(config_path)["沪ICP备20269002号-1"]["status"] == "deregistered"
+    assert not list(spool.glob("*.xml"))

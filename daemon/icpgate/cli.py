@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_cmd_check)
 
     imp = commands.add_parser("import", parents=[common], help="import filings into the registry")
-    imp.add_argument("file", type=Path)
+    imp.add_argument("file", type=Path, help="a file, or a spool folder of download files (taken in order)")
     imp.add_argument("--format", choices=FORMATS, help="default: detected from the content, then the suffix")
     imp.add_argument("--encoding", help="text encoding of a CSV (default: UTF-8 if it decodes, else GB18030/GBK)")
     imp.add_argument("--skip-invalid", action="store_true", help="import the good records, skip the bad ones")
@@ -341,7 +341,7 @@ def _cmd_check(args: argparse.Namespace) -> Exit:
 
 def _cmd_import(args: argparse.Namespace) -> Exit:
     config = load_config(args.config, args.overrides)
-    if not args.file.is_file():
+    if not args.file.exists():
         print("import: no such file: %s" % args.file, file=sys.stderr)
         return Exit.DATA
     if args.encoding:
@@ -350,10 +350,43 @@ def _cmd_import(args: argparse.Namespace) -> Exit:
         except LookupError:
             print("import: --encoding: unknown encoding %r" % args.encoding, file=sys.stderr)
             return Exit.USAGE
+    if args.file.is_dir():
+        return _import_folder(config, args)
     options = ImportOptions(args.encoding, config.imports.default_timezone, config.imports.isp_ids)
     report = asyncio.run(_import(config, args.file, args.format, options, args.skip_invalid, args.replace))
-    _print_report(report, args.json, options.notes)
+    if args.json:
+        print(json.dumps(_report_json(report, options.notes), ensure_ascii=False, indent=2))
+    else:
+        _print_report(report, options.notes)
     return Exit.OK if report.committed else Exit.DATA
+
+
+def _import_folder(config: Config, args: argparse.Namespace) -> Exit:
+    """Each download file of a spool folder in order, one transaction each; the first refused file
+    stops the run (a later file may cancel what it carries) and stays where it is."""
+    from .feed.sources import DownloadFolder
+
+    if args.replace:
+        print("import: --replace takes one file that is the whole registry, not a folder", file=sys.stderr)
+        return Exit.USAGE
+    folder = DownloadFolder(args.file)
+    reports = []
+    code = Exit.OK
+    for path in folder.pending(time.time()):
+        options = ImportOptions(args.encoding, config.imports.default_timezone, config.imports.isp_ids)
+        report = asyncio.run(_import(config, path, args.format or "miit-xml", options, args.skip_invalid, False))
+        reports.append(_report_json(report, options.notes))
+        if not args.json:
+            _print_report(report, options.notes)
+        if not report.committed:
+            code = Exit.DATA
+            break
+        folder.done(path)
+    if args.json:
+        print(json.dumps(reports, ensure_ascii=False, indent=2))
+    elif not reports:
+        print("nothing to import in %s" % args.file)
+    return code
 
 
 async def _import(config: Config, path: Path, fmt: str | None, options: ImportOptions, skip_invalid: bool,
@@ -381,16 +414,17 @@ def _progress_bar(path: Path):
     return tqdm(unit=" filings", unit_scale=True, desc="importing", file=sys.stderr)
 
 
-def _print_report(report: ImportReport, as_json: bool, notes: list[str]) -> None:
-    if as_json:
-        print(json.dumps({
-            "source": report.source, "committed": report.committed, "records": report.records,
-            "inserted": report.inserted, "updated": report.updated, "unchanged": report.unchanged,
-            "removed": report.removed, "skipped": report.skipped, "serial": report.serial,
-            "errors": [{"line": e.line, "field": e.field, "message": e.message} for e in report.errors],
-            "error_count": report.error_count, "warnings": report.warnings, "notes": notes,
-        }, ensure_ascii=False, indent=2))  # fmt: skip
-        return
+def _report_json(report: ImportReport, notes: list[str]) -> dict:
+    return {
+        "source": report.source, "committed": report.committed, "records": report.records,
+        "inserted": report.inserted, "updated": report.updated, "unchanged": report.unchanged,
+        "removed": report.removed, "skipped": report.skipped, "serial": report.serial,
+        "errors": [{"line": e.line, "field": e.field, "message": e.message} for e in report.errors],
+        "error_count": report.error_count, "warnings": report.warnings, "notes": notes,
+    }  # fmt: skip
+
+
+def _print_report(report: ImportReport, notes: list[str]) -> None:
     for error in report.errors:
         error.source = error.source or report.source
         print("error: %s" % error, file=sys.stderr)
