@@ -231,7 +231,7 @@ def _cmd_violations(args: argparse.Namespace) -> Exit:
         return Exit.USAGE
     confirmed = args.confirmed or (args.isms and not args.include_unconfirmed)
     filters = Filters(confirmed, since, args.domain, args.ip, args.reason, args.dns, args.state)
-    total, records = asyncio.run(_violations(config, filters, args.limit or 2**62, not (args.json or args.csv)))
+    total, records = asyncio.run(_violations(config, filters, args.limit or 2**62))
     if args.json:
         print(export.as_json(records, total))
     elif args.csv:
@@ -243,15 +243,14 @@ def _cmd_violations(args: argparse.Namespace) -> Exit:
     return Exit.OK
 
 
-async def _violations(config: Config, filters: Filters, limit: int, current: bool) -> tuple[int, list[dict]]:
+async def _violations(config: Config, filters: Filters, limit: int) -> tuple[int, list[dict]]:
     from .violations.current import annotate_from_file
 
     if not config.violations.path.is_file():  # nothing blocked yet; do not create files as this user
         return 0, []
     async with open_violations(config.violations.path) as store:
         total, records = await store.query(filters, limit)
-    if current:
-        await annotate_from_file(config, records)
+    await annotate_from_file(config, records)
     return total, records
 
 

@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 from .display_time import BEIJING
 from .interchange import ParsedFiling, RecordError, read_ndjson
+from .miit_lookup import stored_filings
 from .miit_xml import Cancellations, MiitOptions, has_cancellations, read_download, scan_cancellations
 from .spreadsheet import read_spreadsheet
 
@@ -81,8 +82,6 @@ async def prepare(path: Path, fmt: str, options: ImportOptions, registry) -> Non
             options.cancellations.items = scan_cancellations(stream)
         except RecordError:
             return  # the reading pass reports it with its line
-    from .miit_lookup import stored_filings
-
     options.cancellations.stored = await stored_filings(registry, options.cancellations.items)
 
 
