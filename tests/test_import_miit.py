@@ -115,6 +115,9 @@ def test_bad_records_name_file_line_and_element_and_nothing_is_imported(config_p
     broken = write_gbk(tmp_path / "broken.xml", document(baxx(subject_two())).replace("</Zt_xx>", "", 1))
     code, report = import_json(config_path, broken)
     assert code == 4 and report["errors"][0]["line"] == 7 and "mismatched tag" in report["errors"][0]["message"]
+    other = write_gbk(tmp_path / "other.xml", '<?xml version="1.0" encoding="GBK"?>\n<UploadData><ICP/></UploadData>\n')
+    code, report = import_json(config_path, other)
+    assert code == 4 and "root element is <UploadData>" in report["errors"][0]["message"]
 
 
 def test_lists_are_notes_and_gzip_and_detection_work(config_path: Path, tmp_path: Path) -> None:

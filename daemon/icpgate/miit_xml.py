@@ -121,6 +121,9 @@ class _Parser:
                 for event, element in self.parser.read_events():
                     tag = element.tag
                     if event == "start":
+                        if not self.path and tag != "DownloadData":
+                            raise RecordError(1, "", "not a download file of the filing system: the root element is "
+                                              "<%s>, not <DownloadData>" % tag)  # fmt: skip
                         self.path.append(tag)
                         holders.append(element)
                         continue
