@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 
 SUFFIXES = ("cn", "com.cn", "net", "com", "org.cn", "net.cn")
@@ -46,6 +47,13 @@ ISPID = 10001  # maps onto IDC-EXAMPLE with import.isp_ids = {"10001" = "IDC-EXA
 RANGE = (3405803776, 3405804031)  # 203.0.113.0 .. 203.0.113.255
 
 
+def modified(n: int) -> tuple[str, str]:
+    """A last-modified time that differs between filings, as in a real download: Beijing time as the
+    file writes it, and UTC as it is stored."""
+    moment = datetime(2026, 11, 20, 16, 0, 0) + timedelta(seconds=n % 2_000_000)
+    return moment.strftime("%Y-%m-%d %H:%M:%S"), (moment - timedelta(hours=8)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def download_record(n: int) -> dict:
     """What importing `download_xml(n)` stores."""
     subject = "%sICP备%010d号" % (PROVINCES[n % len(PROVINCES)], n)
@@ -59,7 +67,7 @@ def download_record(n: int) -> dict:
         "limit_access": False,
         "domains": [domain(n)],
         "access": [{"provider": "IDC-EXAMPLE", "status": "active", "ips": ["203.0.113.0/24"]}],
-        "updated_at": "2026-11-20T08:00:00Z",
+        "updated_at": modified(n)[1],
         "miit_ztid": str(n + 1),
         "miit_wzid": str(n + 1),
         "miit_jrids": {str(n + 1): "IDC-EXAMPLE"},
@@ -73,14 +81,14 @@ def download_xml(n: int) -> str:
         "<Baxx><Zt_xx><Ztid>%(id)d</Ztid><Dwmc>%(subject)s</Dwmc><Dwxz>4</Dwxz><Txdz><Shengid>110000</Shengid></Txdz>"
         "<Zj><Zjlx>1</Zjlx><Zjhm>BENCH%(id)010d</Zjhm><Zjzs>示例住所</Zjzs></Zj><Fzr><Fzr_dzyj>noc@example.cn</Fzr_dzyj>"
         "</Fzr><Baxh>%(subject_licence)s</Baxh><Bbyhlx>1</Bbyhlx><Scbbsj>2026-11-01 09:00:00</Scbbsj>"
-        "<Zjxgsj>2026-11-20 16:00:00</Zjxgsj></Zt_xx><Wz_xx><Wzid>%(id)d</Wzid><Wzmc>%(site)s</Wzmc><Yylb><Yylb_id>1"
+        "<Zjxgsj>%(modified)s</Zjxgsj></Zt_xx><Wz_xx><Wzid>%(id)d</Wzid><Wzmc>%(site)s</Wzmc><Yylb><Yylb_id>1"
         "</Yylb_id></Yylb><Ym_xx><Ymid>%(id)d</Ymid><Ym>%(domain)s</Ym></Ym_xx><Jr_xx><Jrid>%(id)d</Jrid>"
         "<Ispid>%(isp)d</Ispid><Wzfb><Fbdd>1</Fbdd></Wzfb><Wzjrfs><Jrfs>1</Jrfs></Wzjrfs><Ip_xx><Ipid>%(id)d</Ipid>"
         "<Qsip>%(first)d</Qsip><Zzip>%(last)d</Zzip></Ip_xx></Jr_xx><Wz_Fzr><Fzr_xm>示例</Fzr_xm></Wz_Fzr>"
-        "<Zjxgsj>2026-11-20 16:00:00</Zjxgsj><Baxh>%(licence)s</Baxh></Wz_xx></Baxx>\n"
+        "<Zjxgsj>%(modified)s</Zjxgsj><Baxh>%(licence)s</Baxh></Wz_xx></Baxx>\n"
         % {"id": n + 1, "subject": record["subject_name"], "subject_licence": record["subject_licence"],
            "site": record["site_name"], "domain": record["domains"][0], "isp": ISPID, "first": RANGE[0],
-           "last": RANGE[1], "licence": record["licence"]}
+           "last": RANGE[1], "licence": record["licence"], "modified": modified(n)[0]}
     )  # fmt: skip
 
 

@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, tzinfo
+from functools import lru_cache
 from typing import BinaryIO
 
 from lxml import etree
@@ -136,23 +137,24 @@ def read_download(stream: BinaryIO, options: MiitOptions) -> Iterator[ParsedFili
 
 
 def _websites(baxx: etree._Element, line: int, options: MiitOptions) -> Iterator[ParsedFiling | RecordError]:
-    subject = baxx.find("Zt_xx")
+    subject = next(baxx.iterchildren("Zt_xx"), None)
     if subject is None:
         yield RecordError(line, "Zt_xx", "required element is missing")
         return
-    websites = baxx.findall("Wz_xx")
+    websites = list(baxx.iterchildren("Wz_xx"))
     if not websites:
         yield RecordError(line, "Wz_xx", "required element is missing")
+    subject_fields = _fields(subject)
     for index, website in enumerate(websites):
         where = "Wz_xx[%d]" % index
         try:
-            record = _record(subject, website, where, line, options)
+            record = _record(subject_fields, website, where, line, options)
             parsed = parse_filing(record, line)
         except RecordError as error:
             error.field = xml_field(error.field, where)
             yield error
             continue
-        cancelled = options.cancellations.matching(parsed.filing)
+        cancelled = options.cancellations.matching(parsed.filing) if options.cancellations.items else None
         if cancelled:
             options.applied.update(cancelled)
             parsed = ParsedFiling(line, _cancel(parsed.filing, cancelled), parsed.warnings)
@@ -178,50 +180,62 @@ def xml_field(name: str, where: str) -> str:
     return "%s (%s)" % (where, name) if name else where
 
 
-def _record(subject: etree._Element, website: etree._Element, where: str, line: int, options: MiitOptions) -> dict:
+def _record(subject: dict[str, str], website: etree._Element, where: str, line: int, options: MiitOptions) -> dict:
     """One website of a subject in the interchange form (docs/filings-format.md)."""
+    fields = _fields(website)
     subject_licence = _required(subject, "Baxh", "Zt_xx", line)
-    licence = _required(website, "Baxh", where, line)
-    kind = _text(subject, "Dwxz")
-    modified = _text(website, "Zjxgsj") or _required(subject, "Zjxgsj", "Zt_xx", line)
+    licence = _required(fields, "Baxh", where, line)
+    modified = fields.get("Zjxgsj") or _required(subject, "Zjxgsj", "Zt_xx", line)
     access, jrids = [], {}
-    for index, entry in enumerate(website.findall("Jr_xx")):
+    for index, entry in enumerate(website.iterchildren("Jr_xx")):
         at = "%s.Jr_xx[%d]" % (where, index)
-        ispid = _required(entry, "Ispid", at, line)
+        entry_fields = _fields(entry)
+        ispid = _required(entry_fields, "Ispid", at, line)
         provider = options.isp_ids.get(ispid, ispid)
         ips = []
-        for number, block in enumerate(entry.findall("Ip_xx")):
-            ips.extend(ip_range(_text(block, "Qsip"), _text(block, "Zzip"), "%s.Ip_xx[%d]" % (at, number), line))
+        for number, block in enumerate(entry.iterchildren("Ip_xx")):
+            bounds = _fields(block)
+            ips.extend(ip_range(bounds.get("Qsip", ""), bounds.get("Zzip", ""), "%s.Ip_xx[%d]" % (at, number), line))
         access.append({"provider": provider, "status": "active", "ips": ips})
-        jrid = _text(entry, "Jrid")
-        if jrid:
-            jrids[jrid] = provider
+        if entry_fields.get("Jrid"):
+            jrids[entry_fields["Jrid"]] = provider
     return {
         "licence": licence,
         "subject_licence": subject_licence,
         "subject_name": _required(subject, "Dwmc", "Zt_xx", line),
-        "subject_type": SUBJECT_TYPES.get(kind, "other"),
-        "site_name": _required(website, "Wzmc", where, line),
+        "subject_type": SUBJECT_TYPES.get(subject.get("Dwxz", ""), "other"),
+        "site_name": _required(fields, "Wzmc", where, line),
         "status": "approved",
-        "domains": [_text(entry, "Ym") for entry in website.findall("Ym_xx")],
+        "domains": [_fields(entry).get("Ym", "") for entry in website.iterchildren("Ym_xx")],
         "access": access,
         "updated_at": local_timestamp(modified, options.default_timezone, "%s.Zjxgsj" % where, line),
-        "miit_ztid": _text(subject, "Ztid"),
-        "miit_wzid": _text(website, "Wzid"),
+        "miit_ztid": subject.get("Ztid", ""),
+        "miit_wzid": fields.get("Wzid", ""),
         "miit_jrids": jrids,
     }
+
+
+def _fields(element: etree._Element) -> dict[str, str]:
+    """The text of each child element by tag, in one pass (one `find` per field costs three times more)."""
+    return {child.tag: (child.text or "").strip() for child in element if isinstance(child.tag, str)}
 
 
 def ip_range(first: str, last: str, where: str, line: int) -> list[str]:
     """`Qsip`..`Zzip` as CIDR blocks. The schema gives IPv4 addresses as integers; an address in
     text (IPv4 or IPv6, as newer exports write them) is taken as well."""
     try:
-        start, end = _address(first), _address(last)
+        return list(_cidrs(first, last))
     except ValueError as error:
         raise RecordError(line, where, str(error)) from None
+
+
+@lru_cache(maxsize=65536)
+def _cidrs(first: str, last: str) -> tuple[str, ...]:
+    """A provider's few ranges repeat across all its filings: summarise each once."""
+    start, end = _address(first), _address(last)
     if start.version != end.version or end < start:
-        raise RecordError(line, where, "Qsip %s .. Zzip %s is not a range" % (start, end))
-    return [str(network) for network in ipaddress.summarize_address_range(start, end)]
+        raise ValueError("Qsip %s .. Zzip %s is not a range" % (start, end))
+    return tuple(str(network) for network in ipaddress.summarize_address_range(start, end))
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -240,6 +254,14 @@ _TIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d", "%Y%m%d%H%M%
 
 def local_timestamp(text: str, zone: tzinfo, where: str, line: int) -> str:
     """A filing-system time (`2026-11-02 08:00:00`, no zone: `import.default_timezone`) as UTC RFC 3339."""
+    try:
+        return _utc(text, zone)
+    except ValueError:
+        raise RecordError(line, where, "%r is not a time like 2026-11-02 08:00:00" % text) from None
+
+
+@lru_cache(maxsize=4096)
+def _utc(text: str, zone: tzinfo) -> str:
     value = text.strip()
     try:
         moment = datetime.fromisoformat(value)
@@ -251,7 +273,7 @@ def local_timestamp(text: str, zone: tzinfo, where: str, line: int) -> str:
             except ValueError:
                 continue
         else:
-            raise RecordError(line, where, "%r is not a time like 2026-11-02 08:00:00" % text) from None
+            raise ValueError(text)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=zone)
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -261,8 +283,8 @@ def _text(element: etree._Element, name: str) -> str:
     return (element.findtext(name) or "").strip()
 
 
-def _required(element: etree._Element, name: str, where: str, line: int) -> str:
-    value = _text(element, name)
+def _required(fields: dict[str, str], name: str, where: str, line: int) -> str:
+    value = fields.get(name, "")
     if not value:
         raise RecordError(line, "%s.%s" % (where, name), "required element is missing or empty")
     return value
