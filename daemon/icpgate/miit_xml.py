@@ -78,11 +78,14 @@ def _records(stream: BinaryIO) -> Iterator[tuple[tuple[str, ...], etree._Element
     Entities are not expanded, no DTD is loaded and nothing is fetched from the network."""
     events = etree.iterparse(stream, events=("end",), tag=_RECORD_TAGS, resolve_entities=False, load_dtd=False,
                              no_network=True, remove_comments=True)  # fmt: skip
+    last_parent, context = None, ("", "")
     try:
         for _, element in events:
             parent = element.getparent()
-            grandparent = parent.getparent() if parent is not None else None
-            context = (grandparent.tag if grandparent is not None else "", parent.tag if parent is not None else "")
+            if parent is not last_parent:  # the records of one section share it: look up once
+                grandparent = parent.getparent() if parent is not None else None
+                context = (grandparent.tag if grandparent is not None else "", parent.tag if parent is not None else "")
+                last_parent = parent
             yield context, element, element.sourceline or 0
             element.clear(keep_tail=True)
             while parent is not None and element.getprevious() is not None:
@@ -138,9 +141,6 @@ def read_download(stream: BinaryIO, options: MiitOptions) -> Iterator[ParsedFili
 
 def _websites(baxx: etree._Element, line: int, options: MiitOptions) -> Iterator[ParsedFiling | RecordError]:
     subject, websites = _collect(baxx)
-    if subject is None:
-        yield RecordError(line, "Zt_xx", "required element is missing")
-        return
     if not websites:
         yield RecordError(line, "Wz_xx", "required element is missing")
     for index, website in enumerate(websites):
@@ -160,50 +160,46 @@ def _websites(baxx: etree._Element, line: int, options: MiitOptions) -> Iterator
 
 
 # The elements a filing is made of, picked out of a `Baxx` in one walk that libxml2 filters.
-_WANTED = ("Zt_xx", "Wz_xx", "Jr_xx", "Ip_xx", "Ztid", "Dwmc", "Dwxz", "Baxh", "Zjxgsj", "Wzid", "Wzmc", "Ym",
-           "Ispid", "Jrid", "Qsip", "Zzip")  # fmt: skip
-_ACCESS_FIELDS = frozenset(("Ispid", "Jrid"))
-_RANGE_FIELDS = frozenset(("Qsip", "Zzip"))
+_WANTED = ("Wz_xx", "Jr_xx", "Ztid", "Dwmc", "Dwxz", "Baxh", "Zjxgsj", "Wzid", "Wzmc", "Ym", "Ispid", "Jrid",
+           "Qsip", "Zzip")  # fmt: skip
+_WEBSITE, _ACCESS, _DOMAIN, _ACCESS_FIELD, _RANGE_FIELD, _FIELD = range(6)
+_ROLES = {"Wz_xx": _WEBSITE, "Jr_xx": _ACCESS, "Ym": _DOMAIN, "Ispid": _ACCESS_FIELD, "Jrid": _ACCESS_FIELD,
+          "Qsip": _RANGE_FIELD, "Zzip": _RANGE_FIELD}  # fmt: skip
 
 
-def _collect(baxx: etree._Element) -> tuple[dict | None, list[dict]]:
+def _collect(baxx: etree._Element) -> tuple[dict, list[dict]]:
     """(the subject's fields, each website's fields with its domains `Ym` and access records `Jr`).
 
     One filtered walk in document order instead of a search per field (three times the cost). The
-    schema places every subject field before the first website, and a website's own `Zjxgsj` and
-    `Baxh` after its access records, so a field is told apart by its name and by the element it is
-    in (the latest `Zt_xx`, `Wz_xx`, `Jr_xx` or `Ip_xx` opened)."""
-    subject: dict | None = None
+    schema places every subject field before the first website, a website's own `Zjxgsj` and `Baxh`
+    after its access records, and each range's `Qsip` before its `Zzip`, so a field is told apart by
+    its name and by the latest `Wz_xx` or `Jr_xx` opened."""
+    subject: dict = {}
     websites: list[dict] = []
     site: dict = {}
     access: dict = {}
-    bounds: dict = {}
     for element in baxx.iter(*_WANTED):
-        tag = element.tag
-        if tag == "Zt_xx":
-            subject = {}
-        elif tag == "Wz_xx":
+        role = _ROLES.get(element.tag, _FIELD)
+        if role is _FIELD:
+            (site if websites else subject).setdefault(element.tag, (element.text or "").strip())
+        elif role is _DOMAIN:
+            if websites:
+                site["Ym"].append((element.text or "").strip())
+        elif role is _RANGE_FIELD:
+            if access:
+                ranges = access["Ip"]
+                if element.tag == "Qsip" or not ranges or "Zzip" in ranges[-1]:
+                    ranges.append({})
+                ranges[-1][element.tag] = (element.text or "").strip()
+        elif role is _ACCESS_FIELD:
+            if access:
+                access.setdefault(element.tag, (element.text or "").strip())
+        elif role is _WEBSITE:
             site, access = {"Ym": [], "Jr": []}, {}
             websites.append(site)
-        elif tag == "Jr_xx" and websites:
+        elif websites:  # _ACCESS
             access = {"Ip": []}
             site["Jr"].append(access)
-        elif tag == "Ip_xx" and access:
-            bounds = {}
-            access["Ip"].append(bounds)
-        else:
-            text = (element.text or "").strip()
-            if not websites:
-                if subject is not None:
-                    subject.setdefault(tag, text)
-            elif tag == "Ym":
-                site["Ym"].append(text)
-            elif tag in _ACCESS_FIELDS and access:
-                access.setdefault(tag, text)
-            elif tag in _RANGE_FIELDS and access:
-                bounds.setdefault(tag, text)
-            else:
-                site.setdefault(tag, text)
     return subject, websites
 
 
@@ -295,6 +291,8 @@ def local_timestamp(text: str, zone: tzinfo, where: str, line: int) -> str:
 
 def _utc(text: str, zone: tzinfo) -> str:
     value = text.strip()
+    if len(value) == 19 and value[10] == " " and value[13] == ":" and _whole_hours(zone):
+        return _utc_hour(value[:13], zone) + value[13:] + "Z"  # `2026-11-20 16:00:00`: the usual form
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
@@ -309,6 +307,19 @@ def _utc(text: str, zone: tzinfo) -> str:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=zone)
     return moment.astimezone(UTC).replace(tzinfo=None, microsecond=0).isoformat() + "Z"
+
+
+@lru_cache(maxsize=4096)
+def _whole_hours(zone: tzinfo) -> bool:
+    offset = zone.utcoffset(None) if not hasattr(zone, "key") else None
+    return offset is not None and offset.total_seconds() % 3600 == 0
+
+
+@lru_cache(maxsize=65536)
+def _utc_hour(hour: str, zone: tzinfo) -> str:
+    """`2026-11-20 16` in a zone of whole-hour offset -> `2026-11-20T08` in UTC; the minutes stay."""
+    moment = datetime.fromisoformat(hour + ":00").replace(tzinfo=zone).astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H")
 
 
 def _text(element: etree._Element, name: str) -> str:
