@@ -116,9 +116,15 @@ def test_blocks_show_up_everywhere_with_dns_confirmation(tmp_path: Path, origin,
             host: by_host[host]["count"] for host in EXPECTED_DNS}  # fmt: skip
         isms = list(csv.reader(io.StringIO(icpgate(observed.config, "violations", "--isms").stdout.lstrip("\ufeff"))))
         assert isms[0] == ["域名", "顶级域名", "IP", "端口", "协议", "违规类型", "首次发现时间", "最后发现时间",
-                           "访问次数", "是否阻断", "当前状态"]  # fmt: skip
+                           "访问次数", "是否阻断", "当前状态", "客户名称", "合同编号", "处理状态",
+                           "处理备注"]  # fmt: skip
         report = {row[0]: row for row in isms[1:]}
-        assert set(report) == set(EXPECTED_DNS)  # junk has no domain and is left out
+        # DNS-confirmed sites only: scanners, spoofed Hosts and NXDOMAIN are no unfiled sites of ours.
+        assert set(report) == {host for host, state in EXPECTED_DNS.items() if state == "confirmed"}
+        everything = icpgate(observed.config, "violations", "--isms", "--include-unconfirmed").stdout
+        marked = {row[0]: row[-1] for row in list(csv.reader(io.StringIO(everything.lstrip("\ufeff"))))[1:]}
+        assert set(marked) == set(EXPECTED_DNS)  # junk has no domain and is left out
+        assert marked["scan.example-stranger.cn"] == "未解析到本机房" and marked["nx.example-gone.cn"] == "解析失败"
         shop = report["shop.example-rogue.cn"]
         assert shop[1:6] == ["example-rogue.cn", "127.0.0.1", str(observed.http), "HTTP", "1"]
         assert shop[8:10] == ["3", "是"] and shop[10].startswith("已阻断")

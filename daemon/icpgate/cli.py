@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import json
 import sys
+import time
 from enum import IntEnum
 from pathlib import Path
 
 from . import __version__
 from .config import Config, load_config
 from .explain import explain, render_explanation
-from .interchange import read_filings
+from .import_files import FORMATS, ImportOptions, detect_format, prepare, read_any
 from .policy_pack import load_pack
 from .registry import Guard, ImportReport, RegistryError, open_registry, require_registry
 from .telemetry.logs import log_to_stderr
 from .telemetry.multiproc import use_metrics_dir
 from .tomlschema import ConfigError
-from .violations.store import DNS_STATES, Filters, open_violations, parse_since
+from .violations.store import DNS_STATES, HANDLING_STATES, MAX_NOTE, Filters, open_violations, parse_since
 
 DEFAULT_CONFIG = Path("/etc/icpgate/config.toml")
 MAX_PRINTED_WARNINGS = 20
@@ -57,8 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_cmd_check)
 
     imp = commands.add_parser("import", parents=[common], help="import filings into the registry")
-    imp.add_argument("file", type=Path)
-    imp.add_argument("--format", choices=("ndjson", "csv"), help="default: from the file suffix")
+    imp.add_argument("file", type=Path, help="a file, or a spool folder of download files (taken in order)")
+    imp.add_argument("--format", choices=FORMATS, help="default: detected from the content, then the suffix")
+    imp.add_argument("--encoding", help="text encoding of a CSV (default: UTF-8 if it decodes, else GB18030/GBK)")
     imp.add_argument("--skip-invalid", action="store_true", help="import the good records, skip the bad ones")
     imp.add_argument("--replace", action="store_true", help="the file is the whole registry: remove filings not in it")
     imp.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
@@ -96,12 +99,31 @@ def _parser() -> argparse.ArgumentParser:
     violations.add_argument("--ip", help="destination IP")
     violations.add_argument("--reason", help="reason code (unfiled, pending, ...)")
     violations.add_argument("--dns", choices=DNS_STATES, help="DNS state")
+    violations.add_argument("--state", choices=HANDLING_STATES, help="handling state (open takes reopened in)")
     violations.add_argument("--limit", type=int, default=100, help="records at most; 0 for all (default %(default)s)")
     output = violations.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON")
     output.add_argument("--csv", action="store_true", help="print CSV")
     output.add_argument("--isms", action="store_true", help="print the ISMS unfiled-site report (CSV)")
+    violations.add_argument("--include-unconfirmed", action="store_true",
+                            help="--isms: also records DNS did not confirm, marked in a column")  # fmt: skip
     violations.set_defaults(handler=_cmd_violations)
+    handling = violations.add_subparsers(dest="violations_command", metavar="{ack,resolve,reopen}")
+    for name, state, text in (("ack", "acknowledged", "acknowledge records: seen, being worked on"),
+                              ("resolve", "resolved", "mark records resolved (open again if seen after)"),
+                              ("reopen", "open", "take the acknowledgement or resolution back")):  # fmt: skip
+        command = handling.add_parser(name, parents=[common], help=text)
+        command.add_argument("ids", type=int, nargs="+", metavar="ID", help="record ids (the ID column)")
+        command.add_argument("--note", default="", help="what was done, who was called (at most 1000 characters)")
+        command.set_defaults(handler=_cmd_handling, state=state)
+
+    customers = commands.add_parser("customers", help="the customer map: address ranges to customers")
+    customer_commands = customers.add_subparsers(dest="customers_command", required=True)
+    customer_import = customer_commands.add_parser("import", parents=[common], help="replace the map from a file")
+    customer_import.add_argument("file", type=Path, help="CSV (network,name,contract) or TOML ([[customer]])")
+    customer_import.set_defaults(handler=_cmd_customers_import)
+    customer_list = customer_commands.add_parser("list", parents=[common], help="print the map")
+    customer_list.set_defaults(handler=_cmd_customers_list)
 
     config = commands.add_parser("config", help="config commands")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -225,25 +247,94 @@ def _cmd_violations(args: argparse.Namespace) -> Exit:
     except ValueError as error:
         print("violations: --since: %s" % error, file=sys.stderr)
         return Exit.USAGE
-    filters = Filters(args.confirmed, since, args.domain, args.ip, args.reason, args.dns)
+    if args.include_unconfirmed and not args.isms:
+        print("violations: --include-unconfirmed goes with --isms", file=sys.stderr)
+        return Exit.USAGE
+    confirmed = args.confirmed or (args.isms and not args.include_unconfirmed)
+    filters = Filters(confirmed, since, args.domain, args.ip, args.reason, args.dns, args.state)
     total, records = asyncio.run(_violations(config, filters, args.limit or 2**62))
     if args.json:
         print(export.as_json(records, total))
     elif args.csv:
         sys.stdout.write(export.as_csv(records))
     elif args.isms:
-        require_registry(config.registry_path)
-        sys.stdout.write(asyncio.run(export.as_isms(config, records)))
+        sys.stdout.write(export.as_isms(records, mark_dns=args.include_unconfirmed))
     else:
-        sys.stdout.write(export.as_table(records, total))
+        sys.stdout.write(export.as_table(records, total, config.display_timezone))
     return Exit.OK
 
 
 async def _violations(config: Config, filters: Filters, limit: int) -> tuple[int, list[dict]]:
+    from .violations.current import annotate_from_file
+
     if not config.violations.path.is_file():  # nothing blocked yet; do not create files as this user
         return 0, []
     async with open_violations(config.violations.path) as store:
-        return await store.query(filters, limit)
+        total, records = await store.query(filters, limit)
+    await annotate_from_file(config, records)
+    return total, records
+
+
+def _cmd_handling(args: argparse.Namespace) -> Exit:
+    config = load_config(args.config, args.overrides)
+    if len(args.note) > MAX_NOTE:
+        print("violations %s: --note: at most %d characters" % (args.violations_command, MAX_NOTE), file=sys.stderr)
+        return Exit.USAGE
+    if not config.violations.path.is_file():
+        print("violations %s: no violation log at %s" % (args.violations_command, config.violations.path),
+              file=sys.stderr)  # fmt: skip
+        return Exit.DATA
+
+    async def apply() -> list[int]:
+        async with open_violations(config.violations.path) as store:
+            return await store.set_handling(args.ids, args.state, args.note.strip(), time.time())
+
+    missing = asyncio.run(apply())
+    if missing:
+        print("violations %s: no record with id %s; nothing was changed"
+              % (args.violations_command, ", ".join(map(str, missing))), file=sys.stderr)  # fmt: skip
+        return Exit.DATA
+    print("%d record(s) %s" % (len(args.ids), args.state))
+    return Exit.OK
+
+
+def _cmd_customers_import(args: argparse.Namespace) -> Exit:
+    from .violations.customers import CustomerError, read_customers
+
+    config = load_config(args.config, args.overrides)
+    try:
+        customers = read_customers(args.file)
+    except CustomerError as error:
+        print("error: %s" % error, file=sys.stderr)
+        print("refused %s; the customer map stays as it was" % args.file, file=sys.stderr)
+        return Exit.DATA
+
+    async def store_them() -> None:
+        async with open_violations(config.violations.path) as store:
+            await store.replace_customers(customers)
+
+    asyncio.run(store_them())
+    names = len({customer.name for customer in customers})
+    print("imported %d ranges of %d customers from %s" % (len(customers), names, args.file))
+    return Exit.OK
+
+
+def _cmd_customers_list(args: argparse.Namespace) -> Exit:
+    config = load_config(args.config, args.overrides)
+    if not config.violations.path.is_file():
+        print("no customer map imported")
+        return Exit.OK
+
+    async def read() -> list:
+        async with open_violations(config.violations.path) as store:
+            return (await store.customers()).customers
+
+    customers = sorted(asyncio.run(read()), key=lambda customer: (customer.name, customer.network))
+    for customer in customers:
+        print("%-24s  %s  %s" % (customer.network, customer.name, customer.contract))
+    if not customers:
+        print("no customer map imported")
+    return Exit.OK
 
 
 def _cmd_config_check(args: argparse.Namespace) -> Exit:
@@ -272,12 +363,21 @@ def _cmd_check(args: argparse.Namespace) -> Exit:
 
 def _cmd_import(args: argparse.Namespace) -> Exit:
     config = load_config(args.config, args.overrides)
-    if not args.file.is_file():
+    if not args.file.exists():
         print("import: no such file: %s" % args.file, file=sys.stderr)
         return Exit.DATA
+    if args.encoding:
+        try:
+            codecs.lookup(args.encoding)
+        except LookupError:
+            print("import: --encoding: unknown encoding %r" % args.encoding, file=sys.stderr)
+            return Exit.USAGE
     guard = Guard(config.feed.guard_share, config.feed.guard_min_filings)
-    report = asyncio.run(_import(config, args, guard))
-    _print_report(report, args.json, dry_run=args.dry_run)
+    if args.file.is_dir():
+        return _import_folder(config, args, guard)
+    options = ImportOptions(args.encoding, config.imports.default_timezone, config.imports.isp_ids)
+    report = asyncio.run(_import(config, args, args.file, args.format, options, guard, replace=args.replace))
+    _print_report(report, options.notes, args.json, dry_run=args.dry_run)
     if report.forced and report.committed:
         print("warning: --force: the mass-change guard was overridden (%s); recorded with the import in %s"
               % (report.forced, config.registry_path), file=sys.stderr)  # fmt: skip
@@ -286,19 +386,48 @@ def _cmd_import(args: argparse.Namespace) -> Exit:
     return Exit.OK if report.committed else Exit.DATA
 
 
-async def _import(config: Config, args: argparse.Namespace, guard: Guard) -> ImportReport:
-    path = args.file
-    fmt = args.format or ("csv" if path.suffix.lower() == ".csv" else "ndjson")
+def _import_folder(config: Config, args: argparse.Namespace, guard: Guard) -> Exit:
+    """Each download file of a spool folder in order, one transaction each; the first refused file
+    stops the run (a later file may cancel what it carries) and stays where it is."""
+    from .feed.sources import DownloadFolder
+
+    if args.replace or args.dry_run:
+        print("import: --replace and --dry-run take one file, not a folder", file=sys.stderr)
+        return Exit.USAGE
+    folder = DownloadFolder(args.file)
+    reports = []
+    code = Exit.OK
+    for path in folder.pending(time.time()):
+        options = ImportOptions(args.encoding, config.imports.default_timezone, config.imports.isp_ids)
+        report = asyncio.run(_import(config, args, path, args.format or "miit-xml", options, guard, replace=False))
+        reports.append(_report_json(report, options.notes))
+        if not args.json:
+            _print_report(report, options.notes, False)
+        if not report.committed:
+            code = Exit.DATA
+            break
+        folder.done(path)
+    if args.json:
+        print(json.dumps(reports, ensure_ascii=False, indent=2))
+    elif not reports:
+        print("nothing to import in %s" % args.file)
+    return code
+
+
+async def _import(config: Config, args: argparse.Namespace, path: Path, fmt: str | None, options: ImportOptions,
+                  guard: Guard, *, replace: bool) -> ImportReport:  # fmt: skip
+    fmt = fmt or detect_format(path)
     progress = _progress_bar(path)
     try:
         async with open_registry(config.registry_path) as registry:
+            await prepare(path, fmt, options, registry)
             return await registry.import_filings(
-                read_filings(path, fmt), source=str(path), fmt=fmt, skip_invalid=args.skip_invalid,
-                progress=progress.update if progress else None, replace=args.replace, guard=guard,
+                read_any(path, fmt, options), source=str(path), fmt=fmt, skip_invalid=args.skip_invalid,
+                progress=progress.update if progress is not None else None, replace=replace, guard=guard,
                 force=args.force, dry_run=args.dry_run,
             )  # fmt: skip
     finally:
-        if progress:
+        if progress is not None:  # a tqdm without a total refuses bool(): test for None, not truth
             progress.close()
 
 
@@ -311,17 +440,21 @@ def _progress_bar(path: Path):
     return tqdm(unit=" filings", unit_scale=True, desc="importing", file=sys.stderr)
 
 
-def _print_report(report: ImportReport, as_json: bool, *, dry_run: bool = False) -> None:
+def _report_json(report: ImportReport, notes: list[str], dry_run: bool = False) -> dict:
+    return {
+        "source": report.source, "committed": report.committed, "dry_run": dry_run, "records": report.records,
+        "inserted": report.inserted, "updated": report.updated, "unchanged": report.unchanged,
+        "removed": report.removed, "skipped": report.skipped, "serial": report.serial,
+        "filings_before": report.filings_before, "refused": report.refused, "refusal": report.refusal,
+        "forced": report.forced, "listed": report.listed,
+        "errors": [{"line": e.line, "field": e.field, "message": e.message} for e in report.errors],
+        "error_count": report.error_count, "warnings": report.warnings, "notes": notes,
+    }  # fmt: skip
+
+
+def _print_report(report: ImportReport, notes: list[str], as_json: bool, *, dry_run: bool = False) -> None:
     if as_json:
-        print(json.dumps({
-            "source": report.source, "committed": report.committed, "dry_run": dry_run, "records": report.records,
-            "inserted": report.inserted, "updated": report.updated, "unchanged": report.unchanged,
-            "removed": report.removed, "skipped": report.skipped, "serial": report.serial,
-            "filings_before": report.filings_before, "refused": report.refused, "refusal": report.refusal,
-            "forced": report.forced, "listed": report.listed,
-            "errors": [{"line": e.line, "field": e.field, "message": e.message} for e in report.errors],
-            "error_count": report.error_count, "warnings": report.warnings,
-        }, ensure_ascii=False, indent=2))  # fmt: skip
+        print(json.dumps(_report_json(report, notes, dry_run), ensure_ascii=False, indent=2))
         return
     for error in report.errors:
         error.source = error.source or report.source
@@ -332,6 +465,8 @@ def _print_report(report: ImportReport, as_json: bool, *, dry_run: bool = False)
         print("warning: %s: %s" % (report.source, warning), file=sys.stderr)
     if len(report.warnings) > MAX_PRINTED_WARNINGS:
         print("warning: … and %d more" % (len(report.warnings) - MAX_PRINTED_WARNINGS), file=sys.stderr)
+    for note in notes:
+        print("note: %s: %s" % (report.source, note), file=sys.stderr)
     skipped = ", %d invalid skipped" % report.skipped if report.skipped else ""
     removed = ", %d removed" % report.removed if report.removed else ""
     counts = "%d new, %d updated, %d unchanged%s%s" % (report.inserted, report.updated, report.unchanged, removed,

@@ -9,8 +9,10 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass
+from datetime import tzinfo
 from pathlib import Path
 
+from .display_time import parse_zone
 from .tomlschema import ConfigError, Field, TableList, apply_override, problems_for, read_toml, validate
 
 
@@ -103,6 +105,21 @@ def _one_of(*choices: str):
     return lambda value: None if value in choices else "must be one of %s" % ", ".join(map(repr, choices))
 
 
+def _zone(value: str) -> str | None:
+    try:
+        parse_zone(value)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _isp_ids(value: dict) -> str | None:
+    for key, provider in value.items():
+        if not key.isdigit() or not isinstance(provider, str) or not provider.strip():
+            return 'entry %r = %r: expected "Ispid" = "provider id", e.g. "10001" = "IDC-EXAMPLE"' % (key, provider)
+    return None
+
+
 LISTENER_SPEC = {
     "address": Field((str,), check=_address),
     "port": Field((int,), check=_port),
@@ -190,6 +207,11 @@ CONFIG_SPEC = {
         "block_sample_rate": Field((int, float), 1.0, _rate),
         "block_lines_per_second": Field((int, float), 100.0, _at_least(0)),
     },
+    "import": {
+        "default_timezone": Field((str,), "+08:00", _zone),
+        "isp_ids": Field((dict,), {}, _isp_ids),
+    },
+    "display": {"timezone": Field((str,), "+08:00", _zone)},
     "publish": {
         "signing_key": Field((str,), ""),
         "history": Field((int, float), 7 * 86400.0, _positive),
@@ -360,6 +382,14 @@ class PublishConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ImportConfig:
+    """`icpgate import` (docs/filings-format.md)."""
+
+    default_timezone: tzinfo  # for timestamps in a spreadsheet or an XML download that name no zone
+    isp_ids: dict[str, str]  # the national system's access-provider id (Ispid) -> our provider id
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: Path
     provider: ProviderConfig
@@ -375,6 +405,8 @@ class Config:
     dns: DnsConfig
     admin: AdminConfig
     log: LogConfig
+    imports: ImportConfig
+    display_timezone: tzinfo  # times shown to people; machine formats stay UTC
 
 
 def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -431,6 +463,8 @@ def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Conf
             metrics_dir=_resolve_optional(base, values["admin"]["metrics_dir"]),
         ),
         log=LogConfig(**{key: value if key == "format" else float(value) for key, value in values["log"].items()}),
+        imports=ImportConfig(parse_zone(values["import"]["default_timezone"]), dict(values["import"]["isp_ids"])),
+        display_timezone=parse_zone(values["display"]["timezone"]),
     )
 
 

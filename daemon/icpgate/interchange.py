@@ -1,18 +1,18 @@
-"""Read the filings interchange format (docs/filings-format.md): NDJSON, or the same columns in CSV.
+"""Read the filings interchange format (docs/filings-format.md): NDJSON records, checked field by
+field. Spreadsheets (spreadsheet.py) and download files (miit_xml.py) are mapped onto the same
+records and checked here too; import_files.py picks the reader.
 
 Every refusal names the line and the field, because operators fix these files by hand.
 """
 
 from __future__ import annotations
 
-import csv
 import ipaddress
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from pathlib import Path
 
 from .filings import AccessRecord, AccessStatus, Filing, FilingStatus, SubjectType
 from .hostname import HostKind, normalize_host
@@ -79,6 +79,54 @@ def parse_filing(record: object, line: int) -> ParsedFiling:
         extra={k: v for k, v in record.items() if k not in KNOWN_FIELDS},
     )
     return ParsedFiling(line, filing, tuple(warnings))
+
+
+def record_errors(record: dict, line: int) -> list[RecordError]:
+    """Every wrong field of a record, not only the first: for spreadsheets, fixed by hand in one go."""
+    errors = [RecordError(line, name, "required field is missing") for name in REQUIRED_FIELDS if name not in record]
+    checks = {
+        "licence": lambda: _website_licence(record["licence"], line, []),
+        "subject_name": lambda: _text(record, "subject_name", line),
+        "subject_type": lambda: _enum(SubjectType, record, "subject_type", line),
+        "site_name": lambda: _text(record, "site_name", line),
+        "status": lambda: _enum(FilingStatus, record, "status", line),
+        "limit_access": lambda: _bool(record["limit_access"], "limit_access", line),
+        "domains": lambda: _domains(record["domains"], line),
+        "updated_at": lambda: _timestamp(record["updated_at"], line),
+    }
+    for name, check in checks.items():
+        if name in record:
+            try:
+                check()
+            except RecordError as error:
+                errors.append(error)
+    errors.extend(_access_errors(record.get("access", []), line))
+    if "subject_licence" in record and "licence" in record:
+        try:
+            _subject_licence(record["subject_licence"], _website_licence(record["licence"], line, []), line)
+        except RecordError as error:
+            if error.field == "subject_licence":
+                errors.append(error)
+    return errors
+
+
+def _access_errors(value: object, line: int) -> list[RecordError]:
+    """The access records' errors, the status and the addresses of each checked apart."""
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        try:
+            _access_records(value, line)
+        except RecordError as error:
+            return [error]
+        return []
+    errors = []
+    for index, item in enumerate(value):
+        for probe in ({**item, "ips": []}, {**item, "provider": "-", "status": AccessStatus.ACTIVE.value}):
+            try:
+                _access_records([probe], line)
+            except RecordError as error:
+                error.field = error.field.replace("access[0]", "access[%d]" % index, 1)
+                errors.append(error)
+    return errors
 
 
 def _website_licence(value: object, line: int, warnings: list[str]) -> str:
@@ -222,88 +270,3 @@ def read_ndjson(lines: Iterable[str]) -> Iterator[ParsedFiling | RecordError]:
             yield parse_filing(record, line)
         except RecordError as error:
             yield error
-
-
-def read_csv(lines: Iterable[str]) -> Iterator[ParsedFiling | RecordError]:
-    """Yield filings from CSV text: one access record per row, rows of one licence merged."""
-    reader = csv.DictReader(lines)
-    missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
-    if missing:
-        yield RecordError(1, missing[0], "CSV header lacks column(s): %s" % ", ".join(missing))
-        return
-    merged: dict[str, tuple[int, dict]] = {}
-    for row in reader:
-        line = reader.line_num
-        try:
-            record = _csv_row_to_record(row, line)
-        except RecordError as error:
-            yield error
-            continue
-        key = row["licence"].strip()
-        if key in merged:
-            first_line, first = merged[key]
-            conflict = _first_conflict(first, record)
-            if conflict:
-                yield RecordError(line, conflict, "differs from the row at line %d for the same licence" % first_line)
-            else:
-                first["access"].extend(record["access"])
-            continue
-        merged[key] = (line, record)
-    for line, record in merged.values():
-        try:
-            yield parse_filing(record, line)
-        except RecordError as error:
-            yield error
-
-
-def _csv_row_to_record(row: dict, line: int) -> dict:
-    if None in row:
-        raise RecordError(line, "", "more cells than header columns")
-    record: dict[str, object] = {k: (v or "").strip() for k, v in row.items() if k not in CSV_COLUMNS[8:11]}
-    record["domains"] = _split(row["domains"])
-    limit = record["limit_access"].lower()
-    if limit not in ("", "true", "false", "1", "0", "yes", "no"):
-        raise RecordError(line, "limit_access", "must be true or false, not %r" % row["limit_access"])
-    record["limit_access"] = limit in ("true", "1", "yes")
-    provider = (row["access_provider"] or "").strip()
-    record["access"] = (
-        [{"provider": provider, "status": (row["access_status"] or "").strip(), "ips": _split(row["access_ips"])}]
-        if provider
-        else []
-    )
-    return record
-
-
-def _split(cell: str | None) -> list[str]:
-    return [part.strip() for part in (cell or "").split(";") if part.strip()]
-
-
-def _first_conflict(first: dict, other: dict) -> str | None:
-    for key, value in first.items():
-        if key != "access" and other.get(key) != value:
-            return key
-    return None
-
-
-def read_filings(path: Path, fmt: str | None = None) -> Iterator[ParsedFiling | RecordError]:
-    """Read a filings file by format (`ndjson` or `csv`, guessed from the suffix when None)."""
-    fmt = fmt or ("csv" if path.suffix.lower() == ".csv" else "ndjson")
-    reader = read_csv if fmt == "csv" else read_ndjson
-    with path.open("rb") as stream:
-        try:
-            for item in reader(_decoded_lines(stream)):
-                if isinstance(item, RecordError):
-                    item.source = str(path)
-                yield item
-        except RecordError as error:  # undecodable bytes end the file: nothing after is trustworthy
-            error.source = str(path)
-            yield error
-
-
-def _decoded_lines(stream: Iterable[bytes]) -> Iterator[str]:
-    for line, raw in enumerate(stream, start=1):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise RecordError(line, "", "not UTF-8 (byte %d)" % (error.start + 1)) from None
-        yield text.removeprefix("\ufeff") if line == 1 else text

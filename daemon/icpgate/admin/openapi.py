@@ -6,7 +6,7 @@ from typing import Any
 
 from .. import __version__
 from ..policy import Reason
-from ..violations.store import DNS_STATES
+from ..violations.store import DNS_STATES, HANDLING_STATES, MAX_NOTE, SET_STATES
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -58,6 +58,41 @@ _VIOLATION = {
                 "checked_at": {**_NULLABLE_STRING, "format": "date-time"},
             },
         },
+        "customer": {
+            "type": "object",
+            "nullable": True,
+            "description": "the customer whose range holds the destination IP (icpgate customers import)",
+            "required": ["name", "contract", "network"],
+            "properties": {"name": {"type": "string"}, "contract": {"type": "string"}, "network": {"type": "string"}},
+        },
+        "handling": {
+            "type": "object",
+            "required": ["state", "note", "at"],
+            "properties": {
+                "state": {"type": "string", "enum": list(HANDLING_STATES)},
+                "note": _NULLABLE_STRING,
+                "at": {**_NULLABLE_STRING, "format": "date-time"},
+            },
+        },
+        "current": {
+            "type": "object",
+            "nullable": True,
+            "description": "the registry's decision now; null for junk and overflow records",
+            "required": ["action", "reason"],
+            "properties": {
+                "action": {"type": "string", "enum": ["allow", "block"]},
+                "reason": {"type": "string", "enum": [reason.value for reason in Reason]},
+            },
+        },
+    },
+}
+_HANDLING_BODY = {
+    "type": "object",
+    "required": ["state"],
+    "additionalProperties": False,
+    "properties": {
+        "state": {"type": "string", "enum": list(SET_STATES)},
+        "note": {"type": "string", "maxLength": MAX_NOTE},
     },
 }
 _DECISION = {
@@ -154,6 +189,11 @@ def openapi_document() -> dict[str, Any]:
                         _query("reason", {"type": "string", "enum": [reason.value for reason in Reason]}, "reason"),
                         _query("dns", {"type": "string", "enum": list(DNS_STATES)}, "DNS state"),
                         _query(
+                            "state",
+                            {"type": "string", "enum": list(HANDLING_STATES)},
+                            "handling state; open takes reopened in",
+                        ),
+                        _query(
                             "limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "page size"
                         ),
                         _query(
@@ -178,6 +218,28 @@ def openapi_document() -> dict[str, Any]:
                             "one page",
                         ),
                         "400": _error("bad parameters"),
+                    },
+                }
+            },
+            "/api/v1/violations/{id}/handling": {
+                "post": {
+                    "summary": "Acknowledge, resolve or reopen a violation record, with a note.",
+                    "security": [{"bearer": []}],
+                    "parameters": [
+                        {
+                            "name": "id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "integer", "minimum": 0, "maximum": 2**62},
+                        }
+                    ],
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": _HANDLING_BODY}}},
+                    "responses": {
+                        "200": _json(_VIOLATION, "the record as it is now"),
+                        "400": _error("bad body or id"),
+                        "401": _error("no or wrong bearer token"),
+                        "403": _error("no admin.token_file configured"),
+                        "404": _error("no such record"),
                     },
                 }
             },

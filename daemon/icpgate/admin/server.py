@@ -1,7 +1,8 @@
 """The admin API's handlers and server (docs/admin-api.md).
 
 Read-only calls answer from the registry and the violation log through the admin's own
-connections; the one call that changes state, POST /api/v1/feed/sync, needs the bearer token.
+connections; the calls that change state (POST /api/v1/feed/sync, POST .../handling) need the
+bearer token.
 Bad parameters get a 400 with a JSON message, never a traceback.
 """
 
@@ -13,6 +14,7 @@ import ipaddress
 import json
 import logging
 import socket
+import time
 from datetime import UTC, datetime
 
 from aiohttp import web
@@ -28,7 +30,9 @@ from ..policy_pack import load_pack
 from ..registry import Registry, open_registry
 from ..staleness import freshness
 from ..tomlschema import ConfigError
-from ..violations.store import DNS_STATES, Filters, ViolationStore, open_violations, parse_since
+from ..violations import store as violation_store
+from ..violations.current import annotate
+from ..violations.store import Filters, ViolationStore, open_violations, parse_since
 from .openapi import openapi_document
 from .state_metrics import BlockRate, exposition, sample_values, state_families, worker_families
 from .status_page import render_status_page
@@ -64,6 +68,7 @@ class AdminApi:
             web.get("/openapi.json", self.openapi),
             web.get("/api/v1/decision", self.decision),
             web.get("/api/v1/violations", self.violations),
+            web.post("/api/v1/violations/{id}/handling", self.set_handling),
             web.get("/api/v1/filings/{domain}", self.filing),
             web.get("/api/v1/feed", self.feed),
             web.post("/api/v1/feed/sync", self.feed_sync),
@@ -153,8 +158,11 @@ class AdminApi:
         if reason is not None and reason not in Reason.__members__.values():
             raise BadRequest("reason: unknown reason %r" % reason)
         dns = _text_param(query, "dns")
-        if dns is not None and dns not in DNS_STATES:
-            raise BadRequest("dns must be one of %s" % ", ".join(DNS_STATES))
+        if dns is not None and dns not in violation_store.DNS_STATES:
+            raise BadRequest("dns must be one of %s" % ", ".join(violation_store.DNS_STATES))
+        state = _text_param(query, "state")
+        if state is not None and state not in violation_store.HANDLING_STATES:
+            raise BadRequest("state must be one of %s" % ", ".join(violation_store.HANDLING_STATES))
         since = _text_param(query, "since")
         try:
             since = parse_since(since) if since is not None else None
@@ -167,13 +175,43 @@ class AdminApi:
             ip=_ip_param(query),
             reason=reason,
             dns=dns,
+            state=state,
         )
         total, items = await self.store.query(filters, limit, offset)
+        await self._annotate(items)
         following = offset + len(items)
         return web.json_response({
             "total": total, "limit": limit, "offset": offset,
             "next_offset": following if following < total else None, "items": items,
         })  # fmt: skip
+
+    async def set_handling(self, request: web.Request) -> web.Response:
+        """Acknowledge, resolve or reopen one record, with a note (behind the token)."""
+        self._authorize(request)
+        text = request.match_info["id"]
+        if not text.isdigit() or int(text) > MAX_OFFSET:
+            raise BadRequest("id: %r is not a record id" % text)
+        body = await _json_body(request)
+        unknown = sorted(set(body) - {"state", "note"})
+        if unknown:
+            raise BadRequest("unknown field %r; expected state and note" % unknown[0])
+        state, note = body.get("state"), body.get("note", "")
+        if state not in violation_store.SET_STATES:
+            raise BadRequest("state must be one of %s" % ", ".join(violation_store.SET_STATES))
+        if not isinstance(note, str) or len(note) > violation_store.MAX_NOTE:
+            raise BadRequest("note must be a string of at most %d characters" % violation_store.MAX_NOTE)
+        if await self.store.set_handling([int(text)], state, note.strip(), time.time()):
+            return web.json_response({"error": "no violation record with id %s" % text}, status=404)
+        record = await self.store.get(int(text))
+        await self._annotate([record])
+        return web.json_response(record)
+
+    async def _annotate(self, records: list[dict]) -> None:
+        try:
+            await annotate(self.registry, self.config, records)
+        except ConfigError:  # the pack cannot be read now: say nothing rather than guess
+            for record in records:
+                record["current"] = None
 
     # --- feed ------------------------------------------------------------------------------
     async def feed(self, _request: web.Request) -> web.Response:
@@ -201,6 +239,7 @@ class AdminApi:
     async def status_page(self, _request: web.Request) -> web.Response:
         status = await feed_status(self.config, self.registry)
         _, top = await self.store.query(Filters(confirmed=True), 20, 0)
+        await self._annotate(top)
         summary = await self.store.summary()
         html = render_status_page(self.config, status, self.block_rate.per_second(), top, summary)
         return web.Response(text=html, content_type="text/html", charset="utf-8")
@@ -211,6 +250,18 @@ def _read_token(config: Config) -> str | None:
         return None
     token = config.admin.token_file.read_text(encoding="utf-8").strip()
     return token or None
+
+
+async def _json_body(request: web.Request) -> dict:
+    if request.content_type != JSON:
+        raise BadRequest("the body must be application/json")
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
 
 
 def _int_param(query, name: str, default: int | None, low: int, high: int) -> int | None:

@@ -1,12 +1,17 @@
-"""The status page: feed state, block rate by reason and the top confirmed violations, in plain
-HTML (no scripts, no external assets), for an operator without Grafana at hand."""
+"""The status page: feed state, block rate by reason and the top confirmed violations with the
+registry's decision now, the customer and the handling, in plain HTML (no scripts, no external
+assets), in Chinese and English, for an operator without Grafana at hand."""
 
 from __future__ import annotations
 
+from datetime import tzinfo
 from html import escape
 from typing import Any
 
 from ..config import Config
+from ..display_time import local_text, zone_label
+from ..violations.current import current_en, current_zh
+from ..violations.export import HANDLING_ZH
 
 _STYLE = "".join(
     (
@@ -34,47 +39,58 @@ _STYLE = "".join(
 
 def render_status_page(config: Config, feed: dict[str, Any], rates: dict[str, float], top: list[dict[str, Any]],
                        summary: dict[str, int]) -> str:  # fmt: skip
+    """The page in zh-CN and English, side by side; times in `display.timezone`."""
+    zone = config.display_timezone
     fresh = feed["freshness"]
     sync = feed["sync"]
     mode = fresh["enforcement"]
-    age = "%.0f s ago" % (fresh["age"] or 0)
+    age = fresh["age"] or 0
+    last_success = (
+        "%s（%.0f 秒前 · %.0f s ago）" % (escape(local_text(sync["last_success"], zone)), age, age)
+        if sync.get("last_success")
+        else "从未 · never"
+    )
+    serial = "%d（%d 条备案 · %d filings）" % (feed["serial"], feed["filings"], feed["filings"])
     rows_feed = [
-        ("Enforcement 执行模式", '<span class="mode %s">%s</span>' % (escape(mode), escape(mode))),
-        ("Feed 备案数据源", escape(", ".join(config.feed.urls)) or "none (local imports only)"),
-        ("Freshness", '<span class="%s">%s</span>' % (escape(fresh["state"]), escape(fresh["state"]))),
-        (
-            "Last successful sync",
-            "%s (%s)" % (escape(sync["last_success"]), escape(age)) if sync.get("last_success") else "never",
-        ),
-        ("Last result", escape("%s %s" % (sync.get("last_result", "-"), sync.get("last_message", "")))),
-        ("Registry serial", "%d (%d filings)" % (feed["serial"], feed["filings"])),
+        ("执行模式 · Enforcement", '<span class="mode %s">%s</span>' % (escape(mode), escape(mode))),
+        ("备案数据源 · Feed", escape(", ".join(config.feed.urls)) or "无（仅本地导入） · none (local imports only)"),
+        ("数据新鲜度 · Freshness", '<span class="%s">%s</span>' % (escape(fresh["state"]), escape(fresh["state"]))),
+        ("上次同步成功 · Last successful sync", last_success),
+        ("上次结果 · Last result", escape("%s %s" % (sync.get("last_result", "-"), sync.get("last_message", "")))),
+        ("注册库版本 · Registry serial", serial),
+        ("时区 · Time zone", escape(zone_label(zone))),
     ]
     feed_html = "<dl>%s</dl>" % "".join("<dt>%s</dt><dd>%s</dd>" % row for row in rows_feed)
     if rates:
         rate_rows = "".join('<tr><td>%s</td><td class="num">%.2f</td></tr>' % (escape(reason), rate)
                             for reason, rate in sorted(rates.items(), key=lambda item: -item[1]))  # fmt: skip
         rates_html = (
-            "<table><tr><th>Reason 原因</th><th class=num>Blocks/s (last minute)</th></tr>%s</table>" % rate_rows
+            "<table><tr><th>原因 · Reason</th><th class=num>每秒阻断（最近一分钟） · Blocks/s (last minute)</th></tr>"
+            "%s</table>" % rate_rows
         )
     else:
-        rates_html = '<p class="empty">Measuring; the rate shows after the first 10 seconds.</p>'
+        rates_html = '<p class="empty">正在统计，10 秒后显示。 · Measuring; the rate shows after 10 seconds.</p>'
     if top:
-        violation_rows = "".join(_violation_row(record) for record in top)
+        violation_rows = "".join(_violation_row(record, zone) for record in top)
         top_html = (
-            "<table><tr><th>Domain 域名</th><th>Host</th><th>IP:port</th><th>Proto</th><th>Reason</th>"
-            "<th class=num>Count</th><th>Last seen</th><th>Resolves to</th></tr>%s</table>" % violation_rows
+            "<table><tr><th>编号 · ID</th><th>域名 · Domain</th><th>主机 · Host</th><th>IP:端口 · IP:port</th>"
+            "<th>协议 · Proto</th><th>原因 · Reason</th><th class=num>次数 · Count</th>"
+            "<th>最后发现 · Last seen</th><th>解析到 · Resolves to</th><th>当前状态 · Now</th>"
+            "<th>客户 · Customer</th><th>处理 · Handling</th></tr>%s</table>" % violation_rows
         )
     else:
-        top_html = '<p class="empty">No confirmed violations.</p>'
+        top_html = '<p class="empty">没有已确认的违规。 · No confirmed violations.</p>'
     counts = ", ".join("%s %d" % (escape(state), count) for state, count in sorted(summary.items())) or "none"
     return """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
-<meta http-equiv="refresh" content="30"><title>icpgate status — %(provider)s</title><style>%(style)s</style></head>
+<html lang="zh-CN"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<meta http-equiv="refresh" content="30"><title>icpgate 状态 · status — %(provider)s</title>
+<style>%(style)s</style></head>
 <body><main><h1>icpgate — %(provider)s</h1>
-<section><h2>Feed and enforcement</h2>%(feed)s</section>
-<section><h2>Block rate by reason</h2>%(rates)s</section>
-<section><h2>Top confirmed violations 已确认违规</h2>%(top)s<p class="empty">Records by DNS state: %(counts)s.
-All records: <a href="/api/v1/violations">/api/v1/violations</a>.</p></section>
+<section><h2>备案数据与执行 · Feed and enforcement</h2>%(feed)s</section>
+<section><h2>各原因阻断速率 · Block rate by reason</h2>%(rates)s</section>
+<section><h2>已确认违规（前 20 条） · Top confirmed violations</h2>%(top)s
+<p class="empty">按 DNS 核实状态统计的记录 · Records by DNS state: %(counts)s.
+全部记录 · All records: <a href="/api/v1/violations">/api/v1/violations</a></p></section>
 </main></body></html>
 """ % {
         "provider": escape(config.provider.name or config.provider.id), "style": _STYLE, "feed": feed_html,
@@ -82,10 +98,16 @@ All records: <a href="/api/v1/violations">/api/v1/violations</a>.</p></section>
     }  # fmt: skip
 
 
-def _violation_row(record: dict[str, Any]) -> str:
+def _violation_row(record: dict[str, Any], zone: tzinfo) -> str:
+    customer, handling = record["customer"], record["handling"]
     cells = (
-        escape(record["domain"] or "-"), escape(record["host"]), escape("%s:%d" % (record["ip"], record["port"])),
-        escape(record["proto"]), escape(record["reason"]), '<td class="num">%d</td>' % record["count"],
-        escape(record["last_seen"]), escape(", ".join(record["dns"]["addresses"])),
+        str(record["id"]), escape(record["domain"] or "-"), escape(record["host"]),
+        escape("%s:%d" % (record["ip"], record["port"])), escape(record["proto"]), escape(record["reason"]),
+        '<td class="num">%d</td>' % record["count"], escape(local_text(record["last_seen"], zone)),
+        escape(", ".join(record["dns"]["addresses"])),
+        escape("%s · %s" % (current_zh(record), current_en(record)) if record.get("current") else "-"),
+        escape("%s（%s）" % (customer["name"], customer["contract"]) if customer else "-"),
+        escape("%s · %s%s" % (HANDLING_ZH[handling["state"]], handling["state"],
+                              "：" + handling["note"] if handling["note"] else "")),
     )  # fmt: skip
     return "<tr>%s</tr>" % "".join(cell if cell.startswith("<td") else "<td>%s</td>" % cell for cell in cells)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import zlib
 from dataclasses import dataclass
 from enum import Enum
@@ -152,6 +153,35 @@ class FileSource:
         signature_file = path.with_name(path.name + ".sig")
         signature = signature_file.read_text().strip() if signature_file.is_file() else None
         return Fetched(Answer.BODY, path.read_bytes(), signature)
+
+
+class DownloadFolder:
+    """A spool folder into which the operator's enterprise-side system drops the national filing
+    system's download files, decrypted and unzipped (docs/filings-format.md). `icpgate import FOLDER`
+    takes them in name order (the enterprise system numbers them as it downloads), and moves each
+    one it imported into `imported/`, so the next run starts where this one stopped. A file still
+    being written (changed within the last `settle` seconds) waits for the next run."""
+
+    PATTERNS = ("*.xml", "*.xml.gz", "*.XML")
+    DONE = "imported"
+
+    def __init__(self, path: Path, settle: float = 2.0) -> None:
+        self.path = path
+        self.settle = settle
+
+    def pending(self, now: float) -> list[Path]:
+        files = {path for pattern in self.PATTERNS for path in self.path.glob(pattern) if path.is_file()}
+        return sorted((path for path in files if now - path.stat().st_mtime >= self.settle), key=_natural)
+
+    def done(self, path: Path) -> Path:
+        target = self.path / self.DONE
+        target.mkdir(exist_ok=True)
+        return path.rename(target / path.name)
+
+
+def _natural(path: Path) -> list:
+    """`download-9.xml` before `download-10.xml`."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
 def _first_line(path: Path) -> dict:

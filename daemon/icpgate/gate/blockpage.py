@@ -16,9 +16,11 @@ import string
 import time
 import tomllib
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
+from typing import ClassVar
 
+from ..display_time import BEIJING, zone_label
 from ..policy import Reason, Verdict
 from ..policy_pack import BlockSettings
 from ..tomlschema import ConfigError, Problem
@@ -53,24 +55,39 @@ def new_request_id() -> str:
 
 
 class _Clock:
-    """The block page's timestamp, formatted once per second rather than once per block."""
+    """The block page's timestamps, formatted once per second rather than once per block: UTC for
+    the JSON answer, the display zone (Beijing time by default) for the page people read."""
 
     second = -1
     text = ""
+    local: ClassVar[dict[tzinfo, str]] = {}
 
     @classmethod
     def now(cls) -> str:
+        cls._tick()
+        return cls.text
+
+    @classmethod
+    def local_now(cls, zone: tzinfo) -> str:
+        cls._tick()
+        if zone not in cls.local:
+            cls.local[zone] = datetime.fromtimestamp(cls.second, zone).strftime("%Y-%m-%d %H:%M:%S")
+        return cls.local[zone]
+
+    @classmethod
+    def _tick(cls) -> None:
         second = int(time.time())
         if second != cls.second:
             cls.second = second
             cls.text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return cls.text
+            cls.local = {}
 
 
 @dataclass(frozen=True, slots=True)
 class Operator:
     name: str
     contact: str
+    zone: tzinfo = BEIJING  # `display.timezone`: the page's time is shown in it
 
 
 class BlockPages:
@@ -93,6 +110,7 @@ class BlockPages:
             "status": str(status),
             "operator_name": self.operator.name or "—",
             "operator_contact": self.operator.contact or "—",
+            "zone": zone_label(self.operator.zone),
             **self.messages[reason.value],
         }
         escaped = {key: html.escape(value) for key, value in fixed.items()}
@@ -132,7 +150,7 @@ class BlockPages:
             "domain": html.escape(verdict.host) if verdict.host else "—",
             "licence": html.escape(verdict.filing.licence) if verdict.filing else "—",
             "request_id": request_id,
-            "time": _Clock.now(),
+            "time": _Clock.local_now(self.operator.zone),
         }
         parts = self.pages[verdict.reason]
         return b"".join(fields[part].encode() if index % 2 else part for index, part in enumerate(parts))

@@ -54,7 +54,7 @@ Service = Callable[[Config, Callable[[int], None] | None], Awaitable[None]]
 def build_runtime_parts(config: Config) -> tuple[Policy, BlockPages, TlsBlockPages | None]:
     """Everything a reload replaces, except the index; raises ConfigError when anything is wrong."""
     pack = load_pack(config.policy_pack)
-    pages = BlockPages(pack.block, Operator(config.provider.name, config.provider.contact))
+    pages = BlockPages(pack.block, Operator(config.provider.name, config.provider.contact, config.display_timezone))
     tls_pages = TlsBlockPages(config.gate) if pack.block.tls_action == "page" else None
     return Policy(pack.policy, config.provider.id, EMPTY_INDEX), pages, tls_pages
 

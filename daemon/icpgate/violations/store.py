@@ -18,6 +18,7 @@ from typing import Any
 import aiosqlite
 
 from ..suffixes import registrable_domain
+from .customers import Customer, CustomerMap
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS violations (
@@ -41,6 +42,20 @@ CREATE TABLE IF NOT EXISTS violations (
 );
 CREATE INDEX IF NOT EXISTS violations_last_seen ON violations (last_seen);
 CREATE INDEX IF NOT EXISTS violations_dns_checked ON violations (dns_checked_at);
+-- What the operator has done about a record (docs/violations.md): no row means open.
+CREATE TABLE IF NOT EXISTS handling (
+    violation_id INTEGER PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('acknowledged', 'resolved')),
+    note TEXT NOT NULL,
+    at REAL NOT NULL
+);
+-- The customer map: address ranges to customer and contract (icpgate customers import).
+CREATE TABLE IF NOT EXISTS customers (
+    network TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    contract TEXT NOT NULL,
+    line INTEGER NOT NULL
+);
 """
 
 UPSERT = """
@@ -57,6 +72,16 @@ ON CONFLICT (host, ip, port, proto, reason) DO UPDATE SET
 # Confirmed violations first everywhere, then the busiest.
 ORDER = "ORDER BY (dns_state = 'confirmed') DESC, count DESC, last_seen DESC, id"
 DNS_STATES = ("confirmed", "not_hosted", "error", "unchecked")
+# A resolved record seen again after it was resolved is open again: `reopened`.
+HANDLING_STATES = ("open", "acknowledged", "resolved", "reopened")
+SET_STATES = ("open", "acknowledged", "resolved")
+MAX_NOTE = 1000
+_HANDLING = """CASE WHEN h.state IS NULL THEN 'open'
+    WHEN h.state = 'resolved' AND v.last_seen > h.at THEN 'reopened' ELSE h.state END"""
+_SELECT = (
+    "SELECT v.*, %s AS handling_state, h.note AS handling_note, h.at AS handling_at "
+    "FROM violations v LEFT JOIN handling h ON h.violation_id = v.id" % _HANDLING
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +92,7 @@ class Filters:
     ip: str | None = None
     reason: str | None = None
     dns: str | None = None  # one of DNS_STATES
+    state: str | None = None  # one of HANDLING_STATES; `open` takes `reopened` in too
 
     def where(self) -> tuple[str, list[Any]]:
         clauses, params = [], []
@@ -89,6 +115,11 @@ class Filters:
         elif self.dns:
             clauses.append("dns_state = ?")
             params.append(self.dns)
+        if self.state == "open":
+            clauses.append("(%s) IN ('open', 'reopened')" % _HANDLING)
+        elif self.state:
+            clauses.append("(%s) = ?" % _HANDLING)
+            params.append(self.state)
         return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
@@ -116,17 +147,65 @@ class ViolationStore:
     async def prune(self, before: float) -> int:
         """Delete records last seen before `before` (sample client addresses go with them)."""
         cursor = await self.db.execute("DELETE FROM violations WHERE last_seen < ?", (before,))
+        await self.db.execute("DELETE FROM handling WHERE violation_id NOT IN (SELECT id FROM violations)")
         return cursor.rowcount
 
     async def query(self, filters: Filters, limit: int = 100, offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
         """(total matching, one page of records) in the order operators read them: confirmed first."""
         where, params = filters.where()
-        async with self.db.execute("SELECT count(*) FROM violations " + where, params) as cursor:
+        join = "FROM violations v LEFT JOIN handling h ON h.violation_id = v.id "
+        async with self.db.execute("SELECT count(*) " + join + where, params) as cursor:
             (total,) = await cursor.fetchone()
-        sql = "SELECT * FROM violations %s %s LIMIT ? OFFSET ?" % (where, ORDER)
+        sql = "%s %s %s LIMIT ? OFFSET ?" % (_SELECT, where, ORDER)
         async with self.db.execute(sql, [*params, limit, offset]) as cursor:
             rows = await cursor.fetchall()
-        return total, [record_json(row) for row in rows]
+        customers = await self.customers()
+        return total, [record_json(row, customers) for row in rows]
+
+    async def get(self, violation_id: int) -> dict[str, Any] | None:
+        async with self.db.execute(_SELECT + " WHERE v.id = ?", (violation_id,)) as cursor:
+            row = await cursor.fetchone()
+        return record_json(row, await self.customers()) if row else None
+
+    async def set_handling(self, violation_ids: list[int], state: str, note: str, at: float) -> list[int]:
+        """Acknowledge, resolve or reopen records; returns the ids that do not exist (nothing is set then)."""
+        if state not in SET_STATES:
+            raise ValueError("state must be one of %s" % ", ".join(SET_STATES))
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            missing = []
+            for violation_id in violation_ids:
+                async with self.db.execute("SELECT 1 FROM violations WHERE id = ?", (violation_id,)) as cursor:
+                    if await cursor.fetchone() is None:
+                        missing.append(violation_id)
+            if not missing:
+                if state == "open":
+                    await self.db.executemany("DELETE FROM handling WHERE violation_id = ?",
+                                              [(i,) for i in violation_ids])  # fmt: skip
+                else:
+                    await self.db.executemany("INSERT OR REPLACE INTO handling VALUES (?, ?, ?, ?)",
+                                              [(i, state, note, at) for i in violation_ids])  # fmt: skip
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        await self.db.execute("COMMIT" if not missing else "ROLLBACK")
+        return missing
+
+    async def customers(self) -> CustomerMap:
+        """The customer map as stored now: read per query, so an import shows without a restart."""
+        async with self.db.execute("SELECT network, name, contract FROM customers") as cursor:
+            return CustomerMap([Customer(*row) for row in await cursor.fetchall()])
+
+    async def replace_customers(self, customers: list[Customer]) -> None:
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            await self.db.execute("DELETE FROM customers")
+            await self.db.executemany("INSERT INTO customers VALUES (?, ?, ?, ?)",
+                                      [(c.network, c.name, c.contract, c.line) for c in customers])  # fmt: skip
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        await self.db.execute("COMMIT")
 
     async def summary(self) -> dict[str, int]:
         """Record counts by DNS state, for the status page and `/readyz`'s neighbours."""
@@ -163,7 +242,7 @@ def iso(timestamp: float | None) -> str | None:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def record_json(row: aiosqlite.Row) -> dict[str, Any]:
+def record_json(row: aiosqlite.Row, customers: CustomerMap) -> dict[str, Any]:
     return {
         "id": row["id"],
         "domain": row["domain"] or None,
@@ -183,6 +262,12 @@ def record_json(row: aiosqlite.Row) -> dict[str, Any]:
             "addresses": json.loads(row["dns_addresses"]) if row["dns_addresses"] else [],
             "detail": row["dns_detail"] or None,
             "checked_at": iso(row["dns_checked_at"]),
+        },
+        "customer": customers.lookup(row["ip"]),
+        "handling": {
+            "state": row["handling_state"],
+            "note": row["handling_note"] or None,
+            "at": iso(row["handling_at"]),
         },
     }
 
