@@ -12,8 +12,8 @@ decrypted. docs/filings-format.md maps it field by field.
 The document is parsed as a stream (lxml's iterparse, each record dropped once read), so a file of
 a million filings stays in bounded memory. lxml rather than the standard library's ElementTree:
 libxml2 reads GBK as declared, selects the records without a Python call per element, and knows
-each record's line; the import of a download file takes about a third of the time it did with
-ElementTree's pull parser (bench/import_bench.py).
+each record's line; with ElementTree's pull parser a million filings took more than twice as long
+to import (bench/import_bench.py compares the import with NDJSON's).
 """
 
 from __future__ import annotations
