@@ -1,8 +1,9 @@
-"""One gate worker: loads config, pack, pages and index, binds the listeners, serves until told.
+"""One gate worker: loads config, pack, pages and index, serves until told.
 
-SIGHUP reloads config, policy pack, templates and the index; anything invalid keeps the old
-state and says why. SIGTERM stops accepting, lets relays drain up to `gate.drain_timeout`, then
-closes the rest.
+It serves on listening sockets bound before it started (gate/listen.py): by the supervisor, and
+inherited across fork, in a multi-worker daemon. SIGHUP reloads config, policy pack, templates and
+the index; anything invalid keeps the old state and says why. SIGTERM stops accepting, lets relays
+drain up to `gate.drain_timeout`, then closes the rest.
 
 The worker follows the registry's serial: when another connection commits (the feed client, or
 `icpgate import`; checked every `registry.reload_interval` seconds, or at once when the feed
@@ -38,13 +39,13 @@ from ..violations.store import ViolationStore, open_violations
 from .blockpage import BlockPages, Operator
 from .connection import Listener, Runtime
 from .http_gate import HttpConnection
+from .listen import BACKLOG, GateStartError, bind_listeners
 from .tls_gate import TlsConnection
 from .tls_page import TlsBlockPages
 from .upstream import UpstreamResolver
 
 log = logging.getLogger("icpgate.gate")
 CONNECTION_KINDS = {"http": HttpConnection, "tls": TlsConnection}
-BACKLOG = 4096
 METRICS_INTERVAL = 1.0
 # What runs beside the gate in a one-process daemon (feed client, violation upkeep, admin API): it
 # gets the config and a callback to call with the new serial after each commit, so the index follows at once.
@@ -59,10 +60,6 @@ def build_runtime_parts(config: Config) -> tuple[Policy, BlockPages, TlsBlockPag
     return Policy(pack.policy, config.provider.id, EMPTY_INDEX), pages, tls_pages
 
 
-class GateStartError(RuntimeError):
-    """The gate cannot start serving (a listener cannot bind, workers do not come up)."""
-
-
 def _freeze_index() -> None:
     """Move everything alive now, the index above all, out of the collector's sight: its
     million objects never form cycles, and walking them on every full collection stalls the gate."""
@@ -71,12 +68,17 @@ def _freeze_index() -> None:
 
 
 class Worker:
+    """`sockets`: the listening sockets by listener name, bound by the caller (see gate/listen.py);
+    without them the worker binds its own."""
+
     def __init__(self, config_path: Path, overrides: tuple[str, ...], on_ready: Callable[[], None],
-                 service: Service | None = None) -> None:  # fmt: skip
+                 service: Service | None = None, *,
+                 sockets: dict[str, socket.socket] | None = None) -> None:  # fmt: skip
         self.config_path = config_path
         self.overrides = overrides
         self.on_ready = on_ready
         self.service = service
+        self.sockets = sockets
         self.config: Config | None = None
         self.runtime: Runtime | None = None
         self.servers: list[asyncio.Server] = []
@@ -127,19 +129,22 @@ class Worker:
                 self._sync_metrics()
 
     async def _bind(self, listeners: tuple[ListenerConfig, ...]) -> None:
+        """Serve on the sockets the daemon bound. A restarted worker may read a config whose
+        listeners changed since then: those wait for the restart of the daemon, as after SIGHUP."""
+        if self.sockets is None:
+            self.sockets = bind_listeners(listeners)
         loop = asyncio.get_running_loop()
         for listener_config in listeners:
+            sock = self.sockets.get(listener_config.name)
+            if sock is None:
+                log.warning("%s is not bound: listener changes take effect at the next restart", listener_config.name)
+                continue
             listener = Listener(self.runtime, listener_config, UpstreamResolver(self.config.upstream, listener_config))
             self.listeners.append(listener)
             factory = CONNECTION_KINDS[listener_config.kind]
             try:
                 server = await loop.create_server(
-                    lambda factory=factory, listener=listener: factory(listener),
-                    listener_config.address,
-                    listener_config.port,
-                    family=socket.AF_INET6 if ":" in listener_config.address else socket.AF_INET,
-                    reuse_port=True,
-                    backlog=BACKLOG,
+                    lambda factory=factory, listener=listener: factory(listener), sock=sock, backlog=BACKLOG
                 )
             except OSError as error:
                 raise GateStartError(
