@@ -39,10 +39,11 @@ from .listen import GateStartError, bind_listeners, close_all
 from .worker import Service, Worker, build_runtime_parts
 
 log = logging.getLogger("icpgate.supervisor")
+service_log = logging.getLogger("icpgate.services")
 SERVICE = -1  # the child number of the service process
 READY_TIMEOUT = 300.0  # loading a large index takes a while
 STOP_GRACE = 5.0
-RESTART_DELAY = 0.5  # after the first exit; doubled for each exit within STABLE_AFTER of the start
+RESTART_DELAY = 0.5  # doubled for each further exit within STABLE_AFTER of the child's start
 MAX_RESTART_DELAY = 30.0
 STABLE_AFTER = 10.0
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
@@ -55,15 +56,14 @@ def run_gate(config_path: Path, overrides: tuple[str, ...], service: Service | N
     worker, else in its own process. The caller sets up the metrics directory first (cli.py).
     """
     config = load_config(config_path, overrides)
+    name_process("0" if config.gate.workers == 1 else "supervisor")
     build_runtime_parts(config)
     require_registry(config.registry_path)  # before forking: one clear error, not one per worker
     _raise_file_limit(config.gate.max_connections)
     sockets = bind_listeners(config.listeners)
     if config.gate.workers == 1:
-        name_process("0")
         return _run_worker(config_path, overrides, lambda: notify("READY=1"), watchdog=True, service=service,
                            sockets=sockets)  # fmt: skip
-    name_process("supervisor")
     return Supervisor(config_path, overrides, config, sockets, service).run()
 
 
@@ -125,6 +125,7 @@ def _run_service(service: Service, config: Config, config_path: Path, overrides:
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, hup.set)
         running = loop.create_task(service(config, None))
+        service_log.info("services started: feed client, violation upkeep, admin API (as configured)")
         stopping = loop.create_task(stop.wait())
         while True:
             reloading = loop.create_task(hup.wait())
@@ -135,6 +136,7 @@ def _run_service(service: Service, config: Config, config_path: Path, overrides:
                 running.result()  # raises what ended the services
                 raise RuntimeError("the services ended")
             if stopping.done():
+                service_log.info("stopping the services")
                 reloading.cancel()
                 await _cancel(running)
                 return
@@ -143,11 +145,11 @@ def _run_service(service: Service, config: Config, config_path: Path, overrides:
                 new = load_valid_config(config_path, overrides)
             except ConfigError as error:
                 for problem in error.problems:
-                    log.error("reload refused, keeping the running config: %s", problem)
+                    service_log.error("reload refused, keeping the running config: %s", problem)
                 continue
             await _cancel(running)
             running = loop.create_task(service(new, None))
-            log.info("services restarted with the new config")
+            service_log.info("services restarted with the new config")
 
     uvloop.run(main())
     return 0
@@ -349,7 +351,7 @@ class Supervisor:
                 continue
             quick = time.monotonic() - started < STABLE_AFTER
             self._quick_exits[number] = self._quick_exits.get(number, 0) + 1 if quick else 0
-            delay = min(RESTART_DELAY * 2 ** self._quick_exits[number], MAX_RESTART_DELAY)
+            delay = min(RESTART_DELAY * 2 ** max(self._quick_exits[number] - 1, 0), MAX_RESTART_DELAY)
             self._restarts[number] = time.monotonic() + delay
             log.error("%s (pid %d) %s; restarting it in %gs", child_name(number), pid, describe_exit(status), delay)
 
