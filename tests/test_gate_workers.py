@@ -230,3 +230,22 @@ def test_a_new_daemon_can_start_while_the_old_one_drains(tmp_path: Path, origin,
         assert old.process.wait(30) == 0
         if new is not None:
             assert new.stop() == 0
+
+
+def test_a_child_that_keeps_dying_is_restarted_with_back_off(tmp_path: Path, origin) -> None:
+    port = free_port()
+    gate = start_gate(gate_config(tmp_path, {"http": listener(port, "http", origin.http)}, gate={"workers": 2}),
+                      {"http": port})  # fmt: skip
+    try:
+        wait_until(lambda: "2 workers ready" in gate.log(), timeout=30)
+        delays = []
+        for _ in range(3):
+            victim = started(gate.log())["the service process"]
+            os.kill(victim, signal.SIGKILL)
+            wait_until(lambda victim=victim: started(gate.log())["the service process"] != victim, timeout=20)
+            delays.append(re.search(r"the service process \(pid %d\) was killed by signal 9 \(SIGKILL\); "
+                                    r"restarting it in (\S+)s" % victim, gate.log()).group(1))  # fmt: skip
+        assert delays == ["0.5", "1", "2"]
+        assert all_answer(port, "example-filed.cn", 200)  # the workers never noticed
+    finally:
+        assert gate.stop() == 0

@@ -306,6 +306,8 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
             for fd in (self._ready_read, self._wake_read, self._wake_write):
                 os.close(fd)
+            for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # systemd talks to the supervisor
+                os.environ.pop(name, None)
             if number == SERVICE:
                 name_process("service")
                 os.close(self._ready_write)
