@@ -192,7 +192,8 @@ class Supervisor:
         self.ready: set[int] = set()  # worker numbers that reported ready
         self._quick_exits: dict[int, int] = {}  # child number -> exits in a row within STABLE_AFTER
         self._restarts: dict[int, float] = {}  # child number -> when to start it again
-        self._signals: list[int] = []
+        self._signals: list[int] = []  # appended to by the signal handlers, taken by _take_signals
+        self._reload_pending = False  # a SIGHUP that came during start-up
         self._ready_read, self._ready_write = os.pipe()
         self._wake_read, self._wake_write = os.pipe()
         self._pending = b""
@@ -227,7 +228,9 @@ class Supervisor:
                 waiting = sorted(set(range(self.count)) - self.ready)
                 raise GateStartError("workers %s not ready after %gs" % (waiting, READY_TIMEOUT))
             self._wait(min(0.5, deadline - time.monotonic()))
-            if self._pop_stop_signal():
+            received = self._take_signals()
+            self._reload_pending |= signal.SIGHUP in received
+            if received & {signal.SIGTERM, signal.SIGINT}:
                 log.info("stopped before the workers were ready")
                 return False
             for number, status in self._reap():
@@ -244,10 +247,11 @@ class Supervisor:
             if interval and time.monotonic() >= next_ping:
                 notify("WATCHDOG=1")
                 next_ping = time.monotonic() + interval
-            if self._pop_stop_signal():
+            received = self._take_signals()
+            if received & {signal.SIGTERM, signal.SIGINT}:
                 return
-            if signal.SIGHUP in self._signals:
-                self._signals = [sig for sig in self._signals if sig != signal.SIGHUP]
+            if signal.SIGHUP in received or self._reload_pending:
+                self._reload_pending = False
                 notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
                 self._reload()
                 notify("READY=1")
@@ -258,14 +262,17 @@ class Supervisor:
 
     def _reload(self) -> None:
         """Forward SIGHUP; each child checks the new config itself. Keep it for restarts if it is valid."""
-        with contextlib.suppress(ConfigError):  # the children say why
+        with contextlib.suppress(Exception):  # the children say what is wrong; the supervisor must not fall
             self.config = load_valid_config(self.config_path, self.overrides)
         self._forward(signal.SIGHUP)
 
-    def _pop_stop_signal(self) -> bool:
-        stop = any(sig in (signal.SIGTERM, signal.SIGINT) for sig in self._signals)
-        self._signals = [sig for sig in self._signals if sig == signal.SIGHUP]
-        return stop
+    def _take_signals(self) -> set[int]:
+        """The signals received since the last call. pop() is atomic against the handlers, which
+        run between any two bytecodes of this loop: rebuilding the list could lose a SIGTERM."""
+        received = set()
+        while self._signals:
+            received.add(self._signals.pop())
+        return received
 
     def _wait(self, timeout: float) -> None:
         """Sleep until a signal arrives, a worker reports ready, or `timeout` passes."""
