@@ -5,11 +5,12 @@ inherited across fork, in a multi-worker daemon. SIGHUP reloads config, policy p
 the index; anything invalid keeps the old state and says why. SIGTERM stops accepting, lets relays
 drain up to `gate.drain_timeout`, then closes the rest.
 
-The worker follows the registry's serial: when another connection commits (the feed client, or
-`icpgate import`; checked every `registry.reload_interval` seconds, or at once when the feed
-client runs in this process and says so), it patches its index with the filings changed since
-its serial and swaps it in as one reference. It also sets the enforcement mode from how fresh
-the feed is.
+The index is the shared file beside the registry (index_store.py), mapped by every worker and
+updated in place by whichever process commits to the registry, so a commit is seen at the next
+lookup. The worker still follows the registry's serial (every `registry.reload_interval` seconds,
+or at once when the feed client runs in this process and says so): if the writer died between its
+registry commit and its index commit, or the file was damaged, it brings the index forward or
+rebuilds it. It also sets the enforcement mode from how fresh the feed is.
 
 Every `violations.flush_interval` it hands its violation table to the violation log, and every
 second it copies its counters into the Prometheus metrics (docs/metrics.md).
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from ..config import Config, ListenerConfig, load_config
 from ..index import EMPTY_INDEX
+from ..index_store import SharedIndex, index_path, open_index
 from ..policy import Policy
 from ..policy_pack import load_pack
 from ..registry import Registry, open_registry
@@ -61,8 +63,8 @@ def build_runtime_parts(config: Config) -> tuple[Policy, BlockPages, TlsBlockPag
 
 
 def _freeze_index() -> None:
-    """Move everything alive now, the index above all, out of the collector's sight: its
-    million objects never form cycles, and walking them on every full collection stalls the gate."""
+    """Move everything alive at start-up out of the collector's sight: config, pack and pages live
+    as long as the worker, and walking them on every full collection only costs time."""
     gc.collect()
     gc.freeze()
 
@@ -98,9 +100,10 @@ class Worker:
         async with open_registry(self.config.registry_path, create=False) as registry:
             self.registry = registry
             self._data_version = await self._registry_version()
-            self.serial, policy.index = await registry.load_index_at()
+            policy.index = await asyncio.to_thread(open_index, self.config.registry_path)  # opened after fork
+            self.serial = policy.index.serial
             _freeze_index()
-            log.info("registry %s: serial %d, %d filings loaded", self.config.registry_path, self.serial,
+            log.info("registry %s: serial %d, %d filings in the shared index", self.config.registry_path, self.serial,
                      len(policy.index))  # fmt: skip
             self.runtime = Runtime(policy, pages, self.config.gate, tls_pages)
             self._apply_reporting(self.config)
@@ -236,7 +239,7 @@ class Worker:
             try:
                 if interval:
                     version = await self._registry_version()
-                    if version != self._data_version:
+                    if version != self._data_version or self.runtime.policy.index.errors:
                         self._data_version = version
                         await self.catch_up()
                 await self._update_enforcement()
@@ -244,23 +247,24 @@ class Worker:
                 log.exception("registry reload failed; keeping the last index")
 
     async def catch_up(self, *, full: bool = False) -> None:
-        """Bring the index to the registry's serial: a patch when the change log allows, else whole."""
+        """Make sure the shared index reflects the registry's serial. Normally the committing
+        process has done it already; this repairs the cases where it could not (it died between
+        the two commits, the file was damaged or replaced). `full` (a reload) reopens the file."""
         async with self._index_lock:
-            started = time.perf_counter()
-            patch = None if full else await self.registry.index_patch(self.serial)
-            if patch is not None and patch.serial == self.serial:
-                return
-            if patch is None:
-                serial, index = await self.registry.load_index_at()
-            else:
-                serial = patch.serial
-                index = self.runtime.policy.index.patched(patch.licences, patch.index, patch.filings)
-            self.runtime.policy.index = index  # one reference swap: decisions see old or new, never a mix
-            _freeze_index()
-            log.info("index at serial %d (%s): %d filings, in %.3f s", serial,
-                     "whole" if patch is None else "%d changed" % len(patch.licences), len(index),
-                     time.perf_counter() - started)  # fmt: skip
-            self.serial = serial
+            index: SharedIndex = self.runtime.policy.index
+            state = await self.registry.state()
+            damaged = index.errors > 0
+            meta = index.meta()
+            if meta.serial != state.serial or meta.checksum != state.checksum or damaged or index.replaced():
+                outcome = await self.registry.sync_index(rebuild=damaged)
+                log.info("index %s to serial %d: %d filings, in %.3f s", outcome.how, outcome.serial,
+                         outcome.changed, outcome.seconds)  # fmt: skip
+            if full or damaged or index.replaced():
+                fresh = await asyncio.to_thread(SharedIndex, index_path(self.config.registry_path))
+                self.runtime.policy.index = fresh  # one reference swap: lookups see the old file or the new
+                index.close()
+                index = fresh
+            self.serial = index.serial
 
     async def _update_enforcement(self) -> None:
         if not self.config.feed.urls:  # local imports only: always enforced, nothing to read
