@@ -108,6 +108,32 @@ def test_an_update_is_seen_in_place_by_another_process(sample_registry: Path, tm
         reader.wait(10)
 
 
+def test_a_commit_in_a_process_that_holds_the_index_patches_it_in_place(sample_registry: Path) -> None:
+    """A one-process daemon looks up and commits (feed client) through the same file."""
+    registry = registry_of(sample_registry)
+    shared = open_index(registry)
+    inode = index_path(registry).stat().st_ino
+    added = bulk_records(3)
+
+    async def commit() -> None:
+        from icpgate.interchange import parse_filing
+
+        async with open_registry(registry, create=False) as opened:
+            report = await opened.import_filings([parse_filing(r, n) for n, r in enumerate(added, 1)], source="t",
+                                                 fmt="ndjson")  # fmt: skip
+            assert report.committed
+            assert (await opened.sync_index()).how == "current"  # apply brought it forward already
+
+    try:
+        assert shared.lookup("bulk-1.example-bulk.cn") is None
+        run(commit())
+        assert shared.lookup("www.bulk-1.example-bulk.cn").filing.licence == added[1]["licence"]
+        assert index_path(registry).stat().st_ino == inode and not shared.replaced()
+        assert_same_answers(shared, registry)
+    finally:
+        shared.close()
+
+
 def corrupt_truncated(path: Path) -> None:
     with path.open("r+b") as file:
         file.truncate(path.stat().st_size // 2)

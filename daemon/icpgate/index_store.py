@@ -26,6 +26,7 @@ import logging
 import os
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -57,6 +58,41 @@ class IndexError_(RuntimeError):
 def index_path(registry_path: Path) -> Path:
     """Where a registry's index lives: beside it, same name plus `.index` (and `.index-lock`)."""
     return registry_path.with_name(registry_path.name + ".index")
+
+
+# LMDB allows one open environment per file in a process: readers and writers here share it.
+_Key = tuple[str, int]  # path, inode: a file rebuilt under the same name is another environment
+_OPEN: dict[_Key, tuple[lmdb.Environment, int]] = {}  # -> (environment, users)
+_OPEN_LOCK = threading.Lock()  # syncs run in threads beside the event loop's readers
+
+
+def _acquire(path: Path) -> tuple[lmdb.Environment, _Key]:
+    """This process's environment for the file at `path`, opened on first use (raises IndexError_)."""
+    with _OPEN_LOCK:
+        return _acquire_locked(path)
+
+
+def _acquire_locked(path: Path) -> tuple[lmdb.Environment, _Key]:
+    with contextlib.suppress(FileNotFoundError):
+        key = (str(path), os.stat(path).st_ino)
+        held = _OPEN.get(key)
+        if held is not None:
+            _OPEN[key] = (held[0], held[1] + 1)
+            return held[0], key
+    env = _open_env(path)
+    key = (str(path), os.stat(path).st_ino)
+    _OPEN[key] = (env, 1)
+    return env, key
+
+
+def _release(key: _Key) -> None:
+    with _OPEN_LOCK:
+        env, users = _OPEN[key]
+        if users > 1:
+            _OPEN[key] = (env, users - 1)
+        else:
+            del _OPEN[key]
+            env.close()
 
 
 def _open_env(path: Path) -> lmdb.Environment:
@@ -113,15 +149,14 @@ class SharedIndex:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._env = _open_env(path)
+        self._env, self._key = _acquire(path)
         try:
             self._dbs = _Dbs(self._env, create=False)
-            self._inode = os.stat(path).st_ino
             with self._env.begin() as txn:
                 if _read_meta(txn, self._dbs) is None:
                     raise IndexError_("%s is not an %s index" % (path, FORMAT.decode()))
         except BaseException:
-            self._env.close()
+            _release(self._key)
             raise
         self._begin = self._env.begin
         self._domains = self._dbs.domains
@@ -131,12 +166,10 @@ class SharedIndex:
         self.errors = 0  # lookups that failed (a damaged file): the worker rebuilds when it sees any
 
     def lookup(self, name: str) -> Match | None:
-        try:
-            key = name.encode("ascii")
-        except UnicodeEncodeError:
+        if not name.isascii():
             return None  # filed names are A-labels: a name that is not ASCII is filed nowhere
         try:
-            return self._lookup(key)
+            return self._lookup(name)
         except lmdb.Error as error:  # fail closed: the name counts as unfiled until the index is rebuilt
             self.errors += 1
             if self.errors == 1:
@@ -144,20 +177,23 @@ class SharedIndex:
                           error)  # fmt: skip
             return None
 
-    def _lookup(self, key: bytes) -> Match | None:
-        with self._begin(db=self._domains) as txn:
+    def _lookup(self, name: str) -> Match | None:
+        txn = self._begin(db=self._domains)
+        try:
             get = txn.get
             while True:
-                value = get(key)
+                value = get(name.encode())
                 if value is not None:
                     filing = self._records.get(value)
                     if filing is None:
                         filing = self._decode(txn, value)
-                    return Match(key.decode("ascii"), filing)
-                dot = key.find(b".")
+                    return Match(name, filing)
+                dot = name.find(".")
                 if dot < 0:
                     return None
-                key = key[dot + 1 :]
+                name = name[dot + 1 :]
+        finally:
+            txn.abort()
 
     def _decode(self, txn: lmdb.Transaction, value: bytes) -> IndexedFiling:
         access_key = value[-_KEY:]
@@ -189,7 +225,10 @@ class SharedIndex:
     def generation(self) -> int:
         """LMDB's id of the latest commit: changes whenever a writer commits, so a cache keyed on
         it never outlives the data it was computed from."""
-        txn = self._begin()
+        try:
+            txn = self._begin()
+        except lmdb.Error:  # closed: swapped out by a reopen; decisions go through the new index
+            return -1
         try:
             return txn.id()
         finally:
@@ -217,12 +256,15 @@ class SharedIndex:
     def replaced(self) -> bool:
         """True when the file at `path` is no longer the one this process maps (it was rebuilt)."""
         try:
-            return os.stat(self.path).st_ino != self._inode
+            return os.stat(self.path).st_ino != self._key[1]
         except FileNotFoundError:
             return True
 
     def close(self) -> None:
-        self._env.close()
+        """Let go of the file; lookups on a closed index fail closed (unfiled)."""
+        if self._env is not None:
+            self._env = None
+            _release(self._key)
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -269,14 +311,13 @@ def sync_index(registry_path: Path, *, rebuild: bool = False, progress: bool | N
     path = index_path(registry_path)
     started = time.perf_counter()
     try:
-        env = _open_env(path)
-        dbs = _Dbs(env, create=True)
+        env, key = _acquire(path)
     except IndexError_ as error:
         log.warning("index %s cannot be used (%s): rebuilding it", path, error)
         _remove(path)
-        env = _open_env(path)
-        dbs = _Dbs(env, create=True)
+        env, key = _acquire(path)
     try:
+        dbs = _Dbs(env, create=True)
         env.reader_check()  # free the slots of readers that died, so their old pages are reused
         db = sqlite3.connect(registry_path, isolation_level=None)
         try:
@@ -308,7 +349,7 @@ def sync_index(registry_path: Path, *, rebuild: bool = False, progress: bool | N
             log.info("index %s %s to serial %d: %d filings in %.1f s", path, how, serial, changed, seconds)
         return SyncOutcome(serial, how, changed, seconds)
     finally:
-        env.close()
+        _release(key)
 
 
 def _most_changed(db: sqlite3.Connection, since: int) -> bool:
@@ -429,7 +470,7 @@ def read_meta(registry_path: Path) -> IndexMeta | None:
     if not path.exists():
         return None
     try:
-        env = _open_env(path)
+        env, key = _acquire(path)
     except IndexError_:
         return None
     try:
@@ -439,7 +480,7 @@ def read_meta(registry_path: Path) -> IndexMeta | None:
     except IndexError_:
         return None
     finally:
-        env.close()
+        _release(key)
 
 
 def open_index(registry_path: Path) -> SharedIndex:

@@ -260,7 +260,7 @@ class Worker:
                 log.info("index %s to serial %d: %d filings, in %.3f s", outcome.how, outcome.serial,
                          outcome.changed, outcome.seconds)  # fmt: skip
             if full or damaged or index.replaced():
-                fresh = await asyncio.to_thread(SharedIndex, index_path(self.config.registry_path))
+                fresh = SharedIndex(index_path(self.config.registry_path))  # milliseconds: a mapping, no load
                 self.runtime.policy.index = fresh  # one reference swap: lookups see the old file or the new
                 index.close()
                 index = fresh
