@@ -134,6 +134,22 @@ def test_a_commit_in_a_process_that_holds_the_index_patches_it_in_place(sample_r
         shared.close()
 
 
+def test_a_deeper_filed_domain_added_later_is_found(sample_registry: Path, tmp_path: Path) -> None:
+    """Lookups skip labels above the deepest filed domain; a deeper one filed later raises that depth."""
+    registry = registry_of(sample_registry)
+    shared = open_index(registry)
+    try:
+        deep = "www.a.b.c.deep-filed.cn"
+        assert shared.lookup("x." + deep) is None
+        record = dict(bulk_records(1)[0], domains=["a.b.c.deep-filed.cn"])
+        run_icpgate("import", str(write_ndjson(tmp_path / "deep.ndjson", [record])), "-c", str(sample_registry),
+                    check=True)  # fmt: skip
+        assert shared.lookup("x." + deep).domain == "a.b.c.deep-filed.cn"
+        assert_same_answers(shared, registry)
+    finally:
+        shared.close()
+
+
 def corrupt_truncated(path: Path) -> None:
     with path.open("r+b") as file:
         file.truncate(path.stat().st_size // 2)

@@ -10,7 +10,9 @@ Layout (named databases):
 - `access`:  access key (12 bytes of BLAKE2b of the access text) -> the filing's access records as
   text, `provider TAB status TAB ips`, one a line: most filings share a few of these, stored once;
 - `licences`: licence -> its domains, space-separated: what a patch removes when a filing changes;
-- `meta`: format version, the registry serial and checksum the index reflects, filings count.
+- `meta`: format version, the registry serial and checksum the index reflects, filings count, and
+  `depth`: no filed domain has more labels, so a lookup skips the labels above it (each skipped
+  label is one B-tree search saved; it only grows between rebuilds, which keeps it safe).
 
 Readers (`SharedIndex`) never write. Writers (`sync_index`) hold LMDB's one-writer lock and bring the
 index to the registry's serial: a patch from the change log when it reaches back far enough, else a
@@ -163,6 +165,7 @@ class SharedIndex:
         self._records: dict[bytes, IndexedFiling] = {}
         self._accesses: dict[bytes, tuple[IndexedAccess, ...]] = {}
         self._networks: dict[str, IPNetwork] = {}
+        self._depth, self._depth_at = 127, -1  # meta `depth`, and the commit it was read at
         self.errors = 0  # lookups that failed (a damaged file): the worker rebuilds when it sees any
 
     def lookup(self, name: str) -> Match | None:
@@ -180,6 +183,11 @@ class SharedIndex:
     def _lookup(self, name: str) -> Match | None:
         txn = self._begin(db=self._domains)
         try:
+            if txn.id() != self._depth_at:
+                self._depth = int(txn.get(b"depth", db=self._dbs.meta, default=b"127"))
+                self._depth_at = txn.id()
+            for _ in range(name.count(".") + 1 - self._depth):  # more labels than any filed domain
+                name = name[name.find(".") + 1 :]
             get = txn.get
             while True:
                 value = get(name.encode())
@@ -385,6 +393,7 @@ def _rebuild(txn: lmdb.Transaction, dbs: _Dbs, db: sqlite3.Connection, filings: 
         if count % _WRITE_BATCH == 0:
             bar(_WRITE_BATCH)
     keys: dict[str, bytes] = {}
+    depth = 1
     domains = txn.cursor(dbs.domains)
     rows = db.execute(
         "SELECT d.name, f.licence, f.status, f.limit_access,"
@@ -399,9 +408,11 @@ def _rebuild(txn: lmdb.Transaction, dbs: _Dbs, db: sqlite3.Connection, filings: 
                 keys.clear()
             key = keys[access or ""] = _put_access(txn, dbs, access or "")
         domains.put(name.encode(), encode(licence, status, limit_access, key), append=True)
+        depth = max(depth, name.count(".") + 1)
         if done % _WRITE_BATCH == 0:
             bar(_WRITE_BATCH)
     bar(0, done=True)
+    txn.put(b"depth", b"%d" % depth, db=dbs.meta)
     return count
 
 
@@ -459,6 +470,9 @@ def put_filing(txn: lmdb.Transaction, dbs: _Dbs, licence: str, status: str, limi
                names: Iterable[str]) -> None:  # fmt: skip
     names = list(names)
     value = encode(licence, status, limit_access, _put_access(txn, dbs, access))
+    depth = max((name.count(".") + 1 for name in names), default=1)
+    if depth > int(txn.get(b"depth", db=dbs.meta, default=b"1")):
+        txn.put(b"depth", b"%d" % depth, db=dbs.meta)
     for name in names:
         txn.put(name.encode(), value, db=dbs.domains)
     txn.put(licence.encode(), " ".join(names).encode(), db=dbs.licences)
