@@ -287,3 +287,37 @@ def test_a_gate_follows_commits_without_reloading(tmp_path: Path, origin) -> Non
     finally:
         assert gate.stop() == 0
     assert "Traceback" not in gate.log(), gate.log()
+
+
+def test_concurrent_syncs_in_one_process_do_not_deadlock(sample_registry: Path) -> None:
+    """The one-process daemon: the feed client's sync and the worker's catch-up run in threads at
+    once while the loop looks up. (LMDB's open_db inside another thread's write transaction
+    deadlocked on the GIL: the handles are opened once per environment.)"""
+    import asyncio
+    import threading
+
+    from icpgate.interchange import parse_filing
+
+    registry = registry_of(sample_registry)
+    shared = open_index(registry)
+    records = bulk_records(20)
+
+    async def commits() -> None:
+        async with open_registry(registry, create=False) as one, open_registry(registry, create=False) as two:
+            for number, record in enumerate(records):
+                await asyncio.gather(
+                    one.import_filings([parse_filing(record, 1)], source="t", fmt="ndjson"),
+                    two.sync_index(),
+                    asyncio.to_thread(sync_index, registry),
+                )
+                assert shared.lookup(record["domains"][0]) is not None, number
+
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (run(commits()), done.set()), daemon=True)
+    thread.start()
+    thread.join(60)
+    try:
+        assert done.is_set(), "the syncs did not finish within 60 s"
+        assert_same_answers(shared, registry)
+    finally:
+        shared.close()

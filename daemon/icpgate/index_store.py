@@ -94,6 +94,7 @@ def _release(key: _Key) -> None:
             _OPEN[key] = (env, users - 1)
         else:
             del _OPEN[key]
+            _DBS.pop(key, None)
             env.close()
 
 
@@ -122,16 +123,32 @@ class IndexMeta:
 
 
 class _Dbs:
-    """The named databases of one open environment."""
+    """The named databases of one open environment, opened once per environment.
+
+    In a write transaction we begin ourselves (beginning one waits for the writer lock with the
+    GIL released): `open_db` without one starts its own while holding the GIL, which deadlocks
+    against a writer thread of this process. A handle opened in a read transaction dies with it."""
 
     def __init__(self, env: lmdb.Environment, *, create: bool) -> None:
         try:
-            self.meta = env.open_db(b"meta", create=create)
-            self.domains = env.open_db(b"domains", create=create)
-            self.access = env.open_db(b"access", create=create)
-            self.licences = env.open_db(b"licences", create=create)
+            with env.begin(write=True) as txn:
+                self.meta = env.open_db(b"meta", txn=txn, create=create)
+                self.domains = env.open_db(b"domains", txn=txn, create=create)
+                self.access = env.open_db(b"access", txn=txn, create=create)
+                self.licences = env.open_db(b"licences", txn=txn, create=create)
         except lmdb.Error as error:  # NotFoundError: an empty or foreign file
             raise IndexError_("%s has no icpgate index in it (%s)" % (env.path(), error)) from None
+
+
+_DBS: dict[_Key, _Dbs] = {}  # per open environment, under _OPEN_LOCK
+
+
+def _dbs_of(env: lmdb.Environment, key: _Key, *, create: bool) -> _Dbs:
+    with _OPEN_LOCK:
+        dbs = _DBS.get(key)
+        if dbs is None:
+            dbs = _DBS[key] = _Dbs(env, create=create)
+        return dbs
 
 
 def _read_meta(txn: lmdb.Transaction, dbs: _Dbs) -> IndexMeta | None:
@@ -153,7 +170,7 @@ class SharedIndex:
         self.path = path
         self._env, self._key = _acquire(path)
         try:
-            self._dbs = _Dbs(self._env, create=False)
+            self._dbs = _dbs_of(self._env, self._key, create=False)
             with self._env.begin() as txn:
                 if _read_meta(txn, self._dbs) is None:
                     raise IndexError_("%s is not an %s index" % (path, FORMAT.decode()))
@@ -325,7 +342,7 @@ def sync_index(registry_path: Path, *, rebuild: bool = False, progress: bool | N
         _remove(path)
         env, key = _acquire(path)
     try:
-        dbs = _Dbs(env, create=True)
+        dbs = _dbs_of(env, key, create=True)
         env.reader_check()  # free the slots of readers that died, so their old pages are reused
         db = sqlite3.connect(registry_path, isolation_level=None)
         try:
@@ -488,7 +505,7 @@ def read_meta(registry_path: Path) -> IndexMeta | None:
     except IndexError_:
         return None
     try:
-        dbs = _Dbs(env, create=False)
+        dbs = _dbs_of(env, key, create=False)
         with env.begin() as txn:
             return _read_meta(txn, dbs)
     except IndexError_:

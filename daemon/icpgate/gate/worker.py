@@ -260,7 +260,8 @@ class Worker:
                 log.info("index %s to serial %d: %d filings, in %.3f s", outcome.how, outcome.serial,
                          outcome.changed, outcome.seconds)  # fmt: skip
             if full or damaged or index.replaced():
-                fresh = SharedIndex(index_path(self.config.registry_path))  # milliseconds: a mapping, no load
+                # a mapping, no load; in a thread, as it may wait for another process's index commit
+                fresh = await asyncio.to_thread(SharedIndex, index_path(self.config.registry_path))
                 self.runtime.policy.index = fresh  # one reference swap: lookups see the old file or the new
                 index.close()
                 index = fresh
