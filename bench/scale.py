@@ -264,8 +264,13 @@ def memory(out: Path, origin_port: int, filings: int, report) -> None:
 def approval(out: Path, origin_port: int, filings: int, rounds: int, report) -> None:
     """A publisher on a copy of the registry, an edge gate on another copy, both at one serial."""
     publisher = config(out / "publisher")
-    for suffix in ("", ".index"):
-        shutil.copyfile(out / "edge" / ("registry.db" + suffix), out / "publisher" / ("registry.db" + suffix))
+    for stale in (out / "publisher").glob("registry.db*"):  # the registry, its index and snapshots
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    with (
+        sqlite3.connect(out / "edge" / "registry.db") as source,
+        sqlite3.connect(out / "publisher" / "registry.db") as copy,
+    ):
+        source.backup(copy)  # the WAL included
     feed_port, port = free_port(), free_port()
     url = "http://127.0.0.1:%d/feed/v1" % feed_port
     edge = config(out / "edge", '[feed]\nurls = ["%s"]\nstart_delay = 0\nwait = 30\n' % url
