@@ -32,6 +32,7 @@ def test_incremental_equals_full_after_imports_feed_updates_and_removals(tmp_pat
             assert empty.checksum == "0" * 64
 
             async def check(expected: list[dict]) -> None:
+                assert (await registry.state()).filings == len(expected)  # kept by each change, not counted
                 recorded, recomputed = await registry.verify_checksum()
                 seen.append((recorded, recomputed, full_sum(expected)))
 
@@ -96,6 +97,7 @@ def test_a_registry_made_by_the_old_code_is_migrated(tmp_path: Path) -> None:
     async def reopen() -> tuple[str, str, int]:
         async with open_registry(path, create=False) as registry:
             state = await registry.state()
+            assert state.filings == len(records)  # counted once by the migration
             recorded, recomputed = await registry.verify_checksum()
             assert recorded == recomputed
             report = await registry.import_filings(parsed(records[:1]), source="s", fmt="ndjson", replace=True)

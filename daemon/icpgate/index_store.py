@@ -322,9 +322,12 @@ _FILINGS = (
 
 
 def _registry_state(db: sqlite3.Connection) -> tuple[int, int, str, int]:
-    serial, floor, checksum = db.execute("SELECT serial, floor, checksum FROM state").fetchone()
-    (filings,) = db.execute("SELECT COUNT(*) FROM filings").fetchone()
-    return serial, floor, checksum, filings
+    """Serial, floor, checksum and filings (kept in `state` since schema 4; counted before)."""
+    try:
+        return db.execute("SELECT serial, floor, checksum, filings FROM state").fetchone()
+    except sqlite3.OperationalError:  # a registry not yet opened by this version: no `filings` column
+        serial, floor, checksum = db.execute("SELECT serial, floor, checksum FROM state").fetchone()
+        return serial, floor, checksum, db.execute("SELECT COUNT(*) FROM filings").fetchone()[0]
 
 
 def sync_index(registry_path: Path, *, rebuild: bool = False, progress: bool | None = None) -> SyncOutcome:
@@ -353,7 +356,12 @@ def sync_index(registry_path: Path, *, rebuild: bool = False, progress: bool | N
                 if meta is not None and meta.serial == serial and meta.checksum == checksum and not rebuild:
                     txn.abort()
                     return SyncOutcome(serial, "current", 0, time.perf_counter() - started)
-                if meta is None or rebuild or not floor <= meta.serial < serial or _most_changed(db, meta.serial):
+                if (
+                    meta is None
+                    or rebuild
+                    or not floor <= meta.serial < serial
+                    or _most_changed(db, meta.serial, filings)
+                ):
                     how = "rebuilt"
                     if meta is not None and not rebuild:
                         log.info("index %s at serial %d, registry at %d (change log from %d): rebuilding",
@@ -377,11 +385,10 @@ def sync_index(registry_path: Path, *, rebuild: bool = False, progress: bool | N
         _release(key)
 
 
-def _most_changed(db: sqlite3.Connection, since: int) -> bool:
+def _most_changed(db: sqlite3.Connection, since: int, stored: int) -> bool:
     """True when more filings changed after `since` than a third of the registry: writing all in
     key order is then cheaper than patching them one by one."""
     (changed,) = db.execute("SELECT COUNT(*) FROM changes WHERE serial > ?", (since,)).fetchone()
-    (stored,) = db.execute("SELECT COUNT(*) FROM filings").fetchone()
     return changed > 10_000 and changed * 3 > stored
 
 
