@@ -644,6 +644,11 @@ async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
         raise RegistryError("%s has schema version %d; this icpgate knows up to %d" % (path, version, len(MIGRATIONS)))
     for number in range(version, len(MIGRATIONS)):
         await db.execute("BEGIN IMMEDIATE")
+        async with db.execute("PRAGMA user_version") as cursor:
+            (now,) = await cursor.fetchone()
+        if now > number:  # another process (a worker starting beside this one) applied it meanwhile
+            await db.execute("ROLLBACK")
+            continue
         for statement in MIGRATIONS[number].split(";"):
             if statement.strip():
                 await db.execute(statement)
