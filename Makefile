@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG := config.example.toml
 SAMPLES := daemon/icpgate/samples/filings.ndjson
 
-.PHONY: run test lint system-deps bench clean
+.PHONY: run test lint system-deps bench bench-scale clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ lint: $(STAMP)
 
 bench: $(STAMP) system-deps
 	$(PY) bench/run.py
+
+# Scale figures (docs/performance.md): 1M then 10M filings. Heavy: the 10M run takes most of an hour.
+bench-scale: $(STAMP)
+	$(PY) bench/scale.py --filings 1000000
+	$(PY) bench/feed_bench.py --filings 1000000 --rounds 20
+	$(PY) bench/scale.py --filings 10000000
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache .hypothesis

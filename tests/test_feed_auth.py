@@ -4,6 +4,7 @@ signatures required unless waived. Real publisher, real edges, real gate, on loo
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import urllib.error
@@ -123,7 +124,8 @@ def test_unsigned_feeds_need_the_waiver_and_are_warned_about(tmp_path: Path, ori
         try:
             wait_until(lambda: status_of(http_get(port, "example-filed.cn")) == 200, timeout=20)
             wait_until(lambda: "UNSIGNED data applied" in gate.log(), timeout=5)
-            assert "WARNING icpgate.feed: feed: serial 0 -> 1" in gate.log()
+            warned = re.search(r"WARNING \[worker=\S+ pid=\d+\] icpgate\.feed: feed: serial 0 -> 1", gate.log())
+            assert warned, gate.log()
         finally:
             assert gate.stop() == 0
         status = run_icpgate("feed", "status", "-c", str(config))

@@ -13,20 +13,27 @@ from hypothesis import strategies as st
 
 from conftest import REPO, run
 from icpgate.config import load_config
+from icpgate.index_store import open_index
 from icpgate.policy import Action, Policy, Reason
 from icpgate.policy_pack import load_pack
 from icpgate.registry import open_registry
 
 
-@pytest.fixture
-def policy(sample_registry: Path) -> Policy:
+@pytest.fixture(params=["shared", "dict"])
+def policy(request: pytest.FixtureRequest, sample_registry: Path) -> Policy:
+    """The same decisions from the shared index file the workers use and from the in-memory one."""
     config = load_config(sample_registry)
+    if request.param == "shared":
+        index = open_index(config.registry_path)
+        request.addfinalizer(index.close)
+    else:
 
-    async def load():
-        async with open_registry(config.registry_path) as registry:
-            return await registry.load_index()
+        async def load():
+            async with open_registry(config.registry_path) as registry:
+                return await registry.load_index()
 
-    return Policy(load_pack(config.policy_pack).policy, config.provider.id, run(load()))
+        index = run(load())
+    return Policy(load_pack(config.policy_pack).policy, config.provider.id, index)
 
 
 def with_pack(policy: Policy, **changes) -> Policy:

@@ -47,8 +47,9 @@ def dnsmasq(tmp_path: Path):
     server.stop()
 
 
-def test_blocks_show_up_everywhere_with_dns_confirmation(tmp_path: Path, origin, dnsmasq) -> None:
-    observed = start_observed_gate(tmp_path, origin.http, origin.tls, tables={"dns": {
+@pytest.mark.parametrize("workers", [1, 2])
+def test_blocks_show_up_everywhere_with_dns_confirmation(tmp_path: Path, origin, dnsmasq, workers: int) -> None:
+    observed = start_observed_gate(tmp_path, origin.http, origin.tls, workers=workers, tables={"dns": {
         "enabled": True, "resolvers": ["127.0.0.1:%d" % dnsmasq.port], "hosted_ranges": ["192.0.2.0/24"],
         "timeout": 2}})  # fmt: skip
     try:
@@ -160,8 +161,9 @@ def test_blocks_show_up_everywhere_with_dns_confirmation(tmp_path: Path, origin,
         assert observed.gate.stop() == 0
 
 
-def test_admin_answers_decisions_filings_feed_and_guards_sync(tmp_path: Path, origin) -> None:
-    observed = start_observed_gate(tmp_path, origin.http, origin.tls)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_admin_answers_decisions_filings_feed_and_guards_sync(tmp_path: Path, origin, workers: int) -> None:
+    observed = start_observed_gate(tmp_path, origin.http, origin.tls, workers=workers)
     try:
         for host in ("example-filed.cn", "example-pending.cn", "www.example-unknown.cn", "bad_host!"):
             api = observed.json("/api/v1/decision?host=%s&ip=203.0.113.5&port=80" % host)
@@ -180,7 +182,8 @@ def test_admin_answers_decisions_filings_feed_and_guards_sync(tmp_path: Path, or
         assert feed["freshness"]["state"] == "local" and feed["filings"] > 40
 
         ready = observed.json("/readyz")
-        assert ready["ready"] and ready["checks"]["listeners"] == {"ok": True, "bound": 2, "expected": 2}
+        bound = 2 * workers  # two listeners in each worker
+        assert ready["ready"] and ready["checks"]["listeners"] == {"ok": True, "bound": bound, "expected": bound}
         assert observed.json("/healthz") == {"status": "ok"}
 
         assert observed.get("/api/v1/feed/sync", method="POST")[0] == 401

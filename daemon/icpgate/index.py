@@ -1,8 +1,9 @@
-"""The in-memory filings index: name -> the filing that covers it, by exact lookups only.
+"""The filings index interface (name -> the filing that covers it, by exact lookups only) and the
+in-memory `DictIndex`.
 
-Callers use `FilingIndex.lookup`, so a compact shared-memory implementation can replace
-`DictIndex` later without touching them. An index is never mutated after it is built: updates
-build a new one and swap the reference, so no decision sees a half-applied update.
+The gate's workers use the shared index file (index_store.py), updated in place by its writer;
+`DictIndex` serves one-off decisions on a few filings (explain, the admin API, exports) and is the
+reference the shared index is tested against. A `DictIndex` is never mutated after it is built.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class FilingIndex(Protocol):
     def __len__(self) -> int:
         """How many filings the index holds."""
 
+    def generation(self) -> int:
+        """Changes whenever the data behind lookups may have changed: caches of decisions key on it."""
+
 
 class DictIndex:
     """A dict from filed domain to its filing; O(labels) lookups."""
@@ -66,16 +70,12 @@ class DictIndex:
     def __len__(self) -> int:
         return self._filings
 
+    def generation(self) -> int:
+        return 0  # never changes: a new one is a new object
+
     @property
     def domain_count(self) -> int:
         return len(self._by_domain)
-
-    def patched(self, licences: frozenset[str], update: DictIndex, filings: int) -> DictIndex:
-        """A new index: this one without the filings of `licences`, plus `update` (their current
-        state). This one is not touched, so decisions in flight keep a whole registry."""
-        by_domain = {domain: filing for domain, filing in self._by_domain.items() if filing.licence not in licences}
-        by_domain.update(update._by_domain)
-        return DictIndex(by_domain, filings)
 
 
 class IndexBuilder:

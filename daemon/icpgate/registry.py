@@ -7,14 +7,18 @@ registry exactly as it was.
 
 Every committed change moves the registry's serial forward and records, per licence, the serial
 of its latest change (removals leave a tombstone). That is what the feed publishes (changes since
-a serial), what workers follow to patch their index, and what the checksum in the feed is checked
-against: SHA-256 over the per-filing digests of the canonical records, in licence order.
+a serial), what the shared index (index_store.py) is patched forward from, and what the checksum
+in the feed is checked against: the sum of the per-filing digests (SHA-256 of the canonical
+records) modulo 2^256, kept up to date by each change in the change's own transaction, so a change
+costs time in proportion to its size, never to the registry's.
+
+After each commit the shared index file is brought to the new serial before `apply` returns, so
+the workers see the change at their next lookup.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -27,6 +31,7 @@ import aiosqlite
 
 from .filings import AccessRecord, AccessStatus, Filing, FilingStatus, SubjectType
 from .index import DictIndex, IndexBuilder
+from .index_store import SyncOutcome, sync_index
 from .interchange import ParsedFiling, RecordError
 
 MIGRATIONS: Sequence[str] = (
@@ -99,7 +104,14 @@ MIGRATIONS: Sequence[str] = (
         status TEXT NOT NULL
     );
     """,
+    # 3: the checksum becomes the sum of the digests modulo 2^256, updated incrementally
+    # (computed once here; `_rebase_checksum`).
+    "",
+    # 4: the number of filings, kept by each change: counting 10M rows on every commit costs a second.
+    "ALTER TABLE state ADD COLUMN filings INTEGER NOT NULL DEFAULT 0; UPDATE state SET filings = (SELECT COUNT(*)"
+    " FROM filings)",
 )
+CHECKSUM_MODULUS = 1 << 256
 
 _STAGING = """
 DROP TABLE IF EXISTS temp.stage_filings; DROP TABLE IF EXISTS temp.stage_domains;
@@ -193,16 +205,6 @@ class RegistryState:
     filings: int
 
 
-@dataclass(frozen=True, slots=True)
-class IndexPatch:
-    """What changed since a worker's serial: the licences, and an index of their current filings."""
-
-    serial: int
-    licences: frozenset[str]
-    index: DictIndex
-    filings: int  # filings in the whole registry at `serial`
-
-
 class Registry:
     """One open registry database."""
 
@@ -282,12 +284,14 @@ class Registry:
             if dry_run:
                 await self.db.execute("ROLLBACK")
                 return report
+            delta = await self._checksum_delta()
             await self._merge()
             source = update.source + (" (guard overridden: %s)" % report.forced if report.forced else "")
             changed = report.inserted + report.updated + report.removed
             if changed or update.serial is not None:
                 serial = state.serial + 1 if update.serial is None else update.serial
-                checksum = await self._log_changes(serial, report, source)
+                checksum = _checksum_hex(int(state.checksum or "0", 16) + delta)
+                await self._log_changes(serial, checksum, report, source)
                 if update.checksum is not None and checksum != update.checksum:
                     return await self._refuse(report, Refusal.CHECKSUM, "the registry's checksum would be %s, the"
                                               " update says %s" % (checksum, update.checksum))  # fmt: skip
@@ -299,11 +303,18 @@ class Registry:
                  report.skipped),
             )  # fmt: skip
             await self.db.execute("COMMIT")
-            report.committed = True
-            return report
         except BaseException:
             await self.db.execute("ROLLBACK")
             raise
+        report.committed = True
+        if report.serial != state.serial:
+            await self.sync_index()
+        return report
+
+    async def sync_index(self, *, rebuild: bool = False) -> SyncOutcome:
+        """Bring the shared index file to the registry's serial (in a thread: it may wait for
+        another writer, and a rebuild takes a while)."""
+        return await asyncio.to_thread(sync_index, self.path, rebuild=rebuild)
 
     async def _refuse(self, report: ImportReport, refused: Refusal, message: str) -> ImportReport:
         await self.db.execute("ROLLBACK")
@@ -442,33 +453,43 @@ class Registry:
         )
         await self.db.execute("DELETE FROM filings WHERE licence IN (SELECT licence FROM gone)")  # cascades
 
-    async def _log_changes(self, serial: int, report: ImportReport, source: str) -> str:
-        """Record the new serial and what it changed; return the registry's new checksum."""
+    async def _checksum_delta(self) -> int:
+        """What the staged change adds to the checksum: new digests in, replaced and removed ones out.
+        Run before `_merge`, while the stored digests are still the old ones."""
+        added = await self._digest_sum("SELECT digest FROM stage_filings")
+        replaced = await self._digest_sum(
+            "SELECT digest FROM filings WHERE licence IN (SELECT licence FROM stage_filings)"
+            " UNION ALL SELECT digest FROM filings WHERE licence IN (SELECT licence FROM gone)"
+        )
+        return added - replaced
+
+    async def _digest_sum(self, query: str) -> int:
+        total = 0
+        async with self.db.execute(query) as cursor:
+            while rows := await cursor.fetchmany(20000):
+                total += sum(int.from_bytes(digest) for (digest,) in rows)
+        return total
+
+    async def _log_changes(self, serial: int, checksum: str, report: ImportReport, source: str) -> None:
+        """Record the new serial, its checksum and what it changed."""
         await self.db.execute("INSERT OR REPLACE INTO changes SELECT licence, ?, 0 FROM stage_filings", (serial,))
         await self.db.execute("INSERT OR REPLACE INTO changes SELECT licence, ?, 1 FROM gone", (serial,))
-        checksum = await self._checksum()
         now = _now()
-        await self.db.execute("UPDATE state SET serial = ?, checksum = ?, changed_at = ?", (serial, checksum, now))
+        await self.db.execute("UPDATE state SET serial = ?, checksum = ?, changed_at = ?, filings = filings + ?",
+                              (serial, checksum, now, report.inserted - report.removed))  # fmt: skip
         await self.db.execute(
             "INSERT OR REPLACE INTO serials VALUES (?, ?, ?, ?, ?, ?)",
             (serial, now, checksum, report.inserted + report.updated, report.removed, source),
         )
-        return checksum
 
     async def _checksum(self) -> str:
-        """SHA-256 over every filing's digest, in licence order (docs/feed-protocol.md)."""
-        checksum = hashlib.sha256()
-        async with self.db.execute("SELECT digest FROM filings ORDER BY licence") as cursor:
-            while rows := await cursor.fetchmany(20000):
-                checksum.update(b"".join(digest for (digest,) in rows))
-        return checksum.hexdigest()
+        """The checksum recomputed over every filing (docs/feed-protocol.md): what the
+        incremental one must always equal."""
+        return _checksum_hex(await self._digest_sum("SELECT digest FROM filings"))
 
     async def _state(self) -> RegistryState:
-        async with self.db.execute("SELECT serial, floor, checksum, changed_at FROM state") as cursor:
-            serial, floor, checksum, changed_at = await cursor.fetchone()
-        async with self.db.execute("SELECT COUNT(*) FROM filings") as cursor:
-            (filings,) = await cursor.fetchone()
-        return RegistryState(serial, floor, checksum, changed_at, filings)
+        async with self.db.execute("SELECT serial, floor, checksum, changed_at, filings FROM state") as cursor:
+            return RegistryState(*await cursor.fetchone())
 
     async def state(self) -> RegistryState:
         """Serial, checksum and size as of the last commit."""
@@ -550,32 +571,15 @@ class Registry:
         )
 
     async def load_index(self) -> DictIndex:
-        """Build the whole in-memory index from the registry."""
-        return (await self.load_index_at())[1]
-
-    async def load_index_at(self) -> tuple[int, DictIndex]:
-        """The whole index and the serial it belongs to."""
+        """The whole index built in this process's memory: the reference the shared index is
+        checked against, and the measure of what it saves (bench/registry_bench.py)."""
         async with self._read():
-            state = await self._state()
-            return state.serial, await self._build_index(None, ())
+            return await self._build_index(None, ())
 
     async def index_for(self, names: Sequence[str]) -> DictIndex:
         """An index holding only the filings that cover these names: same data, same decisions."""
         marks = ", ".join("?" * len(names)) or "NULL"
         return await self._build_index("SELECT filing_id FROM domains WHERE name IN (%s)" % marks, tuple(names))
-
-    async def index_patch(self, since: int) -> IndexPatch | None:
-        """What a worker at serial `since` needs to catch up, or None when only a full load will do."""
-        async with self._read():
-            state = await self._state()
-            if since < state.floor or since > state.serial:
-                return None
-            async with self.db.execute("SELECT licence FROM changes WHERE serial > ?", (since,)) as cursor:
-                licences = frozenset(licence for (licence,) in await cursor.fetchall())
-            index = await self._build_index(
-                "SELECT id FROM filings WHERE licence IN (SELECT licence FROM changes WHERE serial > ?)", (since,)
-            )
-            return IndexPatch(state.serial, licences, index, state.filings)
 
     async def _build_index(self, filing_ids: str | None, params: tuple) -> DictIndex:
         """Build an index of all filings, or of those whose id the `filing_ids` subquery yields.
@@ -653,11 +657,18 @@ async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
         raise RegistryError("%s has schema version %d; this icpgate knows up to %d" % (path, version, len(MIGRATIONS)))
     for number in range(version, len(MIGRATIONS)):
         await db.execute("BEGIN IMMEDIATE")
+        async with db.execute("PRAGMA user_version") as cursor:
+            (now,) = await cursor.fetchone()
+        if now > number:  # another process (a worker starting beside this one) applied it meanwhile
+            await db.execute("ROLLBACK")
+            continue
         for statement in MIGRATIONS[number].split(";"):
             if statement.strip():
                 await db.execute(statement)
         if number == 1:
             await _start_change_log(Registry(db, path))
+        if number == 2:
+            await _rebase_checksum(Registry(db, path))
         await db.execute("PRAGMA user_version = %d" % (number + 1))
         await db.execute("COMMIT")
 
@@ -668,12 +679,24 @@ async def _start_change_log(registry: Registry) -> None:
     await registry.db.executemany("UPDATE filings SET digest = ? WHERE id = ?", rows)
     serial = 1 if rows else 0
     await registry.db.execute("INSERT INTO changes SELECT licence, ?, 0 FROM filings", (serial,))
-    checksum = await registry._checksum()
+    checksum = ""  # migration 3 computes it
     await registry.db.execute("UPDATE state SET serial = ?, checksum = ?, changed_at = ?", (serial, checksum, _now()))
     if serial:
         await registry.db.execute(
             "INSERT INTO serials VALUES (1, ?, ?, ?, 0, 'schema migration')", (_now(), checksum, len(rows))
         )
+
+
+async def _rebase_checksum(registry: Registry) -> None:
+    """Migration 3, inside its transaction: the checksum as a sum of digests, computed once; from
+    here on each change updates it. (Older serials keep the checksum they were published with.)"""
+    checksum = await registry._checksum()
+    await registry.db.execute("UPDATE state SET checksum = ?", (checksum,))
+    await registry.db.execute("UPDATE serials SET checksum = ? WHERE serial = (SELECT serial FROM state)", (checksum,))
+
+
+def _checksum_hex(total: int) -> str:
+    return "%064x" % (total % CHECKSUM_MODULUS)
 
 
 class RegistryError(RuntimeError):
@@ -701,6 +724,9 @@ async def open_registry(path: Path, *, create: bool = True) -> AsyncIterator[Reg
         await db.execute("PRAGMA foreign_keys = ON")
         await db.execute("PRAGMA synchronous = NORMAL")
         await db.execute("PRAGMA temp_store = MEMORY")
+        # Up to 512 MiB of page cache, allocated only as used: a bulk import merges millions of rows
+        # into four B-trees, and with the default 2 MiB each insert goes back to the file.
+        await db.execute("PRAGMA cache_size = -524288")
         await _migrate(db, path)
         yield Registry(db, path)
     finally:

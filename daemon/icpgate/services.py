@@ -1,7 +1,8 @@
 """What runs beside the gate workers: the feed client, violation upkeep and the admin API.
 
-With one worker they run in its event loop; with several, in one supervised service process
-(one process owns the state and its writers, N workers serve: docs/gate.md).
+With one worker they run in its event loop; with several, in one supervised service process (one
+process owns the state and its writers, N workers serve), which restarts them with the new config
+on SIGHUP (gate/supervisor.py, docs/gate.md).
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ def services(admin_socket: socket.socket | None) -> Callable:
 
 async def run_services(config: Config, on_applied: Callable[[int], None] | None, *,
                        admin_socket: socket.socket | None) -> None:  # fmt: skip
+    """The admin API serves on a duplicate of `admin_socket`: stopping it closes that, and the
+    services are started again on the same socket after a reload."""
     async with asyncio.TaskGroup() as group:
         if config.feed.urls:
             group.create_task(run_feed(config, on_applied))
         group.create_task(upkeep_violations(config))
         if admin_socket is not None:
-            group.create_task(run_admin(config, admin_socket))
+            group.create_task(run_admin(config, admin_socket.dup()))
 
 
 async def upkeep_violations(config: Config) -> None:

@@ -20,7 +20,7 @@ from ..filings import Filing
 from ..interchange import ParsedFiling, RecordError, parse_filing
 from ..licence import LicenceError, parse_licence
 
-FORMAT = "icpgate-feed/1"
+FORMAT = "icpgate-feed/2"  # 2: the checksum is a sum of digests (docs/feed-protocol.md)
 MAX_INFLATION = 20  # an inflated body may be this many times `feed.max_body`: refuse gzip bombs
 _INFLATE_STEP = 1 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")

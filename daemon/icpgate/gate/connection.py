@@ -53,19 +53,24 @@ class Runtime:
     # "enforce", or the feed's stale_mode ("monitor", "open") once the registry is past max_staleness.
     enforcement: str = "enforce"
     _decisions: dict[tuple, Verdict] = field(default_factory=dict)
-    _decisions_for: tuple[object, object] = (None, None)  # the (policy, index) the cache belongs to
+    # the (policy, index, index generation) the cache belongs to
+    _decisions_for: tuple[object, object, int] = (None, None, -1)
 
     def decide(self, host: str | None, dst: Address, kind: str, path: str | None) -> Verdict:
         """`Policy.decide`, remembered per (host, destination, kind) while policy and index stay.
 
         Decisions are pure functions of those, so a remembered one is the one `decide` would
-        give; a reload or index swap brings new objects and so an empty cache. The ACME
-        exception makes the path matter too, so with it on, plain HTTP is not remembered.
+        give; a reload brings new objects, and a commit to the shared index a new generation, and
+        so an empty cache. The ACME exception makes the path matter too, so with it on, plain HTTP
+        is not remembered.
         """
         policy = self.policy
-        if self._decisions_for[0] is not policy or self._decisions_for[1] is not policy.index:
+        index = policy.index
+        generation = index.generation()
+        cached_for = self._decisions_for
+        if cached_for[0] is not policy or cached_for[1] is not index or cached_for[2] != generation:
             self._decisions = {}
-            self._decisions_for = (policy, policy.index)
+            self._decisions_for = (policy, index, generation)
         if policy.pack.acme_http01 and kind == "http":
             verdict = policy.decide(host, dst[0], dst[1], kind, path)
         else:

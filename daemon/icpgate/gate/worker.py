@@ -1,14 +1,16 @@
-"""One gate worker: loads config, pack, pages and index, binds the listeners, serves until told.
+"""One gate worker: loads config, pack, pages and index, serves until told.
 
-SIGHUP reloads config, policy pack, templates and the index; anything invalid keeps the old
-state and says why. SIGTERM stops accepting, lets relays drain up to `gate.drain_timeout`, then
-closes the rest.
+It serves on listening sockets bound before it started (gate/listen.py): by the supervisor, and
+inherited across fork, in a multi-worker daemon. SIGHUP reloads config, policy pack, templates and
+the index; anything invalid keeps the old state and says why. SIGTERM stops accepting, lets relays
+drain up to `gate.drain_timeout`, then closes the rest.
 
-The worker follows the registry's serial: when another connection commits (the feed client, or
-`icpgate import`; checked every `registry.reload_interval` seconds, or at once when the feed
-client runs in this process and says so), it patches its index with the filings changed since
-its serial and swaps it in as one reference. It also sets the enforcement mode from how fresh
-the feed is.
+The index is the shared file beside the registry (index_store.py), mapped by every worker and
+updated in place by whichever process commits to the registry, so a commit is seen at the next
+lookup. The worker still follows the registry's serial (every `registry.reload_interval` seconds,
+or at once when the feed client runs in this process and says so): if the writer died between its
+registry commit and its index commit, or the file was damaged, it brings the index forward or
+rebuilds it. It also sets the enforcement mode from how fresh the feed is.
 
 Every `violations.flush_interval` it hands its violation table to the violation log, and every
 second it copies its counters into the Prometheus metrics (docs/metrics.md).
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from ..config import Config, ListenerConfig, load_config
 from ..index import EMPTY_INDEX
+from ..index_store import SharedIndex, index_path, open_index
 from ..policy import Policy
 from ..policy_pack import load_pack
 from ..registry import Registry, open_registry
@@ -38,13 +41,13 @@ from ..violations.store import ViolationStore, open_violations
 from .blockpage import BlockPages, Operator
 from .connection import Listener, Runtime
 from .http_gate import HttpConnection
+from .listen import BACKLOG, GateStartError, bind_listeners
 from .tls_gate import TlsConnection
 from .tls_page import TlsBlockPages
 from .upstream import UpstreamResolver
 
 log = logging.getLogger("icpgate.gate")
 CONNECTION_KINDS = {"http": HttpConnection, "tls": TlsConnection}
-BACKLOG = 4096
 METRICS_INTERVAL = 1.0
 # What runs beside the gate in a one-process daemon (feed client, violation upkeep, admin API): it
 # gets the config and a callback to call with the new serial after each commit, so the index follows at once.
@@ -59,25 +62,28 @@ def build_runtime_parts(config: Config) -> tuple[Policy, BlockPages, TlsBlockPag
     return Policy(pack.policy, config.provider.id, EMPTY_INDEX), pages, tls_pages
 
 
-class GateStartError(RuntimeError):
-    """The gate cannot start serving (a listener cannot bind, workers do not come up)."""
-
-
 def _freeze_index() -> None:
-    """Move everything alive now, the index above all, out of the collector's sight: its
-    million objects never form cycles, and walking them on every full collection stalls the gate."""
+    """Move everything alive at start-up out of the collector's sight: config, pack and pages live
+    as long as the worker, and walking them on every full collection only costs time."""
     gc.collect()
     gc.freeze()
 
 
 class Worker:
+    """`sockets`: the listening sockets by listener name, bound by the caller (see gate/listen.py);
+    without them the worker binds its own."""
+
     def __init__(self, config_path: Path, overrides: tuple[str, ...], on_ready: Callable[[], None],
-                 service: Service | None = None) -> None:  # fmt: skip
+                 service: Service | None = None, *, sockets: dict[str, socket.socket] | None = None,
+                 config: Config | None = None) -> None:  # fmt: skip
         self.config_path = config_path
         self.overrides = overrides
         self.on_ready = on_ready
         self.service = service
-        self.config: Config | None = None
+        self.sockets = sockets
+        # The daemon's last good config, when it has one: a worker restarted after the file was
+        # edited into something invalid keeps serving with it, as the running workers do.
+        self.config: Config | None = config
         self.runtime: Runtime | None = None
         self.servers: list[asyncio.Server] = []
         self.listeners: list[Listener] = []
@@ -91,14 +97,15 @@ class Worker:
         self._loaded_at = time.time()
 
     async def run(self) -> None:
-        self.config = load_config(self.config_path, self.overrides)
+        self.config = self.config or load_config(self.config_path, self.overrides)
         policy, pages, tls_pages = build_runtime_parts(self.config)
         async with open_registry(self.config.registry_path, create=False) as registry:
             self.registry = registry
             self._data_version = await self._registry_version()
-            self.serial, policy.index = await registry.load_index_at()
+            policy.index = await asyncio.to_thread(open_index, self.config.registry_path)  # opened after fork
+            self.serial = policy.index.serial
             _freeze_index()
-            log.info("registry %s: serial %d, %d filings loaded", self.config.registry_path, self.serial,
+            log.info("registry %s: serial %d, %d filings in the shared index", self.config.registry_path, self.serial,
                      len(policy.index))  # fmt: skip
             self.runtime = Runtime(policy, pages, self.config.gate, tls_pages)
             self._apply_reporting(self.config)
@@ -127,19 +134,22 @@ class Worker:
                 self._sync_metrics()
 
     async def _bind(self, listeners: tuple[ListenerConfig, ...]) -> None:
+        """Serve on the sockets the daemon bound. A restarted worker may read a config whose
+        listeners changed since then: those wait for the restart of the daemon, as after SIGHUP."""
+        if self.sockets is None:
+            self.sockets = bind_listeners(listeners)
         loop = asyncio.get_running_loop()
         for listener_config in listeners:
+            sock = self.sockets.get(listener_config.name)
+            if sock is None:
+                log.warning("%s is not bound: listener changes take effect at the next restart", listener_config.name)
+                continue
             listener = Listener(self.runtime, listener_config, UpstreamResolver(self.config.upstream, listener_config))
             self.listeners.append(listener)
             factory = CONNECTION_KINDS[listener_config.kind]
             try:
                 server = await loop.create_server(
-                    lambda factory=factory, listener=listener: factory(listener),
-                    listener_config.address,
-                    listener_config.port,
-                    family=socket.AF_INET6 if ":" in listener_config.address else socket.AF_INET,
-                    reuse_port=True,
-                    backlog=BACKLOG,
+                    lambda factory=factory, listener=listener: factory(listener), sock=sock, backlog=BACKLOG
                 )
             except OSError as error:
                 raise GateStartError(
@@ -153,8 +163,8 @@ class Worker:
         try:
             config = load_config(self.config_path, self.overrides)
             policy, pages, tls_pages = build_runtime_parts(config)
-        except ConfigError as error:
-            for problem in error.problems:
+        except (ConfigError, OSError) as error:  # OSError: a certificate or key that does not load (SSLError too)
+            for problem in error.problems if isinstance(error, ConfigError) else [error]:
                 log.error("reload refused, keeping the running config: %s", problem)
             self.runtime.stats["reloads", "failed"] += 1
             self._reload_ok = False
@@ -231,7 +241,7 @@ class Worker:
             try:
                 if interval:
                     version = await self._registry_version()
-                    if version != self._data_version:
+                    if version != self._data_version or self.runtime.policy.index.errors:
                         self._data_version = version
                         await self.catch_up()
                 await self._update_enforcement()
@@ -239,23 +249,25 @@ class Worker:
                 log.exception("registry reload failed; keeping the last index")
 
     async def catch_up(self, *, full: bool = False) -> None:
-        """Bring the index to the registry's serial: a patch when the change log allows, else whole."""
+        """Make sure the shared index reflects the registry's serial. Normally the committing
+        process has done it already; this repairs the cases where it could not (it died between
+        the two commits, the file was damaged or replaced). `full` (a reload) reopens the file."""
         async with self._index_lock:
-            started = time.perf_counter()
-            patch = None if full else await self.registry.index_patch(self.serial)
-            if patch is not None and patch.serial == self.serial:
-                return
-            if patch is None:
-                serial, index = await self.registry.load_index_at()
-            else:
-                serial = patch.serial
-                index = self.runtime.policy.index.patched(patch.licences, patch.index, patch.filings)
-            self.runtime.policy.index = index  # one reference swap: decisions see old or new, never a mix
-            _freeze_index()
-            log.info("index at serial %d (%s): %d filings, in %.3f s", serial,
-                     "whole" if patch is None else "%d changed" % len(patch.licences), len(index),
-                     time.perf_counter() - started)  # fmt: skip
-            self.serial = serial
+            index: SharedIndex = self.runtime.policy.index
+            state = await self.registry.state()
+            damaged = index.errors > 0
+            meta = index.meta()
+            if meta.serial != state.serial or meta.checksum != state.checksum or damaged or index.replaced():
+                outcome = await self.registry.sync_index(rebuild=damaged)
+                log.info("index %s to serial %d: %d filings, in %.3f s", outcome.how, outcome.serial,
+                         outcome.changed, outcome.seconds)  # fmt: skip
+            if full or damaged or index.replaced():
+                # a mapping, no load; in a thread, as it may wait for another process's index commit
+                fresh = await asyncio.to_thread(SharedIndex, index_path(self.config.registry_path))
+                self.runtime.policy.index = fresh  # one reference swap: lookups see the old file or the new
+                index.close()
+                index = fresh
+            self.serial = index.serial
 
     async def _update_enforcement(self) -> None:
         if not self.config.feed.urls:  # local imports only: always enforced, nothing to read

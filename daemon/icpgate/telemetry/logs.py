@@ -2,18 +2,47 @@
 
 JSON lines carry the structured fields a record has (the block log's request_id, host, reason,
 client, destination...) as top-level keys, so support can search for a request id directly.
+
+Under `icpgate run` every line also names the process that wrote it, as `worker` (the worker
+number, or `supervisor` / `service`) and `pid`: the workers of one daemon write to the same stream,
+and without it their lines cannot be told apart.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 
+from .identity import process_name
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+TAGGED_TEXT_FORMAT = "%(asctime)s %(levelname)s [worker=%(worker)s pid=%(pid)d] %(name)s: %(message)s"
 # Attributes every LogRecord has; anything else on a record was passed in `extra`.
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+class _ProcessTag(logging.Filter):
+    """Adds `worker` and `pid` to every record; the pid is read per record, so a forked child
+    that has not been named yet still shows its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = process_name()
+        if name is not None:
+            record.worker = name
+            record.pid = os.getpid()
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+        self._tagged = logging.Formatter(TAGGED_TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self._tagged.format(record) if hasattr(record, "worker") else super().format(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,5 +61,6 @@ class JsonFormatter(logging.Formatter):
 
 def log_to_stderr(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_ProcessTag())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

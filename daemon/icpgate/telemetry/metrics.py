@@ -3,6 +3,11 @@
 The hot path counts in plain integers (Runtime.stats, the latency buckets, the violation table);
 `WorkerMetrics.sync` copies the increments into these metrics once a second. That keeps
 prometheus-client's locks and (in multiprocess mode) its mmap writes off the per-request path.
+
+A gauge without labels has a value, 0, in every process that imports this module, from the moment
+it does: the supervisor and the service process too. A gauge only workers can give (the index
+serial, the reload result) is therefore labelled with the worker, so that only workers have a
+sample of it, and from the moment they set it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from .. import __version__
 from ..gate.latency import BUCKETS
+from .identity import process_name
 
 BUILD_INFO = Gauge("icpgate_build_info", "Version of the running daemon (always 1).", ["version", "python"],
                    multiprocess_mode="max")  # fmt: skip
@@ -33,7 +39,7 @@ RELAXED = Counter("icpgate_relaxed_decisions", "Blocks let through because the f
                   ["mode", "reason"])  # fmt: skip
 REGISTRY_FILINGS = Gauge("icpgate_registry_filings", "Filings in the index the workers decide with.",
                          multiprocess_mode="livemax")  # fmt: skip
-INDEX_SERIAL = Gauge("icpgate_index_serial", "The registry serial of the oldest worker index.",
+INDEX_SERIAL = Gauge("icpgate_index_serial", "The registry serial of each worker's index.", ["worker"],
                      multiprocess_mode="livemin")  # fmt: skip
 LISTENERS_BOUND = Gauge("icpgate_listeners_bound", "Listening sockets bound, summed over workers.",
                         multiprocess_mode="livesum")  # fmt: skip
@@ -47,7 +53,7 @@ BLOCK_LOG_SUPPRESSED = Counter("icpgate_block_log_suppressed", "Block log lines 
 RELOADS = Counter("icpgate_config_reloads", "Config reloads, by result.", ["result"])
 LAST_RELOAD = Gauge("icpgate_config_last_reload_success_timestamp_seconds", "When the config last loaded.",
                     multiprocess_mode="max")  # fmt: skip
-RELOAD_OK = Gauge("icpgate_config_last_reload_successful", "1 when every worker's last reload worked.",
+RELOAD_OK = Gauge("icpgate_config_last_reload_successful", "1 when the worker's last reload worked.", ["worker"],
                   multiprocess_mode="livemin")  # fmt: skip
 DNS_CHECKS = Counter("icpgate_dns_checks", "DNS confirmations of violating hosts, by result.", ["result"])
 
@@ -73,6 +79,9 @@ class WorkerMetrics:
     """One worker's view: remembers what it last copied so each sync adds only the increments."""
 
     def __init__(self) -> None:
+        worker = process_name() or "0"
+        self._serial = INDEX_SERIAL.labels(worker)
+        self._reload_ok = RELOAD_OK.labels(worker)
         self._stats: Tally = Tally()
         self._latency = [0] * (len(BUCKETS) + 1)
         self._latency_total = 0.0
@@ -98,9 +107,9 @@ class WorkerMetrics:
         ACTIVE_CONNECTIONS.set(len(runtime.connections))
         VIOLATION_KEYS.set(len(violations))
         REGISTRY_FILINGS.set(len(runtime.policy.index))
-        INDEX_SERIAL.set(serial)
+        self._serial.set(serial)
         LISTENERS_BOUND.set(listeners)
-        RELOAD_OK.set(1 if reload_ok else 0)
+        self._reload_ok.set(1 if reload_ok else 0)
         LAST_RELOAD.set(loaded_at)
 
     def _add(self, metric, name: str, value: int) -> None:
