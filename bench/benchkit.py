@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -15,3 +18,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_snapshot(url: str, timeout: float = 600, poll: float = 0.2) -> dict:
+    """Wait until the publisher at `url` (its status document) has a snapshot of its serial."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                status = json.loads(answer.read())
+                if status["snapshot"] and status["snapshot"]["serial"] == status["serial"]:
+                    return status
+        except OSError:
+            pass
+        time.sleep(poll)
+    sys.exit("the publisher's snapshot was not ready within %d s" % timeout)

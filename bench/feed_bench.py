@@ -17,10 +17,9 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-from benchkit import BENCH, ICPGATE, REPO, free_port
+from benchkit import BENCH, ICPGATE, REPO, free_port, wait_snapshot
 from gen_filings import record
 
 OUT = BENCH / "out" / "feed"
@@ -53,20 +52,6 @@ def http_status(port: int, host: str) -> int:
         return int(sock.recv(64).split(b" ", 2)[1])
 
 
-def wait_http(url: str, timeout: float = 600) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as answer:
-                status = json.loads(answer.read())
-                if status["snapshot"] and status["snapshot"]["serial"] == status["serial"]:
-                    return status
-        except OSError:
-            pass
-        time.sleep(0.2)
-    sys.exit("the publisher did not come up")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--filings", type=int, default=1_000_000)
@@ -89,7 +74,7 @@ def main() -> None:
     publisher = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = "http://127.0.0.1:%d/feed/v1" % port
     try:
-        wait_http(url + "/")
+        wait_snapshot(url + "/")
         snapshot = next((OUT / "publisher" / "registry.db.feed").glob("snapshot-*"))
         figures["publisher start + snapshot build"] = "%.1f s, %.0f MB gzip" % (
             time.perf_counter() - started, snapshot.stat().st_size / 1e6)  # fmt: skip

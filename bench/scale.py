@@ -26,11 +26,10 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchkit import BENCH, ICPGATE, REPO, free_port
+from benchkit import BENCH, ICPGATE, REPO, free_port, wait_snapshot
 from gen_filings import record
 
 PHASES = ("import", "index", "decide", "startup", "memory", "approval")
@@ -81,20 +80,6 @@ def wait_listening(port: int, process: subprocess.Popen, timeout: float = 900) -
         except OSError:
             time.sleep(0.01)
     sys.exit("the gate did not listen within %d s" % timeout)
-
-
-def wait_snapshot(url: str, timeout: float = 1800) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as answer:
-                status = json.loads(answer.read())
-                if status["snapshot"] and status["snapshot"]["serial"] == status["serial"]:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    sys.exit("the publisher's snapshot was not ready within %d s" % timeout)
 
 
 def smaps(pid: int) -> dict[str, int]:
@@ -286,7 +271,7 @@ def approval(out: Path, origin_port: int, filings: int, rounds: int, report) -> 
     try:
         wait_listening(feed_port, serve)
         wait_listening(port, gate)
-        wait_snapshot(url + "/")  # its first snapshot build would compete with the rounds for the CPUs
+        wait_snapshot(url + "/", timeout=1800)  # its first snapshot build would compete with the rounds for the CPUs
         latencies = []
         with sqlite3.connect(out / "edge" / "registry.db") as db:
             (serial,) = db.execute("SELECT serial FROM state").fetchone()

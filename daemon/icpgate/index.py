@@ -107,17 +107,25 @@ class IndexBuilder:
         return shared
 
     def _record(self, line: str) -> IndexedAccess:
-        provider, status, ips = line.split("\t")
-        return IndexedAccess(provider, AccessStatus(status), tuple(self._network(ip) for ip in ips.split()))
-
-    def _network(self, text: str) -> IPNetwork:
-        network = self._networks.get(text)
-        if network is None:
-            network = self._networks[text] = ipaddress.ip_network(text)
-        return network
+        return access_record(line, self._networks, None)
 
     def build(self) -> DictIndex:
         return DictIndex(self._by_domain, self._filings)
 
 
 EMPTY_INDEX = DictIndex({}, 0)
+
+
+def access_record(line: str, networks: dict[str, IPNetwork], limit: int | None) -> IndexedAccess:
+    """One stored access record (`provider<TAB>status<TAB>cidr cidr…`), its networks parsed once:
+    `networks` is a cache shared by the records of one index (cleared past `limit`, if given)."""
+    provider, status, ips = line.split("\t")
+    parsed = []
+    for text in ips.split():
+        network = networks.get(text)
+        if network is None:
+            if limit is not None and len(networks) >= limit:
+                networks.clear()
+            network = networks[text] = ipaddress.ip_network(text)
+        parsed.append(network)
+    return IndexedAccess(provider, AccessStatus(status), tuple(parsed))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import ipaddress
 import logging
 import os
 import sqlite3
@@ -36,8 +35,8 @@ from pathlib import Path
 
 import lmdb
 
-from .filings import AccessStatus, FilingStatus
-from .index import IndexedAccess, IndexedFiling, IPNetwork, Match
+from .filings import FilingStatus
+from .index import IndexedAccess, IndexedFiling, IPNetwork, Match, access_record
 
 log = logging.getLogger("icpgate.index")
 
@@ -236,16 +235,7 @@ class SharedIndex:
         return filing
 
     def _record(self, line: str) -> IndexedAccess:
-        provider, status, ips = line.split("\t")
-        return IndexedAccess(provider, AccessStatus(status), tuple(self._network(ip) for ip in ips.split()))
-
-    def _network(self, text: str) -> IPNetwork:
-        network = self._networks.get(text)
-        if network is None:
-            if len(self._networks) >= _CACHE:
-                self._networks.clear()
-            network = self._networks[text] = ipaddress.ip_network(text)
-        return network
+        return access_record(line, self._networks, _CACHE)
 
     def generation(self) -> int:
         """LMDB's id of the latest commit: changes whenever a writer commits, so a cache keyed on
