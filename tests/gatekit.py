@@ -242,8 +242,12 @@ def build_hello(
         + b"\x01\x00"
         + _vector(b"".join(struct.pack("!H", t) + _vector(d, 2) for t, d in all_extensions), 2)
     )
-    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
-    sizes = list(record_sizes or [])
+    return handshake_records(b"\x01" + len(body).to_bytes(3, "big") + body, record_sizes or [])
+
+
+def handshake_records(handshake: bytes, record_sizes: list[int]) -> bytes:
+    """Handshake bytes framed in TLS records of the given sizes (the last record takes the rest)."""
+    sizes = list(record_sizes)
     records, offset = [], 0
     while offset < len(handshake):
         size = sizes.pop(0) if sizes else len(handshake) - offset

@@ -31,7 +31,7 @@ import pytest
 import trustme
 from backends import Backend, start_apache, start_nginx
 from cryptography import x509
-from gatekit import Gate, free_port, gate_config, listener, send_in_pieces, start_gate
+from gatekit import Gate, free_port, gate_config, handshake_records, listener, send_in_pieces, start_gate
 from tls13_client import retry_handshake
 
 from conftest import check_json
@@ -919,13 +919,7 @@ def reframe(hello: bytes, record_sizes: list[int]) -> bytes:
         length = struct.unpack("!H", hello[offset + 3 : offset + 5])[0]
         payload += hello[offset + 5 : offset + 5 + length]
         offset += 5 + length
-    records, offset, sizes = [], 0, list(record_sizes)
-    while offset < len(payload):
-        size = sizes.pop(0) if sizes else len(payload) - offset
-        fragment = payload[offset : offset + size]
-        records.append(b"\x16\x03\x01" + struct.pack("!H", len(fragment)) + fragment)
-        offset += size
-    return b"".join(records)
+    return handshake_records(payload, record_sizes)
 
 
 @dataclass
