@@ -50,14 +50,16 @@ HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 
 def run_gate(config_path: Path, overrides: tuple[str, ...], service: Service | None = None) -> int:
-    """`icpgate run`, once the caller has checked the config and everything it names (cli.py, with
-    preflight.check_config), so a bad config fails before anything binds.
+    """`icpgate run`: check everything first, so a bad config fails before anything binds.
 
     `service` (feed client, violation upkeep, admin API) runs in the worker's loop with one
     worker, else in its own process. The caller sets up the metrics directory first (cli.py).
     """
     config = load_config(config_path, overrides)
     name_process("0" if config.gate.workers == 1 else "supervisor")
+    # Not only a check: it creates what the workers then share (the TLS block page's CA, created
+    # on first use), once and before any port accepts, rather than racing in N workers.
+    build_runtime_parts(config)
     require_registry(config.registry_path)  # before forking: one clear error, not one per worker
     _raise_file_limit(config.gate.max_connections)
     sockets = bind_listeners(config.listeners)
