@@ -33,3 +33,13 @@ def wait_snapshot(url: str, timeout: float = 600, poll: float = 0.2) -> dict:
             pass
         time.sleep(poll)
     sys.exit("the publisher's snapshot was not ready within %d s" % timeout)
+
+
+def write_config(folder: Path, body: str = "") -> Path:
+    """A config in `folder` for a registry there: the default pack, no admin API, no DNS, plus `body`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.toml"
+    path.write_text('[provider]\nid = "IDC-EXAMPLE"\n[registry]\npath = "%s"\nreload_interval = 0.5\n[policy]\n'
+                    'pack = "%s"\n[admin]\nenabled = false\n[dns]\nenabled = false\n%s'
+                    % (folder / "registry.db", REPO / "policies" / "default.toml", body))  # fmt: skip
+    return path

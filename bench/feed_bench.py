@@ -17,21 +17,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from benchkit import BENCH, ICPGATE, REPO, free_port, wait_snapshot
+from benchkit import BENCH, ICPGATE, free_port, wait_snapshot, write_config
 from gen_filings import record
 
 OUT = BENCH / "out" / "feed"
-
-
-def write_config(folder: Path, body: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.toml"
-    path.write_text('[provider]\nid = "IDC-EXAMPLE"\n[registry]\npath = "%s"\nreload_interval = 0.5\n[policy]\n'
-                    'pack = "%s"\n[admin]\nenabled = false\n[dns]\nenabled = false\n%s'
-                    % (folder / "registry.db", REPO / "policies" / "default.toml", body))  # fmt: skip
-    return path
 
 
 def timed(*args: str) -> tuple[float, float, subprocess.CompletedProcess]:

@@ -29,19 +29,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchkit import BENCH, ICPGATE, REPO, free_port, wait_snapshot
+from benchkit import BENCH, ICPGATE, free_port, wait_snapshot, write_config
 from gen_filings import record
 
 PHASES = ("import", "index", "decide", "startup", "memory", "approval")
-
-
-def config(folder: Path, body: str = "") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.toml"
-    path.write_text('[provider]\nid = "IDC-EXAMPLE"\n[registry]\npath = "%s"\nreload_interval = 0.5\n[policy]\n'
-                    'pack = "%s"\n[admin]\nenabled = false\n[dns]\nenabled = false\n%s'
-                    % (folder / "registry.db", REPO / "policies" / "default.toml", body))  # fmt: skip
-    return path
 
 
 def listener_table(port: int, backend: int) -> str:
@@ -165,7 +156,7 @@ def main() -> None:
     source = BENCH / "out" / ("filings-%d.ndjson" % args.filings)
     if not source.exists():
         subprocess.run([sys.executable, BENCH / "gen_filings.py", str(args.filings), str(source)], check=True)
-    edge = config(out / "edge")
+    edge = write_config(out / "edge")
     registry = out / "edge" / "registry.db"
     figures: dict[str, str] = {}
 
@@ -204,7 +195,7 @@ def main() -> None:
     try:
         if "startup" in phases:
             port = free_port()
-            gate_config = config(out / "edge", listener_table(port, origin_port))
+            gate_config = write_config(out / "edge", listener_table(port, origin_port))
             started = time.perf_counter()
             gate = subprocess.Popen([*ICPGATE, "run", "-c", str(gate_config)], stdout=subprocess.DEVNULL,
                                     stderr=(out / "startup.log").open("w"))  # fmt: skip
@@ -226,7 +217,7 @@ def main() -> None:
 
 def memory(out: Path, origin_port: int, filings: int, report) -> None:
     port = free_port()
-    gate_config = config(out / "edge", "[gate]\nworkers = 2\n" + listener_table(port, origin_port))
+    gate_config = write_config(out / "edge", "[gate]\nworkers = 2\n" + listener_table(port, origin_port))
     gate = subprocess.Popen([*ICPGATE, "run", "-c", str(gate_config)], stdout=subprocess.DEVNULL,
                             stderr=(out / "memory.log").open("w"))  # fmt: skip
     try:
@@ -248,7 +239,7 @@ def memory(out: Path, origin_port: int, filings: int, report) -> None:
 
 def approval(out: Path, origin_port: int, filings: int, rounds: int, report) -> None:
     """A publisher on a copy of the registry, an edge gate on another copy, both at one serial."""
-    publisher = config(out / "publisher")
+    publisher = write_config(out / "publisher")
     for stale in (out / "publisher").glob("registry.db*"):  # the registry, its index and snapshots
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     with (
@@ -258,7 +249,7 @@ def approval(out: Path, origin_port: int, filings: int, rounds: int, report) -> 
         source.backup(copy)  # the WAL included
     feed_port, port = free_port(), free_port()
     url = "http://127.0.0.1:%d/feed/v1" % feed_port
-    edge = config(out / "edge", '[feed]\nurls = ["%s"]\nstart_delay = 0\nwait = 30\n' % url
+    edge = write_config(out / "edge", '[feed]\nurls = ["%s"]\nstart_delay = 0\nwait = 30\n' % url
                   + listener_table(port, origin_port))  # fmt: skip
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     status = json.dumps({"last_success": now, "last_attempt": now, "result": "applied"})
