@@ -146,3 +146,10 @@ def gate(tmp_path_factory: pytest.TempPathFactory, origin):
     yield running
     assert running.stop() == 0
     assert "Traceback" not in running.log(), running.log()
+
+
+def import_json(config: Path, path: Path, *extra: str) -> tuple[int, dict]:
+    """`icpgate import PATH --json`: the exit code and the report; never a traceback."""
+    result = run_icpgate("import", str(path), "-c", str(config), "--json", *extra)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, json.loads(result.stdout)

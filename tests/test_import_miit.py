@@ -15,6 +15,7 @@ from pathlib import Path
 from miitkit import Site, Subject, baxx, document, v4, write_gbk, zxxx
 
 from conftest import check_json, run_icpgate
+from conftest import import_json as conftest_import_json
 
 ISP_MAP = ["--set", 'import.isp_ids = {"10001" = "IDC-EXAMPLE"}']
 OUR_RANGE = (v4("203.0.113.0"), v4("203.0.113.255"))
@@ -36,9 +37,7 @@ def subject_two() -> Subject:
 
 
 def import_json(config: Path, path: Path, *extra: str) -> tuple[int, dict]:
-    result = run_icpgate("import", str(path), "-c", str(config), "--json", *ISP_MAP, *extra)
-    assert "Traceback" not in result.stderr, result.stderr
-    return result.returncode, json.loads(result.stdout)
+    return conftest_import_json(config, path, *ISP_MAP, *extra)
 
 
 def stored(config: Path) -> dict[str, dict]:

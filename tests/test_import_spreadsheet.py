@@ -8,7 +8,7 @@ import json
 import sqlite3
 from pathlib import Path
 
-from conftest import run_icpgate
+from conftest import import_json, run_icpgate
 
 HEADER = (
     "网站备案号,主体备案号,主办单位名称,主办单位性质,网站名称,备案状态,网站域名,接入服务商,接入状态,接入IP,"
@@ -25,12 +25,6 @@ ROWS = [
     "浙ICP备20268004号-1,浙ICP备20268004号,示例研究所,事业单位,研究站,已备案,example-sheet-inst.cn,IDC-EXAMPLE,正常,"
     "203.0.113.0/24,2026年11月2日,",
 ]
-
-
-def import_json(config: Path, path: Path, *extra: str) -> tuple[int, dict]:
-    result = run_icpgate("import", str(path), "-c", str(config), "--json", *extra)
-    assert "Traceback" not in result.stderr, result.stderr
-    return result.returncode, json.loads(result.stdout)
 
 
 def filings(config: Path) -> dict[str, tuple]:
