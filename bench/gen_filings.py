@@ -55,17 +55,10 @@ def modified(n: int) -> tuple[str, str]:
 
 
 def download_record(n: int) -> dict:
-    """What importing `download_xml(n)` stores."""
-    subject = "%sICP备%010d号" % (PROVINCES[n % len(PROVINCES)], n)
-    return {
-        "licence": subject + "-1",
-        "subject_licence": subject,
-        "subject_name": "基准测试公司%d" % n,
-        "subject_type": "enterprise",
-        "site_name": "基准站点%d" % n,
+    """What importing `download_xml(n)` stores: `record(n)`, approved with one active IPv4 access."""
+    return record(n) | {
         "status": "approved",
         "limit_access": False,
-        "domains": [domain(n)],
         "access": [{"provider": "IDC-EXAMPLE", "status": "active", "ips": ["203.0.113.0/24"]}],
         "updated_at": modified(n)[1],
         "miit_ztid": str(n + 1),
