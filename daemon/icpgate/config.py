@@ -123,9 +123,10 @@ def _isp_ids(value: dict) -> str | None:
 LISTENER_SPEC = {
     "address": Field((str,), check=_address),
     "port": Field((int,), check=_port),
-    "kind": Field((str,), check=_one_of("http", "tls")),
+    "kind": Field((str,), check=_one_of("http", "tls", "auto", "quic")),
     "backend": Field((str,), "", _host_port),
     "proxy_protocol": Field((str,), "", _one_of("", "v1", "v2")),
+    "transparent": Field((bool,), False),
 }
 
 CONFIG_SPEC = {
@@ -138,7 +139,10 @@ CONFIG_SPEC = {
         "path": Field((str,), check=_non_empty),
         "reload_interval": Field((int, float), 0.5, lambda v: None if v >= 0 else "must be 0 (off) or more"),
     },
-    "policy": {"pack": Field((str,), "policies/default.toml", _non_empty)},
+    "policy": {
+        "pack": Field((str,), "policies/default.toml", _non_empty),
+        "other_protocols": Field((str,), "pass", _one_of("pass", "block")),
+    },
     "gate": {
         "workers": Field((int, str), 1, _workers),
         "max_connections": Field((int,), 10000, _positive),
@@ -149,6 +153,8 @@ CONFIG_SPEC = {
         "half_close_timeout": Field((int, float), 30.0, _positive),
         "connect_timeout": Field((int, float), 5.0, _positive),
         "drain_timeout": Field((int, float), 10.0, lambda v: None if v >= 0 else "must be 0 or more"),
+        "server_first_wait": Field((int, float), 1.0, lambda v: None if 0 < v <= 30 else "must be above 0, at most 30"),
+        "enforcement": Field((str,), "enforce", _one_of("enforce", "monitor")),
         "tls_certificate": Field((str,), ""),
         "tls_key": Field((str,), ""),
         "tls_ca_dir": Field((str,), ""),
@@ -156,6 +162,12 @@ CONFIG_SPEC = {
     "upstream": {
         "mode": Field((str,), "original_dst", _one_of("original_dst", "static")),
         "static": Field((dict,), {}, _static_map),
+        "source": Field((str,), "gate", _one_of("gate", "client")),
+    },
+    "quic": {
+        "idle_timeout": Field((int, float), 120.0, _positive),
+        "max_flows": Field((int,), 100_000, _at_least(16)),
+        "block_hold": Field((int, float), 60.0, _positive),
     },
     "listeners": TableList(LISTENER_SPEC),
     "feed": {
@@ -235,13 +247,13 @@ def _cross_check(values: dict) -> list[tuple[str, str]]:
     for have, missing in (("tls_certificate", "tls_key"), ("tls_key", "tls_certificate")):
         if gate[have] and not gate[missing]:
             errors.append(("gate." + missing, "gate.%s is set, so this must be too" % have))
-    sockets = [("listeners[%d]" % number, item["address"], item["port"]) for number, item in
+    sockets = [("listeners[%d]" % number, item["address"], item["port"], item["kind"] == "quic") for number, item in
                enumerate(values["listeners"])]  # fmt: skip
     if values["admin"]["enabled"]:
-        sockets.append(("admin", values["admin"]["address"], values["admin"]["port"]))
-    for later, (key, address, port) in enumerate(sockets):
-        for first_key, first_address, first_port in sockets[:later]:
-            if port == first_port and _addresses_collide(address, first_address):
+        sockets.append(("admin", values["admin"]["address"], values["admin"]["port"], False))
+    for later, (key, address, port, udp) in enumerate(sockets):
+        for first_key, first_address, first_port, first_udp in sockets[:later]:
+            if port == first_port and udp == first_udp and _addresses_collide(address, first_address):
                 errors.append((key + ".port", "%s:%d collides with %s (%s:%d): both cannot listen on the same"
                                " port and address family (a wildcard address takes the port on every address)"
                                % (address, port, first_key, first_address, first_port)))  # fmt: skip
@@ -274,9 +286,10 @@ class ProviderConfig:
 class ListenerConfig:
     address: str
     port: int
-    kind: str  # "http" or "tls"
+    kind: str  # "http", "tls", "auto" (the first bytes decide) or "quic" (UDP)
     backend: str  # "host:port" overriding the upstream mode, or ""
     proxy_protocol: str  # "", "v1" or "v2"
+    transparent: bool  # IP_TRANSPARENT: accepts what TPROXY steers to it, for any destination
 
     @property
     def name(self) -> str:
@@ -295,6 +308,8 @@ class GateConfig:
     half_close_timeout: float  # a relay one side has finished (sent EOF) lives at most this long idle
     connect_timeout: float
     drain_timeout: float
+    server_first_wait: float  # an `auto` connection silent this long connects upstream for the server's bytes
+    enforcement: str  # "enforce", or "monitor": decide, record and count as when enforcing, block nothing
     tls_certificate: Path | None  # the operator's certificate for the TLS block page
     tls_key: Path | None
     tls_ca_dir: Path | None  # a mitmproxy certificate store: per-SNI certificates for the TLS block page
@@ -304,6 +319,16 @@ class GateConfig:
 class UpstreamConfig:
     mode: str  # "original_dst" or "static"
     static: dict[str, str]  # hosted "IP" or "IP:port" -> "backend host:port"
+    source: str  # "gate": connect from the gate's address; "client": from the client's own (transparent)
+
+
+@dataclass(frozen=True, slots=True)
+class QuicConfig:
+    """UDP `quic` listeners (docs/quic.md). Seconds."""
+
+    idle_timeout: float  # a relayed flow silent this long is forgotten
+    max_flows: int  # flows held per worker, relayed and in inspection together
+    block_hold: float  # a blocked flow's datagrams are dropped this long, so the browser falls back to TCP
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,9 +421,11 @@ class Config:
     registry_path: Path
     registry_reload_interval: float
     policy_pack: Path
+    other_protocols: str  # an `auto` listener's client speaking neither TLS nor HTTP: "pass" or "block"
     gate: GateConfig
     upstream: UpstreamConfig
     listeners: tuple[ListenerConfig, ...]
+    quic: QuicConfig
     feed: FeedConfig
     publish: PublishConfig
     violations: ViolationsConfig
@@ -420,13 +447,14 @@ def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Conf
     if errors:
         raise ConfigError(problems_for(path, text, errors))
     base = path.resolve().parent
-    gate = values["gate"]
+    gate, quic = values["gate"], values["quic"]
     return Config(
         source=path,
         provider=ProviderConfig(**values["provider"]),
         registry_path=_resolve(base, values["registry"]["path"]),
         registry_reload_interval=float(values["registry"]["reload_interval"]),
         policy_pack=_resolve(base, values["policy"]["pack"]),
+        other_protocols=values["policy"]["other_protocols"],
         gate=GateConfig(
             workers=(os.cpu_count() or 1) if gate["workers"] == "auto" else gate["workers"],
             max_connections=gate["max_connections"],
@@ -437,12 +465,15 @@ def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Conf
             half_close_timeout=float(gate["half_close_timeout"]),
             connect_timeout=float(gate["connect_timeout"]),
             drain_timeout=float(gate["drain_timeout"]),
+            server_first_wait=float(gate["server_first_wait"]),
+            enforcement=gate["enforcement"],
             tls_certificate=_resolve_optional(base, gate["tls_certificate"]),
             tls_key=_resolve_optional(base, gate["tls_key"]),
             tls_ca_dir=_resolve_optional(base, gate["tls_ca_dir"]),
         ),
         upstream=UpstreamConfig(**values["upstream"]),
         listeners=tuple(ListenerConfig(**listener) for listener in values["listeners"]),
+        quic=QuicConfig(**{key: value if key == "max_flows" else float(value) for key, value in quic.items()}),
         feed=_feed_config(base, values["feed"]),
         publish=PublishConfig(
             signing_key=_resolve_optional(base, values["publish"]["signing_key"]),

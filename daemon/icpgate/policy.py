@@ -76,6 +76,8 @@ class PolicyPack:
     require_access_ip: bool
     h2c: Action  # `Upgrade: h2c` (prior-knowledge h2c is always refused: there is no Host to check)
     connect: Action  # CONNECT requests (their authority is checked like a Host when allowed)
+    monitor_ranges: tuple[IPNetwork, ...] = ()  # a pilot: decided and recorded as enforced, nothing blocked
+    quic_unknown_version: Action = Action.BLOCK  # a QUIC Initial of a version the gate cannot decrypt
 
 
 @lru_cache(maxsize=4096)

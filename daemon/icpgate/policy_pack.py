@@ -65,6 +65,7 @@ PACK_SPEC = {
         "ports": Field((list,), [], _ports),
         "exempt_ranges": Field((list,), [], _networks),
         "exempt_domains": Field((list,), [], _domains),
+        "monitor_ranges": Field((list,), [], _networks),
     },
     "rules": {
         "access_pending": Field((str,), "allow", _action),
@@ -74,6 +75,7 @@ PACK_SPEC = {
         "require_access_ip": Field((bool,), False),
         "h2c": Field((str,), "block", _action),
         "connect": Field((str,), "block", _action),
+        "quic_unknown_version": Field((str,), "block", _action),
     },
     "block": {
         "http_status": Field((int,), 403, _one_of(HTTP_BLOCK_STATUSES)),
@@ -134,6 +136,7 @@ def _policy_pack(values: dict[str, Any]) -> PolicyPack:
         enforce_ports=frozenset(enforce["ports"]) or None,
         exempt_ranges=tuple(ipaddress.ip_network(r) for r in enforce["exempt_ranges"]),
         exempt_domains=frozenset(normalize_host(d).value for d in enforce["exempt_domains"]),
+        monitor_ranges=tuple(ipaddress.ip_network(r) for r in enforce["monitor_ranges"]),
         access_pending=Action(rules["access_pending"]),
         ip_literal=Action(rules["ip_literal"]),
         no_host=Action(rules["no_host"]),
@@ -141,6 +144,7 @@ def _policy_pack(values: dict[str, Any]) -> PolicyPack:
         require_access_ip=rules["require_access_ip"],
         h2c=Action(rules["h2c"]),
         connect=Action(rules["connect"]),
+        quic_unknown_version=Action(rules["quic_unknown_version"]),
     )
 
 

@@ -6,6 +6,12 @@ same user join the port group). The workers of one daemon share them by inheriti
 fork(), so they all accept from one queue. SO_REUSEADDR lets a new daemon bind while the
 connections of an old one are still draining or in TIME_WAIT; the old one closes its listening
 sockets as it starts to drain.
+
+A `transparent` listener sets IP_TRANSPARENT (IPV6_TRANSPARENT): it then accepts connections, and
+receives datagrams, that nftables TPROXY steers to it for any destination address, and the accepted
+socket's local address is the destination the client dialled. It needs CAP_NET_ADMIN. A `quic`
+listener is a UDP socket; a transparent one also asks for each datagram's original destination
+(IP_RECVORIGDSTADDR), which TPROXY keeps out of the socket's own address.
 """
 
 from __future__ import annotations
@@ -15,6 +21,11 @@ import socket
 from ..config import ListenerConfig
 
 BACKLOG = 4096
+# linux/in.h and linux/in6.h; the socket module does not name them all
+IP_TRANSPARENT = 19
+IP_RECVORIGDSTADDR = 20
+IPV6_RECVORIGDSTADDR = 74
+IPV6_TRANSPARENT = 75
 
 
 class GateStartError(RuntimeError):
@@ -35,18 +46,36 @@ def bind_listeners(listeners: tuple[ListenerConfig, ...]) -> dict[str, socket.so
 
 def _bind(listener: ListenerConfig) -> socket.socket:
     family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    udp = listener.kind == "quic"
+    sock = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if listener.transparent:
+            set_transparent(sock)
+            if udp:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+                else:
+                    sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
         sock.bind((listener.address, listener.port))
-        sock.listen(BACKLOG)
+        if not udp:
+            sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError:
         sock.close()
         raise
     return sock
+
+
+def set_transparent(sock: socket.socket) -> None:
+    """IP_TRANSPARENT: bind and accept for addresses that are not this host's own (TPROXY, and the
+    client's address as the source of an upstream connection). OSError (EPERM) without CAP_NET_ADMIN."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
 
 
 def close_all(sockets: dict[str, socket.socket]) -> None:
