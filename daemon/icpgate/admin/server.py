@@ -15,7 +15,6 @@ import json
 import logging
 import socket
 import time
-from datetime import UTC, datetime
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -28,13 +27,12 @@ from ..hostname import HostKind, normalize_host, parent_names
 from ..policy import Reason
 from ..policy_pack import load_pack
 from ..registry import Registry, open_registry
-from ..staleness import freshness
 from ..tomlschema import ConfigError
 from ..violations import store as violation_store
 from ..violations.current import annotate
 from ..violations.store import Filters, ViolationStore, open_violations, parse_since
 from .openapi import openapi_document
-from .state_metrics import BlockRate, exposition, sample_values, state_families, worker_families
+from .state_metrics import BlockRate, exposition, readiness, ready_family, state_families, worker_families
 from .status_page import render_status_page
 
 log = logging.getLogger("icpgate.admin")
@@ -82,17 +80,7 @@ class AdminApi:
     async def readyz(self, _request: web.Request) -> web.Response:
         """Ready when every worker has its index and its listeners, and the feed is not expired."""
         families = await asyncio.to_thread(worker_families)
-        bound = sum(value for _, value in sample_values(families, "icpgate_listeners_bound"))
-        expected = self.config.gate.workers * len(self.config.listeners)
-        serials = sample_values(families, "icpgate_index_serial")
-        sync = await self.registry.sync_status()
-        fresh = freshness(self.config.feed, sync.get("last_success"), datetime.now(UTC))
-        checks = {
-            "registry": {"ok": bool(serials), "serial": int(min(v for _, v in serials)) if serials else None},
-            "listeners": {"ok": bound >= expected, "bound": int(bound), "expected": expected},
-            "feed": {"ok": fresh.state != "expired", "state": fresh.state, "age": fresh.age,
-                     "enforcement": fresh.enforcement},
-        }  # fmt: skip
+        checks = readiness(self.config, families, await self.registry.sync_status())
         ready = all(check["ok"] for check in checks.values())
         return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
@@ -106,7 +94,8 @@ class AdminApi:
         state = await self.registry.state()
         sync = await self.registry.sync_status()
         summary = await self.store.summary()
-        return workers + state_families(self.config, sync, state.serial, summary)
+        ready = ready_family(readiness(self.config, workers, sync))
+        return workers + state_families(self.config, sync, state.serial, summary) + [ready]
 
     async def sample_block_rate(self) -> None:
         while True:

@@ -67,6 +67,27 @@ def state_families(config: Config, sync: dict, serial: int, violations: dict[str
     return [configured, feed_serial, success, attempt, failures, results, mismatches, mode, records]
 
 
+def readiness(config: Config, workers: list[Metric], sync: dict) -> dict[str, dict]:
+    """The checks of /readyz, also behind `icpgate_ready`: every worker has its index and its
+    listeners, and the feed is not expired."""
+    bound = sum(value for _, value in sample_values(workers, "icpgate_listeners_bound"))
+    expected = config.gate.workers * len(config.listeners)
+    serials = sample_values(workers, "icpgate_index_serial")
+    fresh = freshness(config.feed, sync.get("last_success"), datetime.now(UTC))
+    return {
+        "registry": {"ok": bool(serials), "serial": int(min(v for _, v in serials)) if serials else None},
+        "listeners": {"ok": bound >= expected, "bound": int(bound), "expected": expected},
+        "feed": {"ok": fresh.state != "expired", "state": fresh.state, "age": fresh.age,
+                 "enforcement": fresh.enforcement},
+    }  # fmt: skip
+
+
+def ready_family(checks: dict[str, dict]) -> GaugeMetricFamily:
+    """1 when /readyz answers 200: a not-ready alert needs it as a series, the probe is not scraped."""
+    return GaugeMetricFamily("icpgate_ready", "1 when every /readyz check passes.",
+                             value=int(all(check["ok"] for check in checks.values())))  # fmt: skip
+
+
 def exposition(families: list[Metric]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(families))
