@@ -8,6 +8,7 @@ import codecs
 import json
 import sys
 import time
+from collections.abc import Callable
 from enum import IntEnum
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class Exit(IntEnum):
     REGISTRY = 5  # the registry database cannot be used
     START = 6  # `run`: the gate could not start (a listener cannot bind, workers do not come up)
     FEED = 7  # `feed sync`/`diff`: no source could be reached (refused feed data is DATA)
+    NFT = 8  # `bypass`: nft failed (no inline ruleset loaded, no CAP_NET_ADMIN, a conflicting set element)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,11 +127,43 @@ def _parser() -> argparse.ArgumentParser:
     customer_list = customer_commands.add_parser("list", parents=[common], help="print the map")
     customer_list.set_defaults(handler=_cmd_customers_list)
 
+    bypass = commands.add_parser("bypass", help="inline mode: route the hosted ranges around the gate (nftables)")
+    bypass_commands = bypass.add_subparsers(dest="bypass_command", required=True)
+    for name, text in (("on", "add the hosted ranges to the bypass sets: not steered to the gate"),
+                       ("off", "take them out: steered to the gate again"),
+                       ("status", "show whether the hosted ranges are bypassed"),
+                       ("watch", "poll /readyz; bypass while the gate is down or not ready")):  # fmt: skip
+        command = bypass_commands.add_parser(name, parents=[common], help=text)
+        command.add_argument("ranges", nargs="*", metavar="RANGE",
+                             help="CIDR (default: dns.hosted_ranges, else the pack's enforce.ranges)")  # fmt: skip
+        command.set_defaults(handler=_cmd_bypass)
+    bypass_commands.choices["status"].add_argument("--json", action="store_true", help="print one JSON object")
+    watch = bypass_commands.choices["watch"]
+    watch.add_argument("--ready-url", help="default: /readyz on the config's admin API")
+    watch.add_argument("--interval", type=_positive(float), default=2.0, help="seconds between polls (%(default)s)")
+    watch.add_argument("--fail-after", type=_positive(int), default=3, metavar="N",
+                       help="bypass on after N failed polls in a row (%(default)s)")  # fmt: skip
+    watch.add_argument("--recover-after", type=_positive(int), default=5, metavar="M",
+                       help="bypass off after M ready polls in a row (%(default)s)")  # fmt: skip
+    watch.add_argument("--timeout", type=_positive(float), default=2.0, help="seconds for one poll (%(default)s)")
+    watch.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
     config = commands.add_parser("config", help="config commands")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     config_check = config_commands.add_parser("check", parents=[common], help="check the config and policy pack")
     config_check.set_defaults(handler=_cmd_config_check)
     return parser
+
+
+def _positive(kind: type) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError("must be more than 0")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,6 +368,48 @@ def _cmd_customers_list(args: argparse.Namespace) -> Exit:
         print("%-24s  %s  %s" % (customer.network, customer.name, customer.contract))
     if not customers:
         print("no customer map imported")
+    return Exit.OK
+
+
+def _cmd_bypass(args: argparse.Namespace) -> Exit:
+    from .bypass import BypassSets, NftError, RangeError, configured_ranges, parse_ranges, render_status
+
+    try:
+        if args.ranges:
+            ranges, source = parse_ranges(args.ranges), "the command line"
+        else:
+            ranges, source = configured_ranges(args.config, args.overrides)
+    except RangeError as error:
+        print("bypass: %s" % error, file=sys.stderr)
+        return Exit.USAGE
+    sets = BypassSets()
+    try:
+        if args.bypass_command == "watch":
+            return _bypass_watch(args, sets, ranges)
+        if args.bypass_command == "status":
+            status = sets.status(ranges)
+            print(json.dumps(status.to_json() | {"source": source}) if args.json else render_status(status, source))
+            return Exit.OK
+        changed = sets.turn_on(ranges) if args.bypass_command == "on" else sets.turn_off(ranges)
+    except NftError as error:
+        print("bypass: %s" % error, file=sys.stderr)
+        return Exit.NFT
+    done = "added to" if args.bypass_command == "on" else "removed from"
+    print("bypass %s: %s (%d %s the sets; ranges from %s)" % (args.bypass_command, ", ".join(map(str, ranges)),
+                                                             len(changed), done, source))  # fmt: skip
+    return Exit.OK
+
+
+def _bypass_watch(args: argparse.Namespace, sets, ranges: tuple) -> Exit:
+    from .bypass_watch import WatchSettings, ready_url, watch
+
+    try:
+        url = args.ready_url or ready_url(load_config(args.config, args.overrides))
+    except ValueError as error:
+        print("bypass watch: %s" % error, file=sys.stderr)
+        return Exit.USAGE
+    log_to_stderr(args.log_level)
+    watch(sets, ranges, WatchSettings(url, args.interval, args.fail_after, args.recover_after, args.timeout))
     return Exit.OK
 
 
