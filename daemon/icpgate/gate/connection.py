@@ -20,7 +20,15 @@ from ..policy import FILING_REASONS, Action, Policy, Verdict
 from .block_log import BlockLog
 from .blockpage import BlockPages
 from .latency import LatencyHistogram
-from .upstream import Address, UpstreamResolver, original_destination, proxy_header
+from .upstream import (
+    Address,
+    SourceError,
+    UpstreamResolver,
+    connect_from_client,
+    original_destination,
+    proxy_header,
+    report_once,
+)
 from .violation_table import ViolationTable
 
 PENDING_LIMIT = 256 * 1024  # client bytes held while the upstream connects; reading pauses above it
@@ -299,12 +307,11 @@ class GateConnection(asyncio.Protocol):
             self.upstream_failed()
             return
         try:
-            transport, _ = await asyncio.wait_for(
-                self.loop.create_connection(lambda: UpstreamProtocol(self), backend[0], backend[1]),
-                self.runtime.gate.connect_timeout,
-            )
+            transport, _ = await asyncio.wait_for(self._open_upstream(backend), self.runtime.gate.connect_timeout)
         except (TimeoutError, OSError) as error:
-            self.runtime.stats["upstream_errors", type(error).__name__] += 1
+            if isinstance(error, SourceError):
+                report_once(error)
+            self.runtime.stats["upstream_errors", getattr(error, "cause", type(error).__name__)] += 1
             if not self._closing:
                 self.upstream_failed()
             return
@@ -326,6 +333,13 @@ class GateConnection(asyncio.Protocol):
         self.resume_client_reading("connecting")
         if self._upstream_write_closed and transport.can_write_eof():
             transport.write_eof()
+
+    async def _open_upstream(self, backend: Address) -> tuple[asyncio.Transport, asyncio.Protocol]:
+        """Connect from the gate's address, or (upstream.source = "client") from the client's."""
+        if self.listener.resolver.source == "client":
+            sock = await connect_from_client(self.loop, self.client, backend)
+            return await self.loop.create_connection(lambda: UpstreamProtocol(self), sock=sock)
+        return await self.loop.create_connection(lambda: UpstreamProtocol(self), backend[0], backend[1])
 
     def close_upstream_writes(self) -> None:
         """Pass the client's EOF on to the backend now, or as soon as the connection to it is up."""

@@ -1,16 +1,23 @@
 """Where an accepted connection goes: its original destination, a static map, or one backend.
 
 Also the destination the policy sees (the hosted IP the client dialled, which under REDIRECT or
-DNAT is not the socket's own address), and the PROXY protocol header towards the backend.
+DNAT is not the socket's own address, and under TPROXY is), the PROXY protocol header towards the
+backend, and the socket of a transparent upstream connection (`upstream.source = "client"`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import ipaddress
+import logging
 import socket
 import struct
 
 from ..config import ListenerConfig, UpstreamConfig, split_host_port
+from .listen import set_transparent
+
+log = logging.getLogger("icpgate.gate")
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
 Address = tuple[str, int]
@@ -36,6 +43,7 @@ class UpstreamResolver:
     def __init__(self, config: UpstreamConfig, listener: ListenerConfig) -> None:
         self.fixed = split_host_port(listener.backend) if listener.backend else None
         self.mode = config.mode
+        self.source = config.source
         self.static = {_normalise_key(key): split_host_port(value) for key, value in config.static.items()}
 
     def backend_for(self, destination: Address) -> Address | None:
@@ -46,6 +54,83 @@ class UpstreamResolver:
             ip, port = destination
             return self.static.get("%s:%d" % (ip, port)) or self.static.get(ip)
         return destination
+
+
+class SourceError(OSError):
+    """A transparent upstream connection that cannot be made; `cause` names why, for the counters."""
+
+    def __init__(self, cause: str, message: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+_reported: set[str] = set()
+
+
+def report_once(error: SourceError) -> None:
+    """Log a transparent-upstream failure the first time its cause occurs in this process: a
+    missing capability or a backend of the wrong family fails every connection alike, and one
+    clear line says so without flooding the log."""
+    if error.cause not in _reported:
+        _reported.add(error.cause)
+        log.error("upstream.source = \"client\": %s (counted as upstream_errors/%s, logged once)",
+                  error, error.cause)  # fmt: skip
+
+
+async def connect_from_client(loop: asyncio.AbstractEventLoop, client: Address, backend: Address) -> socket.socket:
+    """A TCP socket connected to `backend` from the client's own address (HAProxy's `usesrc
+    clientip`): IP_TRANSPARENT lets it bind an address that is not this host's, port 0 lets the
+    kernel pick the port. The backend's replies reach this socket only if the gate is on their
+    path (docs/deployment.md, "Inline"). An IPv4 client seen as ::ffff:a.b.c.d connects as IPv4.
+    Raises SourceError when it cannot be done, OSError when the connect fails; the caller bounds
+    the time."""
+    client_ip = ipaddress.ip_address(client[0].partition("%")[0])
+    if client_ip.version == 6 and client_ip.ipv4_mapped is not None:
+        client_ip = client_ip.ipv4_mapped
+    family = socket.AF_INET6 if client_ip.version == 6 else socket.AF_INET
+    target = await _backend_address(loop, backend, family)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        try:
+            set_transparent(sock)
+        except PermissionError:
+            raise SourceError("no_cap_net_admin", "IP_TRANSPARENT needs CAP_NET_ADMIN, which the gate lacks") from None
+        try:
+            sock.bind((str(client_ip), 0))
+        except OSError as error:
+            if error.errno == errno.EADDRNOTAVAIL:
+                raise SourceError("source_bind", "cannot bind the client's address %s: %s"
+                                  % (client_ip, error.strerror)) from None  # fmt: skip
+            raise
+        await loop.sock_connect(sock, target)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _backend_address(loop: asyncio.AbstractEventLoop, backend: Address, family: int) -> Address:
+    """The backend as an address of the client's family; a backend only of the other family cannot
+    be reached from the client's address (SourceError)."""
+    host = backend[0].strip("[]")
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            infos = await loop.getaddrinfo(host, backend[1], family=family, type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            infos = []
+        if not infos:
+            raise SourceError("family", "backend %s has no %s address to reach from the client's"
+                              % (host, "IPv6" if family == socket.AF_INET6 else "IPv4")) from None  # fmt: skip
+        return infos[0][4][:2]
+    if literal.version == 6 and literal.ipv4_mapped is not None:
+        literal = literal.ipv4_mapped
+    if (literal.version == 6) != (family == socket.AF_INET6):
+        raise SourceError("family", "backend %s cannot be reached from an IPv%d client's address"
+                          % (literal, 6 if family == socket.AF_INET6 else 4))  # fmt: skip
+    return str(literal), backend[1]
 
 
 def _normalise_key(key: str) -> str:
