@@ -43,6 +43,7 @@ MAX_CRYPTO_PIECES = 64  # disjoint CRYPTO ranges held at once: Chrome cuts its h
 
 # Long-header packet types (first byte bits 4-5), which RFC 9369 §3.2 renumbers for v2.
 INITIAL, ZERO_RTT, HANDSHAKE_PACKET, RETRY = "initial", "0-rtt", "handshake", "retry"
+VERSION_NEGOTIATION = "version_negotiation"  # version 0: a server's list of the versions it speaks
 PACKET_TYPES = {
     VERSION_1: (INITIAL, ZERO_RTT, HANDSHAKE_PACKET, RETRY),
     VERSION_2: (RETRY, INITIAL, ZERO_RTT, HANDSHAKE_PACKET),
@@ -140,6 +141,47 @@ def is_initial(datagram: bytes) -> bool:
     return types is not None and types[(datagram[0] >> 4) & 3] == INITIAL
 
 
+def long_headers(datagram: bytes, version: int) -> list[tuple[str, bytes, bytes]]:
+    """(type, Destination Connection ID, Source Connection ID) of the long-header packets a datagram
+    starts with, read in the clear as a flow table may (RFC 8999 invariants plus the version's Length
+    fields); reading stops at a short-header packet or trailing padding. Retry and Version Negotiation
+    run to the end of the datagram. QuicError when the lengths do not add up."""
+    types = PACKET_TYPES.get(version)
+    found = []
+    pos = 0
+    end = len(datagram)
+    while pos < end and datagram[pos] & 0x80:
+        if pos + 7 > end:
+            raise QuicError("truncated long header")
+        packet_version = int.from_bytes(datagram[pos + 1 : pos + 5], "big")
+        cursor = pos + 6 + datagram[pos + 5]
+        if cursor >= end:
+            raise QuicError("truncated long header")
+        dcid = datagram[pos + 6 : cursor]
+        scid_end = cursor + 1 + datagram[cursor]
+        if scid_end > end:
+            raise QuicError("truncated long header")
+        scid = datagram[cursor + 1 : scid_end]
+        if packet_version == 0:
+            found.append((VERSION_NEGOTIATION, dcid, scid))
+            break
+        if packet_version != version or types is None:
+            raise QuicError("version 0x%08x in a flow of version 0x%08x" % (packet_version, version))
+        kind = types[(datagram[pos] >> 4) & 3]
+        found.append((kind, dcid, scid))
+        if kind == RETRY:
+            break
+        cursor = scid_end
+        if kind == INITIAL:
+            token_len, cursor = _varint(datagram, cursor, end)
+            cursor += token_len
+        length, cursor = _varint(datagram, cursor, end)
+        pos = cursor + length
+        if pos > end:
+            raise QuicError("packet Length %d runs past the datagram" % length)
+    return found
+
+
 def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
     """A QUIC variable-length integer (RFC 9000 §16) at `pos`: its value and the position after it."""
     if pos >= end:
@@ -176,6 +218,8 @@ class InitialReassembler:
         "_packets",
         "_ranges",
         "_types",
+        "cids",
+        "left_initial",
         "result",
         "version",
     )
@@ -198,6 +242,13 @@ class InitialReassembler:
         self._crypto = bytearray()  # CRYPTO stream bytes, valid where `_ranges` says
         self._ranges: list[list[int]] = []  # sorted, disjoint, non-adjacent [start, end) received
         self._needed = 0  # the ClientHello's length with its handshake header, once known
+        self.cids: set[bytes] | frozenset[bytes] = frozenset()  # other Destination Connection IDs, once relayed
+        self.left_initial = False
+
+    @property
+    def dcid(self) -> bytes:
+        """The Destination Connection ID the keys come from ('' before the first Initial)."""
+        return self._dcid
 
     def feed(self, datagram: bytes) -> QuicHello:
         if self.result is NEED_MORE:
@@ -206,6 +257,38 @@ class InitialReassembler:
             except QuicError as error:
                 self.result = QuicHello(QuicState.ERROR, version=self.version, error=str(error))
         return self.result
+
+    def verify(self, datagram: bytes) -> str:
+        """After COMPLETE, for a flow the gate relays: '' when every Initial in this later client
+        datagram repeats the hello that was decided on, else why not.
+
+        A retransmitted Initial could otherwise carry another ClientHello under the same connection
+        ID, which a server that lost the first one would read. Packets after the Initials (0-RTT,
+        Handshake, a 1-RTT short header that ends the datagram) pass unread; `cids` lists the other
+        Destination Connection IDs the client may use (the server's). `left_initial` turns true once
+        the client sends a Handshake or 1-RTT packet: it has dropped its Initial keys (RFC 9001 §4.9.1)."""
+        if self.result.state is not QuicState.COMPLETE:
+            return "no decided ClientHello"
+        self._packets = 0  # the caps bound the first flight; a relayed flow's datagrams are checked one by one
+        try:
+            self._walk(datagram, relaying=True)
+        except QuicError as error:
+            return str(error)
+        return ""
+
+    def after_retry(self, dcid: bytes) -> InitialReassembler:
+        """The reader for the Initials a client sends after the server's Retry: keys from the Retry's
+        connection ID, and the same ClientHello (RFC 9000 §17.2.5.2: the client must resend it)."""
+        reader = InitialReassembler(self._max_crypto, self._max_datagrams, self._max_packets)
+        reader.result = self.result
+        reader.version = self.version
+        reader._types = self._types
+        reader._set_keys(dcid)
+        reader._crypto = self._crypto
+        reader._ranges = [[0, self._needed]]
+        reader._needed = self._needed
+        reader.cids = self.cids
+        return reader
 
     def _datagram(self, datagram: bytes) -> QuicHello:
         self._datagrams += 1
@@ -221,26 +304,37 @@ class InitialReassembler:
                 return QuicHello(QuicState.UNKNOWN_VERSION, version=version)
             self.version = version
             self._types = PACKET_TYPES[version]
+        self._walk(datagram, relaying=False)
+        return self._decide()
+
+    def _walk(self, datagram: bytes, relaying: bool) -> None:
+        """Read every packet of a datagram. In the first flight a short header is an error; in a
+        relayed flow it is the client's 1-RTT packet, which runs to the end of the datagram."""
         if not datagram:
             raise QuicError("empty datagram")
         pos = 0
         end = len(datagram)
         initial = False
         while pos < end:
-            if not datagram[pos]:
+            first = datagram[pos]
+            if not first:
                 if not pos:
                     raise QuicError("datagram without a QUIC packet")
                 if datagram.count(0, pos) != end - pos:
                     raise QuicError("bytes after the padding at the end of a datagram")
                 break
-            pos, is_initial_packet = self._packet(datagram, pos, end)
-            initial |= is_initial_packet
+            if relaying and not first & 0x80:
+                self.left_initial = True
+                break
+            pos, kind = self._packet(datagram, pos, end)
+            initial |= kind == INITIAL
+            if kind == HANDSHAKE_PACKET and relaying:
+                self.left_initial = True
         if initial and end < MIN_INITIAL_DATAGRAM:
             raise QuicError("datagram carrying an Initial is %d bytes, under %d" % (end, MIN_INITIAL_DATAGRAM))
-        return self._decide()
 
-    def _packet(self, data: bytes, pos: int, end: int) -> tuple[int, bool]:
-        """Read the packet at `pos`: the position after it, and whether it was an Initial."""
+    def _packet(self, data: bytes, pos: int, end: int) -> tuple[int, str]:
+        """Read the packet at `pos`: the position after it, and its type."""
         self._packets += 1
         if self._packets > self._max_packets:
             raise QuicError("no complete ClientHello in %d packets" % self._max_packets)
@@ -277,11 +371,11 @@ class InitialReassembler:
             if len(dcid) < MIN_FIRST_DCID:
                 raise QuicError("first Destination Connection ID is %d bytes, under %d" % (len(dcid), MIN_FIRST_DCID))
             self._set_keys(bytes(dcid))
-        elif dcid != self._dcid:
+        elif dcid != self._dcid and dcid not in self.cids:
             raise QuicError("packet with a Destination Connection ID other than the flow's")
         if kind == INITIAL:
             self._initial(data, pos, cursor, packet_end)
-        return packet_end, kind == INITIAL
+        return packet_end, kind
 
     def _set_keys(self, dcid: bytes) -> None:
         key, iv, hp = initial_keys(self.version, dcid)
@@ -418,7 +512,6 @@ class InitialReassembler:
             framed += bytes((HANDSHAKE, 3, 1, len(part) >> 8, len(part) & 0xFF))
             framed += part
         hello.release()
-        self._crypto = bytearray()
         parsed = HelloReassembler(len(framed)).feed(framed)
         if parsed.state is not HelloState.COMPLETE:
             return QuicHello(QuicState.ERROR, version=self.version, error="ClientHello: " + parsed.error)

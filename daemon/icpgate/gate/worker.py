@@ -42,6 +42,7 @@ from .blockpage import BlockPages, Operator
 from .connection import Listener, Runtime
 from .http_gate import HttpConnection
 from .listen import BACKLOG, GateStartError, bind_listeners
+from .quic_gate import QuicListener, serves_quic
 from .tls_gate import TlsConnection
 from .tls_page import TlsBlockPages
 from .upstream import UpstreamResolver
@@ -144,7 +145,11 @@ class Worker:
             if sock is None:
                 log.warning("%s is not bound: listener changes take effect at the next restart", listener_config.name)
                 continue
-            listener = Listener(self.runtime, listener_config, UpstreamResolver(self.config.upstream, listener_config))
+            resolver = UpstreamResolver(self.config.upstream, listener_config)
+            if listener_config.kind == "quic":
+                self._serve_quic(listener_config, resolver, sock)
+                continue
+            listener = Listener(self.runtime, listener_config, resolver)
             self.listeners.append(listener)
             factory = CONNECTION_KINDS[listener_config.kind]
             try:
@@ -157,6 +162,16 @@ class Worker:
                 ) from None
             self.servers.append(server)
             log.info("listening on %s", listener_config.name)
+
+    def _serve_quic(self, listener_config: ListenerConfig, resolver: UpstreamResolver, sock: socket.socket) -> None:
+        if not serves_quic():
+            log.info("%s is served by worker 0", listener_config.name)
+            return
+        listener = QuicListener(self.runtime, listener_config, resolver, sock, self.config.quic)
+        listener.start()
+        self.listeners.append(listener)
+        self.servers.append(listener)  # closed with the servers when the worker stops
+        log.info("listening on %s", listener_config.name)
 
     async def reload(self) -> bool:
         """Re-read config, pack, templates and index; keep the old state if anything is wrong."""

@@ -55,6 +55,17 @@ LAST_RELOAD = Gauge("icpgate_config_last_reload_success_timestamp_seconds", "Whe
                     multiprocess_mode="max")  # fmt: skip
 RELOAD_OK = Gauge("icpgate_config_last_reload_successful", "1 when the worker's last reload worked.", ["worker"],
                   multiprocess_mode="livemin")  # fmt: skip
+QUIC_FLOWS = Gauge("icpgate_quic_flows", "QUIC flows held, by state (pending, relay, blocked).", ["state"],
+                   multiprocess_mode="livesum")  # fmt: skip
+QUIC_DATAGRAMS = Counter("icpgate_quic_datagrams", "QUIC datagrams received or sent, by direction.", ["direction"])
+QUIC_DROPS = Counter("icpgate_quic_dropped_datagrams", "QUIC datagrams dropped, by reason.", ["reason"])
+QUIC_UNKNOWN_PASSED = Counter(
+    "icpgate_quic_unknown_version_passed",
+    "QUIC flows of a version the gate cannot read, relayed by rules.quic_unknown_version.",
+)
+QUIC_INITIAL_SECONDS = Histogram(
+    "icpgate_quic_initial_seconds", "Time to read a QUIC flow's Initial packets and decide on its SNI.", buckets=BUCKETS
+)
 DNS_CHECKS = Counter("icpgate_dns_checks", "DNS confirmations of violating hosts, by result.", ["result"])
 
 # Runtime.stats keys -> (metric, how the labels follow from the rest of the key)
@@ -68,6 +79,9 @@ _STATS = {
     "refused_loop": (REFUSED, lambda: ("loop",)),
     "refused_full": (REFUSED, lambda: ("full",)),
     "reloads": (RELOADS, lambda result: (result,)),
+    "quic_datagrams": (QUIC_DATAGRAMS, lambda direction: (direction,)),
+    "quic_drops": (QUIC_DROPS, lambda reason: (reason,)),
+    "quic_unknown_version": (QUIC_UNKNOWN_PASSED, lambda action: ()),
 }
 
 
@@ -91,8 +105,17 @@ class WorkerMetrics:
     def sync(self, runtime, *, serial: int, listeners: int, reload_ok: bool, loaded_at: float) -> None:
         stats = runtime.stats
         for key, value in list(stats.items()):
+            if key[0] == "quic_flows":  # a gauge: flows held now
+                QUIC_FLOWS.labels(key[1]).set(value)
+                continue
             delta = value - self._stats[key]
-            if delta <= 0 or key[0] not in _STATS:
+            if delta <= 0:
+                continue
+            if key[0] == "quic_initial_seconds":
+                self._stats[key] = value
+                _histogram_add(QUIC_INITIAL_SECONDS, key[1] if len(key) > 1 else None, delta)
+                continue
+            if key[0] not in _STATS:
                 continue
             metric, labels = _STATS[key[0]]
             metric.labels(*labels(*key[1:])).inc(delta)
@@ -119,12 +142,20 @@ class WorkerMetrics:
             self._plain[name] = value
 
     def _sync_latency(self, latency) -> None:
-        # prometheus-client has no call to add counted observations; its histogram keeps one value
-        # per bucket (not cumulative) and a sum, which is what is incremented here.
         for bucket, (count, seen) in enumerate(zip(latency.counts, self._latency, strict=True)):
             if count > seen:
-                DECISION_SECONDS._buckets[bucket].inc(count - seen)
+                _histogram_add(DECISION_SECONDS, bucket, count - seen)
                 self._latency[bucket] = count
         if latency.total > self._latency_total:
-            DECISION_SECONDS._sum.inc(latency.total - self._latency_total)
+            _histogram_add(DECISION_SECONDS, None, latency.total - self._latency_total)
             self._latency_total = latency.total
+
+
+def _histogram_add(histogram: Histogram, bucket: int | None, delta: float) -> None:
+    """Add `delta` observations to one bucket, or (bucket None) `delta` seconds to the sum.
+    prometheus-client has no call to add counted observations; its histogram keeps one value per
+    bucket (not cumulative) and a sum, which is what is incremented here."""
+    if bucket is None:
+        histogram._sum.inc(delta)
+    else:
+        histogram._buckets[bucket].inc(delta)

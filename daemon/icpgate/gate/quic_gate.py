@@ -1,0 +1,453 @@
+"""QUIC listeners: decide each UDP flow on the SNI of its Initial packets, then relay it or drop it.
+
+A flow (one client 4-tuple, quic_flows.py) starts with a v1 or v2 Initial. Its datagrams are held
+while `InitialReassembler` collects the ClientHello; the SNI then goes through the same
+`Runtime.decide` as TLS over TCP. Allowed: a connected UDP socket to the backend is opened, the held
+datagrams are replayed byte-exact, and from then on datagrams are relayed one by one both ways.
+Blocked: the flow's datagrams are dropped for `quic.block_hold`, so a browser falls back to TCP,
+where the gate shows the block page. Everything else is dropped and counted by reason: fail closed.
+
+What a relayed flow's client may still send is checked where it could open another connection at
+the server: until the client leaves its Initial phase every Initial must repeat the decided hello
+(`InitialReassembler.verify`), and afterwards a long-header packet must be addressed to a connection
+ID the client or the server chose for this connection, and may not be an Initial. A server's Retry
+moves the check to the Retry's connection ID; a Version Negotiation ends the flow, so the client's
+next attempt is decided afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from bisect import bisect_left
+
+from ..config import ListenerConfig, QuicConfig
+from ..policy import Action, Verdict
+from ..telemetry.identity import process_name
+from .blockpage import new_request_id
+from .connection import Listener, Runtime
+from .latency import BUCKETS
+from .quic_flows import BLOCKED, MAX_CIDS, PENDING, RELAY, Flow, FlowKey, FlowTable, TableFull
+from .quic_initial import (
+    INITIAL,
+    MIN_INITIAL_DATAGRAM,
+    RETRY,
+    SCHEDULES,
+    VERSION_NEGOTIATION,
+    InitialReassembler,
+    QuicError,
+    QuicState,
+    is_initial,
+    long_headers,
+    peek_version,
+)
+from .quic_socket import (
+    ANCILLARY_SPACE,
+    MAX_DATAGRAM,
+    ReplySockets,
+    ask_destination,
+    destination_of,
+    is_ip_literal,
+    open_upstream,
+)
+from .upstream import Address, UpstreamResolver
+
+log = logging.getLogger("icpgate.gate")
+KIND = "quic"
+BATCH = 64  # datagrams read per wakeup of a socket, so one busy socket cannot starve the others
+
+# Runtime.stats keys (telemetry/metrics.py turns them into icpgate_quic_* metrics)
+FROM_CLIENT = ("quic_datagrams", "from_client")
+TO_UPSTREAM = ("quic_datagrams", "to_upstream")
+FROM_UPSTREAM = ("quic_datagrams", "from_upstream")
+TO_CLIENT = ("quic_datagrams", "to_client")
+DROP_REASONS = (
+    "unknown_flow",  # not an Initial, and no flow for its 4-tuple
+    "unknown_version",  # a version the gate cannot decrypt, and rules.quic_unknown_version = "block"
+    "invalid",  # an Initial that cannot be decrypted or read, or a datagram a relayed flow may not send
+    "inspect_timeout",  # held while the hello stayed incomplete past gate.inspect_timeout
+    "blocked",  # of a blocked flow, during its hold
+    "table_full",  # a new flow past quic.max_flows
+    "pending_full",  # held by a pending flow pushed out, or past the bytes a flow may hold
+    "upstream_error",  # the backend cannot be reached or its socket refused the datagram
+    "client_error",  # the socket towards the client refused the datagram
+)
+DROPS = {reason: ("quic_drops", reason) for reason in DROP_REASONS}
+INITIAL_SECONDS = "quic_initial_seconds"  # (key, bucket index) counts; (key,) the sum
+
+
+def serves_quic() -> bool:
+    """Whether this process serves the `quic` listeners: the first worker only. The workers share
+    each listening socket, and a flow's datagrams must all reach the one worker that holds its state;
+    without SO_REUSEPORT (listen.py says why) only one reader per socket can guarantee that."""
+    return process_name() in (None, "0")
+
+
+class QuicListener(Listener):
+    """One `kind = "quic"` UDP socket and its flows. `resolver` is replaced on reload, as for TCP."""
+
+    def __init__(self, runtime: Runtime, config: ListenerConfig, resolver: UpstreamResolver, sock: socket.socket,
+                 quic: QuicConfig) -> None:  # fmt: skip
+        super().__init__(runtime, config, resolver)
+        self.sock = sock
+        self.quic = quic
+        self.loop = asyncio.get_running_loop()
+        self.table = FlowTable(quic.max_flows, runtime.stats)
+        self.local: Address = sock.getsockname()[:2]
+        self.replies = ReplySockets(self.loop, self._read) if config.transparent else None
+        self._buffer = memoryview(bytearray(MAX_DATAGRAM))
+        self._names: dict[str, str] = {}  # backend names resolved, see _backend
+        self._resolving: set[str] = set()
+        self.closed = False
+
+    def start(self) -> None:
+        ask_destination(self.sock)
+        self.loop.add_reader(self.sock.fileno(), self._read, self.sock, self.local)
+
+    def close(self) -> None:
+        """Stop: the socket is closed and every flow forgotten (QUIC has no graceful hand-over)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        for flow in list(self.table.flows.values()):
+            self._remove(flow)
+        if self.replies is not None:
+            self.replies.close()
+
+    # --- from clients ---------------------------------------------------------------------------
+    def _read(self, sock: socket.socket, fallback: Address) -> None:
+        """Datagrams from clients, on the listening socket or a reply socket (see ReplySockets)."""
+        view = self._buffer
+        stats = self.runtime.stats
+        now = self.loop.time()
+        for _ in range(BATCH):
+            try:
+                size, ancdata, _flags, peer = sock.recvmsg_into((view,), ANCILLARY_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # an ICMP error for something the socket sent: nothing to read
+                continue
+            stats[FROM_CLIENT] += 1
+            destination = destination_of(ancdata) or fallback
+            self._datagram(bytes(view[:size]), (peer[0], peer[1], destination[0], destination[1]), now)
+
+    def _datagram(self, data: bytes, key: FlowKey, now: float) -> None:
+        flow = self.table.flows.get(key)
+        if flow is None:
+            self._first(data, key, now)
+            return
+        flow.last_seen = now
+        if flow.state == RELAY:
+            self._to_upstream(flow, data)
+        elif flow.state == PENDING:
+            self._inspect(flow, data, now)
+        else:
+            self._drop("blocked")
+
+    def _first(self, data: bytes, key: FlowKey, now: float) -> None:
+        """A datagram of no known flow: only an Initial of a version the gate reads opens one. The
+        cheap checks come before any state is made."""
+        version = peek_version(data)
+        if version is None:
+            self._drop("unknown_flow")
+            return
+        if version not in SCHEDULES:
+            if version == 0:
+                self._drop("invalid")
+            elif self.runtime.policy.pack.quic_unknown_version is Action.ALLOW:
+                self._pass_unknown(data, key, version, now)
+            else:
+                self._drop("unknown_version")
+            return
+        if not is_initial(data):
+            self._drop("unknown_flow")
+            return
+        if len(data) < MIN_INITIAL_DATAGRAM:
+            self._drop("invalid")
+            return
+        flow = self._admit(key, InitialReassembler(self.runtime.gate.max_hello_size), now)
+        if flow is None:
+            return
+        flow.version = version
+        flow.timer = self.loop.call_at(now + self.runtime.gate.inspect_timeout, self._on_timer, flow)
+        self._inspect(flow, data, now)
+
+    def _admit(self, key: FlowKey, reader: InitialReassembler | None, now: float) -> Flow | None:
+        table = self.table
+        try:
+            while (victim := table.victim()) is not None:
+                self._remove(victim, "pending_full")
+        except TableFull:
+            self._drop("table_full")
+            return None
+        flow = Flow(key, reader, now)
+        table.add(flow)
+        return flow
+
+    def _pass_unknown(self, data: bytes, key: FlowKey, version: int, now: float) -> None:
+        """rules.quic_unknown_version = "allow": the flow is relayed unread (nothing to decide on)."""
+        self.runtime.stats["quic_unknown_version", "allow"] += 1
+        flow = self._admit(key, None, now)
+        if flow is None:
+            return
+        flow.version = version
+        flow.held = [data]
+        self._open(flow)
+
+    def _inspect(self, flow: Flow, data: bytes, now: float) -> None:
+        table = self.table
+        while (victim := table.hold(flow, data)) is not None:
+            self._remove(victim, "pending_full")
+            if victim is flow:
+                self._drop("pending_full")
+                return
+        started = time.perf_counter()
+        result = flow.reader.feed(data)
+        state = result.state
+        if state is QuicState.NEED_MORE:
+            flow.cost += time.perf_counter() - started
+            return
+        if state is not QuicState.COMPLETE:
+            log.debug("quic %s:%d: %s", flow.client[0], flow.client[1], result.error or "unknown version")
+            self._remove(flow, "invalid")
+            return
+        verdict = self._decide(flow, result.sni)
+        self._observe(flow.cost + time.perf_counter() - started)
+        if verdict.action is Action.ALLOW:
+            self._open(flow)
+        else:
+            self._block(flow, verdict, now)
+
+    def _decide(self, flow: Flow, sni: str | None) -> Verdict:
+        """As GateConnection.decide: the same policy, cache, modes, counts and violation records."""
+        runtime = self.runtime
+        started = time.perf_counter()
+        verdict = runtime.decide(sni, flow.destination, KIND, None)
+        runtime.latency.observe(time.perf_counter() - started)
+        runtime.stats["decisions", KIND, verdict.action, verdict.reason] += 1
+        if verdict.passed:  # a block let through by monitor mode or a stale feed: still a violation
+            runtime.record_violation(verdict, "", KIND, flow.client, flow.destination, blocked=False)
+        return verdict
+
+    def _observe(self, seconds: float) -> None:
+        stats = self.runtime.stats
+        stats[INITIAL_SECONDS, bisect_left(BUCKETS, seconds)] += 1
+        stats[INITIAL_SECONDS,] += seconds
+
+    def _block(self, flow: Flow, verdict: Verdict, now: float) -> None:
+        runtime = self.runtime
+        runtime.stats["blocks", KIND, verdict.reason] += 1
+        runtime.record_violation(verdict, new_request_id(), KIND, flow.client, flow.destination, blocked=True)
+        self._drop("blocked", len(flow.held))
+        flow.held = []
+        flow.reader = None
+        self.table.set_state(flow, BLOCKED)
+        flow.since = now
+        self._rearm(flow, now + self.quic.block_hold)
+
+    # --- allowed flows --------------------------------------------------------------------------
+    def _open(self, flow: Flow) -> None:
+        """Connect the flow's own upstream socket and replay what the client sent so far."""
+        held = flow.held
+        try:
+            upstream = self._upstream(flow)
+            if self.replies is not None and flow.destination != self.local:
+                flow.reply = self.replies.get(flow.destination)
+        except OSError as error:
+            log.debug("quic %s:%d: cannot relay to the backend: %s", flow.client[0], flow.client[1], error)
+            self.runtime.stats["upstream_failures", KIND] += 1
+            self._remove(flow, "upstream_error")
+            return
+        if upstream is None:
+            self._remove(flow, "upstream_error")
+            return
+        flow.upstream = upstream
+        self.table.set_state(flow, RELAY)
+        flow.held = []
+        reader = flow.reader
+        if reader is not None:
+            flow.cids.add(reader.dcid)
+            reader.cids = flow.cids
+        self._rearm(flow, flow.last_seen + self.quic.idle_timeout)
+        self.loop.add_reader(upstream.fileno(), self._from_upstream, flow)
+        for datagram in held:
+            self._send_upstream(flow, datagram)
+
+    def _upstream(self, flow: Flow) -> socket.socket | None:
+        """The flow's connected socket to its backend, or None (counted) when there is none to use."""
+        backend = self.resolver.backend_for(flow.destination)
+        if backend is None:
+            self.runtime.stats["upstream_errors", "no_backend"] += 1
+            return None
+        address = self._backend(backend)
+        if address is None:
+            return None
+        if address == self.local and not self.config.transparent:
+            self.runtime.stats["refused_loop"] += 1  # original_dst without TPROXY: the gate itself
+            return None
+        source = (flow.client[0], 0) if self.resolver.source == "client" else None
+        return open_upstream(address, source)
+
+    def _backend(self, backend: Address) -> Address | None:
+        """An IP literal for the backend. A name is looked up in the background the first time it is
+        needed (the flow waiting for it is dropped; the client's retransmission finds it) and kept."""
+        host, port = backend
+        if is_ip_literal(host):
+            return host, port
+        address = self._names.get(host)
+        if address is not None:
+            return address, port
+        if host not in self._resolving:
+            self._resolving.add(host)
+            self.loop.create_task(self._resolve(host, port))
+        return None
+
+    async def _resolve(self, host: str, port: int) -> None:
+        try:
+            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            self._names[host] = infos[0][4][0]
+        except (OSError, IndexError) as error:
+            log.warning("quic backend %s: cannot resolve it: %s", host, error)
+        finally:
+            self._resolving.discard(host)
+
+    def _to_upstream(self, flow: Flow, data: bytes) -> None:
+        if flow.reader is not None or data[0] & 0x80:
+            problem = self._client_problem(flow, data)
+            if problem:
+                log.debug("quic %s:%d: dropped: %s", flow.client[0], flow.client[1], problem)
+                self._drop("invalid")
+                return
+        self._send_upstream(flow, data)
+
+    def _client_problem(self, flow: Flow, data: bytes) -> str:
+        """Why a relayed flow's client may not send this datagram, or ''."""
+        reader = flow.reader
+        if reader is not None:
+            problem = reader.verify(data)
+            if not problem and reader.left_initial:
+                flow.reader = None  # the client has dropped its Initial keys: no Initial may follow
+            return problem
+        if flow.version not in SCHEDULES:
+            return ""  # an unknown version passed by the pack: nothing the gate can read
+        try:
+            packets = long_headers(data, flow.version)
+        except QuicError as error:
+            return str(error)
+        for kind, dcid, _ in packets:
+            if kind == INITIAL:
+                return "an Initial after the client's Initial phase"
+            if dcid not in flow.cids:
+                return "a long-header packet to a connection ID of another connection"
+        return ""
+
+    def _send_upstream(self, flow: Flow, data: bytes) -> None:
+        try:
+            flow.upstream.send(data)
+        except OSError:  # a full buffer, or an ICMP error from the backend's earlier answer
+            self._drop("upstream_error")
+            return
+        runtime = self.runtime
+        runtime.stats[TO_UPSTREAM] += 1
+        runtime.bytes_to_upstream += len(data)
+
+    # --- from backends --------------------------------------------------------------------------
+    def _from_upstream(self, flow: Flow) -> None:
+        sock = flow.upstream
+        view = self._buffer
+        runtime = self.runtime
+        stats = runtime.stats
+        reply = flow.reply or self.sock
+        now = self.loop.time()
+        for _ in range(BATCH):
+            try:
+                size = sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # ICMP unreachable: the backend is not listening (the client will give up)
+                self.runtime.stats["upstream_failures", KIND] += 1
+                return
+            stats[FROM_UPSTREAM] += 1
+            data = bytes(view[:size])
+            if data and data[0] & 0x80 and flow.version in SCHEDULES and not self._server_long_header(flow, data):
+                return
+            flow.last_seen = now
+            try:
+                reply.sendto(data, flow.client)
+            except OSError:
+                self._drop("client_error")
+                continue
+            stats[TO_CLIENT] += 1
+            runtime.bytes_to_client += size
+
+    def _server_long_header(self, flow: Flow, data: bytes) -> bool:
+        """Learn the connection IDs the server chose; follow a Retry. False: the flow is over."""
+        try:
+            packets = long_headers(data, flow.version)
+        except QuicError:
+            return True  # the client's stack judges the server's packets
+        for kind, _, scid in packets:
+            if kind == VERSION_NEGOTIATION:
+                self._send_client(flow, data)
+                self._remove(flow)  # the client's next Initial, in another version, is decided anew
+                return False
+            if kind == RETRY and flow.reader is not None:
+                flow.reader = flow.reader.after_retry(scid)
+            if len(flow.cids) < MAX_CIDS:
+                flow.cids.add(scid)
+        return True
+
+    def _send_client(self, flow: Flow, data: bytes) -> None:
+        try:
+            (flow.reply or self.sock).sendto(data, flow.client)
+        except OSError:
+            self._drop("client_error")
+            return
+        self.runtime.stats[TO_CLIENT] += 1
+        self.runtime.bytes_to_client += len(data)
+
+    # --- timers and ends ------------------------------------------------------------------------
+    def _rearm(self, flow: Flow, when: float) -> None:
+        if flow.timer is not None:
+            flow.timer.cancel()
+        flow.timer = self.loop.call_at(when, self._on_timer, flow)
+
+    def _on_timer(self, flow: Flow) -> None:
+        """One timer per flow: the inspection deadline, the block hold, or idleness."""
+        flow.timer = None
+        if self.table.flows.get(flow.key) is not flow:
+            return
+        now = self.loop.time()
+        if flow.state == PENDING:
+            self.runtime.stats["inspect_timeouts", KIND] += 1
+            self._remove(flow, "inspect_timeout")
+        elif flow.state == BLOCKED:
+            self._remove(flow)
+        elif now - flow.last_seen >= self.quic.idle_timeout:
+            self.runtime.stats["idle_timeouts", KIND] += 1
+            self._remove(flow)
+        else:
+            flow.timer = self.loop.call_at(flow.last_seen + self.quic.idle_timeout, self._on_timer, flow)
+
+    def _remove(self, flow: Flow, drop_reason: str = "") -> None:
+        """Forget a flow; its held datagrams, if any, are dropped and counted under `drop_reason`."""
+        if not self.table.remove(flow):
+            return
+        if drop_reason and flow.held:
+            self._drop(drop_reason, len(flow.held))
+        flow.held = []
+        flow.reader = None
+        if flow.timer is not None:
+            flow.timer.cancel()
+            flow.timer = None
+        if flow.upstream is not None:
+            self.loop.remove_reader(flow.upstream.fileno())
+            flow.upstream.close()
+            flow.upstream = None
+
+    def _drop(self, reason: str, count: int = 1) -> None:
+        self.runtime.stats[DROPS[reason]] += count

@@ -1,0 +1,123 @@
+"""UDP plumbing for `quic` listeners: datagrams with the address they were sent to, and sockets that
+answer from that address.
+
+asyncio's DatagramProtocol hands over a datagram and its sender but no ancillary data, and under
+TPROXY the address a client sent to is only in the ancillary data (IP_ORIGDSTADDR): the socket's
+own address is the gate's. So the gate reads with `recvmsg_into` from `loop.add_reader`. The same
+option on an ordinary listener gives the local address each datagram came in on, which is what the
+policy sees as the destination (a wildcard-bound socket has no single one).
+
+A reply to a TPROXYed client must come from the address it sent to, or its QUIC stack drops it:
+`ReplySockets` keeps one IP_TRANSPARENT socket bound to each such address, a bounded number of them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable
+
+from .listen import IP_RECVORIGDSTADDR, IPV6_RECVORIGDSTADDR, set_transparent
+from .upstream import Address
+
+# The control message types equal the options that ask for them (linux/in.h, linux/in6.h).
+IP_ORIGDSTADDR = IP_RECVORIGDSTADDR
+IPV6_ORIGDSTADDR = IPV6_RECVORIGDSTADDR
+ANCILLARY_SPACE = socket.CMSG_SPACE(28)  # one sockaddr_in6
+MAX_DATAGRAM = 65536  # a UDP payload is at most 65,527 bytes: nothing is ever truncated
+MAX_REPLY_SOCKETS = 4096  # distinct original destinations answered from at once (hosted IP:port pairs)
+
+
+def ask_destination(sock: socket.socket) -> None:
+    """Have every datagram carry the address it was sent to (the original one under TPROXY)."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+
+
+def destination_of(ancdata: list[tuple[int, int, bytes]]) -> Address | None:
+    """The (address, port) a datagram was sent to, from its IP_ORIGDSTADDR control message."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_IP and kind == IP_ORIGDSTADDR and len(data) >= 8:  # sockaddr_in
+            return socket.inet_ntop(socket.AF_INET, data[4:8]), int.from_bytes(data[2:4], "big")
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_ORIGDSTADDR and len(data) >= 24:  # sockaddr_in6
+            return socket.inet_ntop(socket.AF_INET6, data[8:24]), int.from_bytes(data[2:4], "big")
+    return None
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def open_upstream(backend: Address, source: Address | None) -> socket.socket:
+    """A connected, non-blocking UDP socket to an IP literal `backend`; from `source` (the client's own
+    address, IP_TRANSPARENT) when given. OSError when the kernel refuses any of it."""
+    family = socket.AF_INET6 if ":" in backend[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        if source is not None:
+            set_transparent(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(source)
+        sock.connect(backend)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class ReplySockets:
+    """IP_TRANSPARENT sockets bound to original destinations, to answer TPROXYed clients from them.
+
+    Bound to a hosted address and port, such a socket is also the most specific match for datagrams
+    sent there, so the kernel may deliver clients' datagrams to it instead of the listener: each
+    one is read too, and what it receives is handed to `deliver` as if the listener had read it.
+    The least recently created socket is closed when `MAX_REPLY_SOCKETS` are open.
+    """
+
+    __slots__ = ("_deliver", "_loop", "_sockets")
+
+    def __init__(self, loop, deliver: Callable[[socket.socket, Address], None]) -> None:
+        self._loop = loop
+        self._deliver = deliver
+        self._sockets: dict[Address, socket.socket] = {}
+
+    def get(self, destination: Address) -> socket.socket:
+        """The socket answering from `destination`; OSError when it cannot be bound."""
+        sock = self._sockets.get(destination)
+        if sock is not None:
+            return sock
+        if len(self._sockets) >= MAX_REPLY_SOCKETS:
+            self._close(next(iter(self._sockets)))
+        family = socket.AF_INET6 if ":" in destination[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            set_transparent(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ask_destination(sock)
+            sock.bind(destination)
+        except OSError:
+            sock.close()
+            raise
+        self._sockets[destination] = sock
+        self._loop.add_reader(sock.fileno(), self._deliver, sock, destination)
+        return sock
+
+    def _close(self, destination: Address) -> None:
+        sock = self._sockets.pop(destination)
+        self._loop.remove_reader(sock.fileno())
+        sock.close()
+
+    def close(self) -> None:
+        for destination in list(self._sockets):
+            self._close(destination)
+
+    def __len__(self) -> int:
+        return len(self._sockets)
