@@ -46,6 +46,7 @@ class Runtime:
     pages: BlockPages
     gate: GateConfig
     tls_pages: object | None = None  # a TlsBlockPages when the pack's TLS action is "page"
+    other_protocols: str = "pass"  # policy.other_protocols: `auto` listeners' clients that speak neither TLS nor HTTP
     violations: ViolationTable = field(default_factory=lambda: ViolationTable(100_000, False))
     block_log: BlockLog = field(default_factory=lambda: BlockLog(1.0, 100.0))
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)

@@ -38,6 +38,7 @@ from ..staleness import freshness
 from ..telemetry.metrics import VIOLATIONS_DROPPED, VIOLATIONS_FLUSHED, WorkerMetrics
 from ..tomlschema import ConfigError
 from ..violations.store import ViolationStore, open_violations
+from .auto_gate import AutoConnection
 from .blockpage import BlockPages, Operator
 from .connection import Listener, Runtime
 from .http_gate import HttpConnection
@@ -48,7 +49,7 @@ from .tls_page import TlsBlockPages
 from .upstream import UpstreamResolver
 
 log = logging.getLogger("icpgate.gate")
-CONNECTION_KINDS = {"http": HttpConnection, "tls": TlsConnection}
+CONNECTION_KINDS = {"http": HttpConnection, "tls": TlsConnection, "auto": AutoConnection}
 METRICS_INTERVAL = 1.0
 # What runs beside the gate in a one-process daemon (feed client, violation upkeep, admin API): it
 # gets the config and a callback to call with the new serial after each commit, so the index follows at once.
@@ -109,6 +110,7 @@ class Worker:
             log.info("registry %s: serial %d, %d filings in the shared index", self.config.registry_path, self.serial,
                      len(policy.index))  # fmt: skip
             self.runtime = Runtime(policy, pages, self.config.gate, tls_pages)
+            self.runtime.other_protocols = self.config.other_protocols
             self._apply_reporting(self.config)
             await self._update_enforcement()
             await self._bind(self.config.listeners)
@@ -191,6 +193,7 @@ class Worker:
         policy.index = self.runtime.policy.index
         self.config = config
         self.runtime.gate = config.gate
+        self.runtime.other_protocols = config.other_protocols
         self.runtime.pages = pages
         self.runtime.tls_pages = tls_pages
         self.runtime.policy = policy

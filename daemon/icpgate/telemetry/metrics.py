@@ -27,6 +27,8 @@ CONNECTIONS = Counter("icpgate_connections", "Accepted connections, by listener 
 DECISIONS = Counter(
     "icpgate_decisions", "Decisions, by listener kind, action and reason.", ["kind", "action", "reason"]
 )
+DETECTED = Counter("icpgate_detected_protocols", "What clients of auto listeners spoke, by listener kind and protocol.",
+                   ["kind", "protocol"])  # fmt: skip
 DECISION_SECONDS = Histogram("icpgate_decision_seconds", "Time to decide one connection or request.",
                              buckets=BUCKETS)  # fmt: skip
 ACTIVE_CONNECTIONS = Gauge("icpgate_active_connections", "Open client connections.", multiprocess_mode="livesum")
@@ -72,6 +74,7 @@ DNS_CHECKS = Counter("icpgate_dns_checks", "DNS confirmations of violating hosts
 _STATS = {
     "connections": (CONNECTIONS, lambda kind: (kind,)),
     "decisions": (DECISIONS, lambda kind, action, reason: (kind, action.value, reason.value)),
+    "detected": (DETECTED, lambda kind, protocol: (kind, protocol)),
     "relaxed": (RELAXED, lambda mode, reason: (mode, reason.value)),
     "inspect_timeouts": (TIMEOUTS, lambda kind: (kind, "inspect")),
     "idle_timeouts": (TIMEOUTS, lambda kind: (kind, "idle")),

@@ -1,0 +1,382 @@
+"""`auto` listeners through the real gate: one port for TLS, HTTP, other protocols and server-first ones.
+
+The gate runs as `icpgate run` with `server_first_wait = 0.2`; the backends are the test origin
+(tests/origin.py: HTTP, TLS, and a recorder that keeps every connection's bytes) and a banner
+server in this process that speaks first, as SMTP or SSH servers do.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from adminkit import admin_request, metric, parse_metrics
+from gatekit import (
+    Gate,
+    closed_by_peer,
+    free_port,
+    gate_config,
+    listener,
+    python_hello,
+    send_in_pieces,
+    start_gate,
+    wait_for_port,
+)
+from test_gate_http import curl, exchange, split_response
+from test_gate_tls import curl_https, wait_for_record
+
+SERVER_FIRST_WAIT = 0.2
+BANNER = b"220 banner.example ESMTP\r\n"
+
+
+class BannerServer:
+    """Speaks first (a banner), then echoes every line; keeps what each connection sent."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received: list[bytearray] = []
+        self.accepted = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            received = bytearray()
+            self.received.append(received)
+            self.accepted.set()
+            threading.Thread(target=self._echo, args=(conn, received), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket, received: bytearray) -> None:
+        with conn:
+            conn.sendall(BANNER)
+            try:
+                while data := conn.recv(65536):
+                    received += data
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def banner() -> Iterator[BannerServer]:
+    server = BannerServer()
+    yield server
+    server.close()
+
+
+def _start(tmp, origin, banner: BannerServer, other_protocols: str) -> Gate:
+    ports = {name: free_port() for name in ("http", "auto_http", "auto_tls", "auto_record", "auto_banner", "admin")}
+    listeners = {
+        "http": listener(ports["http"], "http", origin.http),
+        "auto_http": listener(ports["auto_http"], "auto", origin.http),
+        "auto_tls": listener(ports["auto_tls"], "auto", origin.tls),
+        "auto_record": listener(ports["auto_record"], "auto", origin.record_port),
+        "auto_banner": listener(ports["auto_banner"], "auto", banner.port),
+    }
+    admin = {"enabled": True, "address": "127.0.0.1", "port": ports["admin"]}
+    config = gate_config(tmp, listeners, gate={"server_first_wait": SERVER_FIRST_WAIT}, tables={"admin": admin})
+    # gate_config writes the [policy] table itself
+    config.write_text(config.read_text().replace("[policy]\n", '[policy]\nother_protocols = "%s"\n' % other_protocols))
+    admin = ports.pop("admin")
+    gate = start_gate(config, ports)
+    gate.ports["admin"] = admin
+    wait_for_port(admin)
+    return gate
+
+
+@pytest.fixture(scope="module")
+def auto_gate(tmp_path_factory, origin, banner) -> Iterator[Gate]:
+    gate = _start(tmp_path_factory.mktemp("auto"), origin, banner, "pass")
+    yield gate
+    assert gate.stop() == 0
+    assert "Traceback" not in gate.log(), gate.log()
+
+
+@pytest.fixture(scope="module")
+def strict_gate(tmp_path_factory, origin, banner) -> Iterator[Gate]:
+    """`policy.other_protocols = "block"`."""
+    gate = _start(tmp_path_factory.mktemp("auto-block"), origin, banner, "block")
+    yield gate
+    assert gate.stop() == 0
+    assert "Traceback" not in gate.log(), gate.log()
+
+
+def answer_summary(raw: bytes) -> tuple[bytes, bytes]:
+    """The status line and the gate's header, without the request id: what must match between listeners."""
+    head = raw.partition(b"\r\n\r\n")[0].split(b"\r\n")
+    gate_header = next((line.split(b"; id=")[0] for line in head if line.lower().startswith(b"x-icp-gate:")), b"")
+    return head[0], gate_header
+
+
+def trickle(port: int, data: bytes) -> socket.socket | str:
+    """Send one byte at a time; 'reset' when the gate resets the connection before the last one."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        for offset in range(len(data)):
+            sock.sendall(data[offset : offset + 1])
+            time.sleep(0.001)
+    except (ConnectionResetError, BrokenPipeError):
+        sock.close()
+        return "reset"
+    return sock
+
+
+def new_records(origin, before: int, settle: float = 0.3) -> list[bytes]:
+    time.sleep(settle)
+    return origin.recorded()[before:]
+
+
+# --- HTTP and TLS on an auto port behave as on their own listeners ---------------------------------
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /a HTTP/1.1\r\nHost: example-filed.cn\r\nConnection: close\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n",
+        b"HEAD / HTTP/1.1\r\nHost: www.example-pending.cn\r\n\r\n",
+        b"GET / HTTP/1.0\r\n\r\n",
+        b"GET http://example-filed.cn/ HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: example-filed.cn\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n",
+        b"get / HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n",
+        b"FOO / HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n",
+        b"\r\nGET / HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n",
+        b"\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\nGET / HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n",
+        b"GET /\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    ],
+)
+def test_http_on_an_auto_port_is_answered_as_on_an_http_port(auto_gate, request_bytes: bytes) -> None:
+    on_http = exchange(auto_gate.ports["http"], request_bytes)
+    on_auto = exchange(auto_gate.ports["auto_http"], request_bytes)
+    assert on_http, request_bytes
+    assert answer_summary(on_auto) == answer_summary(on_http), (on_auto[:300], on_http[:300])
+
+
+def test_curl_http_filed_and_unfiled(auto_gate) -> None:
+    status, headers, body = split_response(curl(auto_gate.ports["auto_http"], "www.example-filed.cn", path="/x?y=1"))
+    assert status == 200 and "x-icp-gate" not in headers and '"path": "/x?y=1"' in body
+    status, headers, body = split_response(curl(auto_gate.ports["auto_http"], "example-unfiled.cn"))
+    assert status == 403 and headers["x-icp-gate"].startswith("blocked; reason=unfiled; id=")
+    assert "example-unfiled.cn" in body
+
+
+def test_keep_alive_requests_are_each_checked(auto_gate) -> None:
+    sock = socket.create_connection(("127.0.0.1", auto_gate.ports["auto_http"]), timeout=10)
+    sock.sendall(b"GET /one HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n")
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    sock.sendall(b"GET /two HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n")
+    assert "reason=unfiled" in closed_by_peer(sock)
+
+
+def test_tls_filed_passes_and_unfiled_is_reset(auto_gate, certs) -> None:
+    port = auto_gate.ports["auto_tls"]
+    result = curl_https(port, "www.example-filed.cn", certs["ca"])
+    assert result.returncode == 0, result.stderr
+    assert b'"host": "www.example-filed.cn:%d"' % port in result.stdout
+    blocked = curl_https(port, "example-unfiled.cn", certs["ca"])
+    assert blocked.returncode == 35 and b"reset by peer" in blocked.stderr, blocked
+
+
+def test_openssl_s_client_and_python_ssl(auto_gate, certs) -> None:
+    port = auto_gate.ports["auto_tls"]
+
+    def s_client(name: str) -> str:
+        return subprocess.run(["openssl", "s_client", "-connect", "127.0.0.1:%d" % port, "-servername", name, "-brief"],
+                              input="", capture_output=True, text=True, timeout=20).stderr  # fmt: skip
+
+    assert "CONNECTION ESTABLISHED" in s_client("example-filed.cn")
+    assert "CONNECTION ESTABLISHED" not in s_client("example-unfiled.cn")
+    context = ssl.create_default_context(cafile=str(certs["ca"]))
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                             server_hostname="example-filed.cn") as tls:  # fmt: skip
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\nConnection: close\r\n\r\n")
+        assert tls.recv(100).startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize(
+    ("hello", "expected"),
+    [
+        (python_hello("example-filed.cn"), "passed"),
+        (python_hello("example-unfiled.cn"), "reset"),
+        (python_hello(None), "reset"),  # no SNI: the no_host rule, as on a tls listener
+        (b"\x16\x03\x05\x00\x05\x01\x00\x00\x01\x00", "reset"),  # a record version OpenSSL reads, the gate refuses
+        (b"\x80\x2e\x01\x03\x01" + bytes(46), "reset"),  # SSLv2-compatible hello
+    ],
+)
+def test_hellos_one_byte_at_a_time(auto_gate, origin, hello: bytes, expected: str) -> None:
+    before = len(origin.recorded())
+    sock = trickle(auto_gate.ports["auto_record"], hello)
+    if expected == "passed":
+        wait_for_record(origin, before, len(hello))
+        sock.close()
+        assert origin.recorded()[before] == hello
+    else:
+        assert sock == "reset" or closed_by_peer(sock) == "reset"
+        assert all(record == b"" for record in new_records(origin, before))
+
+
+def test_http_one_byte_at_a_time(auto_gate, origin) -> None:
+    filed = b"GET /bytes HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n"
+    before = len(origin.recorded())
+    sock = trickle(auto_gate.ports["auto_record"], filed)
+    wait_for_record(origin, before, len(filed))
+    sock.close()
+    assert origin.recorded()[before] == filed
+    unfiled = b"GET /bytes HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n"
+    sock = trickle(auto_gate.ports["auto_record"], unfiled)
+    assert "reason=unfiled" in closed_by_peer(sock)
+
+
+# --- other protocols ------------------------------------------------------------------------------
+SSH_BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n"
+
+
+@pytest.mark.parametrize("first", [SSH_BANNER, b"SSH-2.0-OpenSSH_9.6\r\n", b"\x00\x00\x00\x08\x04\xd2\x16\x2f"])
+def test_other_protocols_pass_untouched(auto_gate, origin, first: bytes) -> None:
+    before = len(origin.recorded())
+    payload = first + bytes(range(256)) * 4
+    sock = send_in_pieces(auto_gate.ports["auto_record"], payload, [len(first)], pause=0.05)
+    wait_for_record(origin, before, len(payload))
+    sock.close()
+    assert origin.recorded()[before] == payload
+
+
+@pytest.mark.parametrize("first", [SSH_BANNER, b"\x00\x01binary"])
+def test_other_protocols_are_closed_when_blocked(strict_gate, origin, first: bytes) -> None:
+    before = len(origin.recorded())
+    sock = send_in_pieces(strict_gate.ports["auto_record"], first, [])
+    assert closed_by_peer(sock) == "closed"
+    assert new_records(origin, before) == []
+
+
+def test_blocking_other_protocols_still_serves_http_and_tls(strict_gate, certs) -> None:
+    assert split_response(curl(strict_gate.ports["auto_http"], "example-filed.cn"))[0] == 200
+    assert curl_https(strict_gate.ports["auto_tls"], "www.example-filed.cn", certs["ca"]).returncode == 0
+
+
+# --- server first -------------------------------------------------------------------------------
+def test_a_server_first_protocol_works_with_a_silent_client(auto_gate, banner) -> None:
+    sock = socket.create_connection(("127.0.0.1", auto_gate.ports["auto_banner"]), timeout=10)
+    started = time.monotonic()
+    assert sock.recv(1024) == BANNER
+    waited = time.monotonic() - started
+    assert SERVER_FIRST_WAIT * 0.9 <= waited < SERVER_FIRST_WAIT + 2, waited
+    for line in (b"EHLO client.example\r\n", b"MAIL FROM:<a@client.example>\r\n"):
+        sock.sendall(line)
+        assert sock.recv(1024) == line
+    sock.sendall(b"QUIT\r\n")
+    assert sock.recv(1024) == b"QUIT\r\n"
+    sock.shutdown(socket.SHUT_WR)
+    assert closed_by_peer(sock) == "closed"
+    assert bytes(banner.received[-1]) == b"EHLO client.example\r\nMAIL FROM:<a@client.example>\r\nQUIT\r\n"
+
+
+def test_server_first_is_off_when_other_protocols_are_blocked(strict_gate, banner) -> None:
+    connections = len(banner.received)
+    sock = socket.create_connection(("127.0.0.1", strict_gate.ports["auto_banner"]), timeout=SERVER_FIRST_WAIT * 5)
+    with pytest.raises(TimeoutError):
+        sock.recv(1024)
+    sock.close()
+    assert len(banner.received) == connections
+
+
+def _wait_past_the_timer(port: int, origin) -> tuple[socket.socket, int]:
+    """Connect silently until the gate has connected to the (silent, recording) backend."""
+    before = len(origin.recorded())
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    deadline = time.monotonic() + 10
+    while len(origin.recorded()) == before:
+        assert time.monotonic() < deadline, "the gate never connected upstream for a silent client"
+        time.sleep(0.02)
+    return sock, before
+
+
+def test_waiting_past_the_timer_then_unfiled_http_is_blocked(auto_gate, origin) -> None:
+    sock, before = _wait_past_the_timer(auto_gate.ports["auto_record"], origin)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n")
+    answer = closed_by_peer(sock)
+    assert answer.startswith("HTTP/1.1 403 ") and "reason=unfiled" in answer
+    assert new_records(origin, before) == [b""]  # connected, and never a byte of the request
+
+
+def test_waiting_past_the_timer_then_an_unfiled_hello_is_reset(auto_gate, origin) -> None:
+    sock, before = _wait_past_the_timer(auto_gate.ports["auto_record"], origin)
+    sock.sendall(python_hello("example-unfiled.cn"))
+    assert closed_by_peer(sock) == "reset"
+    assert new_records(origin, before) == [b""]
+
+
+def test_waiting_past_the_timer_then_filed_http_passes(auto_gate, origin) -> None:
+    sock, before = _wait_past_the_timer(auto_gate.ports["auto_record"], origin)
+    request = b"GET /late HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n"
+    sock.sendall(request)
+    wait_for_record(origin, before, len(request))
+    sock.close()
+    assert origin.recorded()[before] == request
+
+
+def test_waiting_past_the_timer_on_a_real_http_server(auto_gate) -> None:
+    """The origin's HTTP server says nothing first; the request that comes late is decided as usual."""
+    port = auto_gate.ports["auto_http"]
+    for host, status in (("example-filed.cn", b"200"), ("example-unfiled.cn", b"403")):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        time.sleep(SERVER_FIRST_WAIT * 3)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host.encode())
+        assert closed_by_peer(sock).startswith("HTTP/1.1 %s " % status.decode())
+
+
+# --- fail closed ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("prefix", [b"GET", b"GET / HTTP/1.1", b"\x16", b"\x80\x2e"])
+def test_a_stalled_prefix_fails_closed(auto_gate, origin, prefix: bytes) -> None:
+    before = len(origin.recorded())
+    sock = send_in_pieces(auto_gate.ports["auto_record"], prefix, [])
+    started = time.monotonic()
+    assert closed_by_peer(sock) in ("closed", "reset")
+    assert 1.5 < time.monotonic() - started < 8  # the test config's 2 s inspection timeout
+    assert all(record == b"" for record in new_records(origin, before))
+
+
+def test_a_prefix_ended_by_eof_is_never_a_request(auto_gate, origin) -> None:
+    """`GET http://…` and EOF without a line end: the HTTP path reads it and relays nothing."""
+    before = len(origin.recorded())
+    sock = send_in_pieces(auto_gate.ports["auto_record"], b"GET http://example-unfiled.cn/ HTTP/1.0", [])
+    sock.shutdown(socket.SHUT_WR)
+    assert closed_by_peer(sock) in ("closed", "reset")
+    assert all(record == b"" for record in new_records(origin, before))
+
+
+def test_metrics_count_what_was_detected(auto_gate) -> None:
+    exchange(auto_gate.ports["auto_http"], b"GET / HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n")
+    exchange(auto_gate.ports["auto_tls"], python_hello("example-unfiled.cn"))
+    send_in_pieces(auto_gate.ports["auto_record"], SSH_BANNER, []).close()
+    assert closed_by_peer(send_in_pieces(auto_gate.ports["auto_record"], b"GET", [])) == "closed"
+    deadline = time.monotonic() + 10
+    while True:
+        metrics = parse_metrics(admin_request(auto_gate.ports["admin"], "/metrics")[2].decode())
+        detected = {protocol: metric(metrics, "icpgate_detected_protocols_total", kind="auto", protocol=protocol)
+                    for protocol in ("http", "tls", "other", "unknown")}  # fmt: skip
+        if all(detected.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(detected.values()), detected
+    assert metric(metrics, "icpgate_decisions_total", kind="http", action="block", reason="unfiled") >= 1
+    assert metric(metrics, "icpgate_decisions_total", kind="tls", action="block", reason="unfiled") >= 1
+    assert metric(metrics, "icpgate_decisions_total", kind="other", action="allow", reason="no_host") >= 1
+    assert metric(metrics, "icpgate_decisions_total", kind="auto", action="block", reason="invalid") >= 1
+    assert metric(metrics, "icpgate_timeouts_total", kind="auto", phase="inspect") >= 1
+    assert metric(metrics, "icpgate_connections_total", kind="auto") >= sum(detected.values())
