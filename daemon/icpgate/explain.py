@@ -1,14 +1,16 @@
-"""Explain one decision: the same `Policy.decide` the gate runs, plus the facts behind it."""
+"""Explain one decision: the same `Policy.decide` and `Policy.applied` the gate runs, plus the facts behind it."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from .config import Config
 from .hostname import HostKind, normalize_host, parent_names
-from .policy import Policy, Verdict
+from .policy import Action, Policy, Verdict
 from .policy_pack import LoadedPack
 from .registry import Registry, open_registry
+from .staleness import freshness
 from .suffixes import registrable_domain
 
 
@@ -25,8 +27,11 @@ async def explain_with(registry: Registry, config: Config, pack: LoadedPack, hos
     """`explain` on an open registry (the admin API keeps one)."""
     normalized = normalize_host(host)
     candidates = list(parent_names(normalized.value)) if normalized.kind is HostKind.NAME else []
-    policy = Policy(pack.policy, config.provider.id, await registry.index_for(candidates))
+    policy = Policy(pack.policy, config.provider.id, await registry.index_for(candidates), config.gate.enforcement)
     verdict = policy.decide(host, ip, port, proto, path)
+    stale = freshness(config.feed, (await registry.sync_status()).get("last_success"), datetime.now(UTC)).enforcement
+    mode, mode_rule = policy.mode_for(ip, stale)
+    applied = policy.applied(verdict, ip, stale)
     filing = await _full_filing(registry, verdict)
     return {
         "host": host,
@@ -35,7 +40,11 @@ async def explain_with(registry: Registry, config: Config, pack: LoadedPack, hos
         "registrable_domain": registrable_domain(normalized.value) if normalized.kind is HostKind.NAME else None,
         "destination": {"ip": ip, "port": port, "proto": proto},
         "matched": verdict.matched,
-        "action": verdict.action.value,
+        "action": applied.action.value,  # what the gate does
+        "policy_action": verdict.action.value,  # what the policy decided, before the mode
+        "mode": mode.value,  # in force for this destination: enforce, monitor or open
+        "mode_rule": mode_rule or None,  # the key that set it
+        "passed": applied.passed,  # a block the mode lets through
         "reason": verdict.reason.value,
         "rule": verdict.rule,
         "detail": verdict.detail or None,
@@ -93,6 +102,18 @@ def render_explanation(facts: dict[str, Any]) -> str:
     elif facts["host_kind"] == "name":
         lines.append(("filing", "none for %s or any parent" % facts["normalized"]))
     lines.append(("rule", "%s (pack %s, provider %s)" % (facts["rule"], facts["policy_pack"], facts["provider"])))
-    lines.append(("verdict", "%s (%s)" % (facts["action"].upper(), facts["reason"])))
+    if facts["mode"] != "enforce":
+        lines.append(("mode", "%s (%s)" % (facts["mode"], facts["mode_rule"])))
+    lines.append(("verdict", _verdict_text(facts)))
     width = max(len(label) for label, _ in lines)
     return "\n".join("%s  %s" % (label.ljust(width), value) for label, value in lines)
+
+
+def _verdict_text(facts: dict[str, Any]) -> str:
+    """`BLOCK (unfiled)`; in monitor or open mode, what the policy decided and what the gate does."""
+    if facts["passed"]:
+        return "would BLOCK (%s) — %s mode: passed" % (facts["reason"], facts["mode"])
+    text = "%s (%s)" % (facts["action"].upper(), facts["reason"])
+    if facts["mode"] != "enforce" and facts["action"] == Action.BLOCK:
+        return text + " — refused in %s mode too" % facts["mode"]
+    return text

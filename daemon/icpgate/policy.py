@@ -2,7 +2,8 @@
 
 `Policy.decide` answers the gate, `icpgate check` and the admin API alike, so an explanation is
 always the real decision. It reads the index reference once, so an index swapped in the middle
-of a decision cannot mix two registries.
+of a decision cannot mix two registries. `Policy.applied` then says what the gate does with a
+block in the mode in force (monitor mode, a pilot range, a stale feed), again for all three alike.
 """
 
 from __future__ import annotations
@@ -50,14 +51,37 @@ FILING_REASONS = frozenset({
 })  # fmt: skip
 
 
+class Mode(StrEnum):
+    """What the gate does with the policy's blocks (docs/policy.md, "Monitor mode and pilots")."""
+
+    ENFORCE = "enforce"  # blocks are blocks
+    MONITOR = "monitor"  # a deliberate watch: gate.enforcement, enforce.monitor_ranges, or feed.stale_mode
+    OPEN = "open"  # the feed expired and feed.stale_mode gives up enforcing what rests on filing data
+
+
+# What monitor mode (gate.enforcement, enforce.monitor_ranges) lets through: every block the policy
+# makes about a host. Never `invalid`: traffic the gate cannot parse it cannot follow either, and a
+# backend may read it otherwise (a parser differential); nor the gate's own protocol refusals.
+MONITOR_REASONS = FILING_REASONS | {Reason.NO_HOST, Reason.IP_LITERAL}
+# What an expired feed's stale_mode lets through: only the blocks that rest on registry data.
+STALE_REASONS = FILING_REASONS
+
+
 class Verdict(NamedTuple):
-    action: Action
+    action: Action  # what the gate does: a block let through by a mode is ALLOW here, see `mode`
     reason: Reason
     rule: str  # the pack key or registry fact that decided, e.g. `rules.ip_literal`, `filing.status`
     host: str  # the normalised host, or the raw text when it is invalid
     matched: str | None = None  # the filed domain (the name or a parent) that matched
     filing: IndexedFiling | None = None
     detail: str = ""  # why a host is invalid
+    # ENFORCE: `action` is the policy's. MONITOR or OPEN: the policy blocked and this mode let it through.
+    mode: Mode = Mode.ENFORCE
+
+    @property
+    def passed(self) -> bool:
+        """A block the mode in force let through: counted, logged and recorded as a violation."""
+        return self.mode is not Mode.ENFORCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,15 +122,30 @@ def _in_any(address, networks: tuple[IPNetwork, ...]) -> bool:
 _ACCESS_RANK = {AccessStatus.ACTIVE: 3, AccessStatus.FIRST_REVIEW: 2, AccessStatus.CANCELLED: 1}
 
 
-class Policy:
-    """A policy pack bound to our provider id and to the current index (swapped by assignment)."""
+def daemon_mode(enforcement: str, stale: str) -> tuple[Mode, str]:
+    """The mode of the whole daemon and the key that set it ('' when enforcing): `gate.enforcement`
+    = "monitor" wins, else the feed's mode now (staleness.py: "enforce", or the expired feed's
+    stale_mode). Pilot ranges are per destination: `Policy.mode_for`."""
+    if enforcement == Mode.MONITOR:
+        return Mode.MONITOR, "gate.enforcement"
+    if stale != Mode.ENFORCE:
+        return Mode(stale), "feed.stale_mode"
+    return Mode.ENFORCE, ""
 
-    def __init__(self, pack: PolicyPack, provider_id: str, index: FilingIndex) -> None:
+
+class Policy:
+    """A policy pack bound to our provider id, the daemon's `gate.enforcement` and the current index
+    (swapped by assignment)."""
+
+    def __init__(self, pack: PolicyPack, provider_id: str, index: FilingIndex, enforcement: str = "enforce") -> None:
         self.pack = pack
         self.provider_id = provider_id
         self.index = index
+        self.enforcement = enforcement  # gate.enforcement: "enforce" or "monitor"
         # The default pack enforces every destination: skip the destination check entirely.
         self._every_destination = pack.enforce_ranges is None and pack.enforce_ports is None and not pack.exempt_ranges
+        # Whether any block could be let through by monitor mode: the gate's block path asks this first.
+        self.monitors = enforcement == Mode.MONITOR or bool(pack.monitor_ranges)
 
     def decide(
         self, host: str | None, dst_ip: str | None, dst_port: int | None, proto: str, path: str | None = None
@@ -122,6 +161,35 @@ class Policy:
             and verdict.reason in FILING_REASONS
         ):
             return verdict._replace(action=Action.ALLOW, reason=Reason.EXEMPT, rule="rules.acme_http01")
+        return verdict
+
+    def mode_for(self, dst_ip: str | None, stale: str = "enforce") -> tuple[Mode, str]:
+        """The mode in force for a destination and the key that set it ('' when enforcing).
+
+        Monitor (gate.enforcement, then enforce.monitor_ranges) comes before the feed's mode: it is
+        the operator's choice and lets through everything a stale mode would. An unparsable
+        destination is in no pilot range (fail closed)."""
+        if self.enforcement == Mode.MONITOR:
+            return Mode.MONITOR, "gate.enforcement"
+        if self.pack.monitor_ranges and dst_ip is not None:
+            address = _address(dst_ip)
+            if address is not None and _in_any(address, self.pack.monitor_ranges):
+                return Mode.MONITOR, "enforce.monitor_ranges"
+        return daemon_mode(Mode.ENFORCE, stale)
+
+    def applied(self, verdict: Verdict, dst_ip: str | None, stale: str = "enforce") -> Verdict:
+        """What the gate does with `verdict` on this destination: a block that the mode in force
+        lets through comes back allowed, with its reason and rule kept and the mode set.
+
+        `stale` is the feed's mode now ("enforce" while it is fresh). Monitor lets through
+        MONITOR_REASONS, a stale feed's mode STALE_REASONS; `invalid` is refused in every mode."""
+        if verdict.action is not Action.BLOCK or verdict.reason is Reason.INVALID:
+            return verdict
+        mode, key = self.mode_for(dst_ip, stale)
+        if mode is Mode.ENFORCE:
+            return verdict
+        if verdict.reason in (STALE_REASONS if key == "feed.stale_mode" else MONITOR_REASONS):
+            return verdict._replace(action=Action.ALLOW, mode=mode)
         return verdict
 
     def _decide(self, host: str | None, dst_ip: str | None, dst_port: int | None) -> Verdict:

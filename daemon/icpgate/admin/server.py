@@ -32,7 +32,15 @@ from ..violations import store as violation_store
 from ..violations.current import annotate
 from ..violations.store import Filters, ViolationStore, open_violations, parse_since
 from .openapi import openapi_document
-from .state_metrics import BlockRate, exposition, readiness, ready_family, state_families, worker_families
+from .state_metrics import (
+    BlockRate,
+    enforcement_check,
+    exposition,
+    readiness,
+    ready_family,
+    state_families,
+    worker_families,
+)
 from .status_page import render_status_page
 
 log = logging.getLogger("icpgate.admin")
@@ -55,6 +63,8 @@ class AdminApi:
         self.token = _read_token(config)
         self.block_rate = BlockRate()
         self._sync_lock = asyncio.Lock()
+        self._pilot: tuple = ()  # the pack's monitor_ranges, as of _pack_stamp (its mtime)
+        self._pack_stamp: int | None = -1
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -80,9 +90,10 @@ class AdminApi:
     async def readyz(self, _request: web.Request) -> web.Response:
         """Ready when every worker has its index and its listeners, and the feed is not expired."""
         families = await asyncio.to_thread(worker_families)
-        checks = readiness(self.config, families, await self.registry.sync_status())
+        checks = readiness(self.config, families, await self.registry.sync_status(), self._monitor_ranges())
         ready = all(check["ok"] for check in checks.values())
-        return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+        body = {"ready": ready, "mode": checks["enforcement"]["mode"], "checks": checks}
+        return web.json_response(body, status=200 if ready else 503)
 
     async def metrics(self, _request: web.Request) -> web.Response:
         families = await self._families()
@@ -94,8 +105,23 @@ class AdminApi:
         state = await self.registry.state()
         sync = await self.registry.sync_status()
         summary = await self.store.summary()
-        ready = ready_family(readiness(self.config, workers, sync))
+        ready = ready_family(readiness(self.config, workers, sync, self._monitor_ranges()))
         return workers + state_families(self.config, sync, state.serial, summary) + [ready]
+
+    def _monitor_ranges(self) -> tuple:
+        """The pack's enforce.monitor_ranges (a pilot), read again when the file changes; a pack
+        that cannot be read now keeps the last answer (the workers keep their last good pack too)."""
+        try:
+            stamp = self.config.policy_pack.stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        if stamp != self._pack_stamp:  # each change is read, and a failure logged, once
+            self._pack_stamp = stamp
+            try:
+                self._pilot = load_pack(self.config.policy_pack).policy.monitor_ranges
+            except (OSError, ConfigError) as error:
+                log.warning("cannot read the policy pack for its monitor_ranges: %s", error)
+        return self._pilot
 
     async def sample_block_rate(self) -> None:
         while True:
@@ -230,7 +256,8 @@ class AdminApi:
         _, top = await self.store.query(Filters(confirmed=True), 20, 0)
         await self._annotate(top)
         summary = await self.store.summary()
-        html = render_status_page(self.config, status, self.block_rate.per_second(), top, summary)
+        enforcement = enforcement_check(self.config, status["freshness"]["enforcement"], self._monitor_ranges())
+        html = render_status_page(self.config, status, enforcement, self.block_rate.per_second(), top, summary)
         return web.Response(text=html, content_type="text/html", charset="utf-8")
 
 

@@ -1,5 +1,6 @@
 """/metrics: the workers' metrics (multiprocess files) plus what the admin reads from the registry
-and the violation log at scrape time: feed state, enforcement mode, violation records by DNS state."""
+and the violation log at scrape time: feed state, enforcement mode, violation records by DNS state.
+The enforcement mode and /readyz's checks are computed here once, so they cannot disagree."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from ..config import Config
 from ..feed.protocol import SyncResult
+from ..policy import daemon_mode
 from ..staleness import freshness
 from ..telemetry.multiproc import ENV
 from ..violations.store import DNS_STATES
 
-MODES = ("enforce", "monitor", "open")
+MODES = ("enforce", "monitor", "open")  # policy.Mode
 RATE_WINDOW = 60.0
 
 
@@ -58,8 +60,9 @@ def state_families(config: Config, sync: dict, serial: int, violations: dict[str
     mismatches = CounterMetricFamily("icpgate_feed_checksum_mismatches", "Change sets that did not add up.",
                                      value=sync.get("checksum_mismatches", 0))  # fmt: skip
     mode = GaugeMetricFamily("icpgate_enforcement_mode", "1 for the mode the gate is in.", labels=["mode"])
+    current, _ = daemon_mode(config.gate.enforcement, fresh.enforcement)
     for name in MODES:
-        mode.add_metric([name], int(name == fresh.enforcement))
+        mode.add_metric([name], int(name == current))
     records = GaugeMetricFamily("icpgate_violation_records", "Records in the violation log, by DNS state.",
                                 labels=["dns"])  # fmt: skip
     for state in DNS_STATES:
@@ -67,9 +70,11 @@ def state_families(config: Config, sync: dict, serial: int, violations: dict[str
     return [configured, feed_serial, success, attempt, failures, results, mismatches, mode, records]
 
 
-def readiness(config: Config, workers: list[Metric], sync: dict) -> dict[str, dict]:
+def readiness(config: Config, workers: list[Metric], sync: dict,
+              monitor_ranges: tuple | list = ()) -> dict[str, dict]:  # fmt: skip
     """The checks of /readyz, also behind `icpgate_ready`: every worker has its index and its
-    listeners, and the feed is not expired."""
+    listeners, and the feed is not expired. `enforcement` only reports (monitor mode is a choice,
+    not a fault): the daemon's mode, the key that set it and the pack's pilot ranges."""
     bound = sum(value for _, value in sample_values(workers, "icpgate_listeners_bound"))
     expected = config.gate.workers * len(config.listeners)
     serials = sample_values(workers, "icpgate_index_serial")
@@ -79,7 +84,14 @@ def readiness(config: Config, workers: list[Metric], sync: dict) -> dict[str, di
         "listeners": {"ok": bound >= expected, "bound": int(bound), "expected": expected},
         "feed": {"ok": fresh.state != "expired", "state": fresh.state, "age": fresh.age,
                  "enforcement": fresh.enforcement},
+        "enforcement": enforcement_check(config, fresh.enforcement, monitor_ranges),
     }  # fmt: skip
+
+
+def enforcement_check(config: Config, stale: str, monitor_ranges: tuple | list) -> dict:
+    """The daemon's mode (policy.daemon_mode), the key that set it and the pilot ranges."""
+    mode, rule = daemon_mode(config.gate.enforcement, stale)
+    return {"ok": True, "mode": mode.value, "rule": rule or None, "monitor_ranges": [str(n) for n in monitor_ranges]}
 
 
 def ready_family(checks: dict[str, dict]) -> GaugeMetricFamily:

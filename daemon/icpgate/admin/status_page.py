@@ -37,13 +37,14 @@ _STYLE = "".join(
 )
 
 
-def render_status_page(config: Config, feed: dict[str, Any], rates: dict[str, float], top: list[dict[str, Any]],
-                       summary: dict[str, int]) -> str:  # fmt: skip
-    """The page in zh-CN and English, side by side; times in `display.timezone`."""
+def render_status_page(config: Config, feed: dict[str, Any], enforcement: dict[str, Any], rates: dict[str, float],
+                       top: list[dict[str, Any]], summary: dict[str, int]) -> str:  # fmt: skip
+    """The page in zh-CN and English, side by side; times in `display.timezone`. `enforcement` is
+    /readyz's check of that name: the daemon's mode, the key that set it, the pilot ranges."""
     zone = config.display_timezone
     fresh = feed["freshness"]
     sync = feed["sync"]
-    mode = fresh["enforcement"]
+    mode = enforcement["mode"]
     age = fresh["age"] or 0
     last_success = (
         "%s（%.0f 秒前 · %.0f s ago）" % (escape(local_text(sync["last_success"], zone)), age, age)
@@ -52,7 +53,10 @@ def render_status_page(config: Config, feed: dict[str, Any], rates: dict[str, fl
     )
     serial = "%d（%d 条备案 · %d filings）" % (feed["serial"], feed["filings"], feed["filings"])
     rows_feed = [
-        ("执行模式 · Enforcement", '<span class="mode %s">%s</span>' % (escape(mode), escape(mode))),
+        (
+            "执行模式 · Enforcement",
+            '<span class="mode %s">%s</span>%s' % (escape(mode), escape(mode), _mode_note(enforcement)),
+        ),
         ("备案数据源 · Feed", escape(", ".join(config.feed.urls)) or "无（仅本地导入） · none (local imports only)"),
         ("数据新鲜度 · Freshness", '<span class="%s">%s</span>' % (escape(fresh["state"]), escape(fresh["state"]))),
         ("上次同步成功 · Last successful sync", last_success),
@@ -60,6 +64,9 @@ def render_status_page(config: Config, feed: dict[str, Any], rates: dict[str, fl
         ("注册库版本 · Registry serial", serial),
         ("时区 · Time zone", escape(zone_label(zone))),
     ]
+    if enforcement["monitor_ranges"]:
+        rows_feed.insert(1, ("试点监控范围 · Monitored ranges (pilot)", "%s（只记录，不阻断 · recorded, not blocked）"
+                             % escape(", ".join(enforcement["monitor_ranges"]))))  # fmt: skip
     feed_html = "<dl>%s</dl>" % "".join("<dt>%s</dt><dd>%s</dd>" % row for row in rows_feed)
     if rates:
         rate_rows = "".join('<tr><td>%s</td><td class="num">%.2f</td></tr>' % (escape(reason), rate)
@@ -98,11 +105,25 @@ def render_status_page(config: Config, feed: dict[str, Any], rates: dict[str, fl
     }  # fmt: skip
 
 
+# What the mode means for the operator, after its name, by the key that set it.
+_MODE_NOTES = {
+    "gate.enforcement": "gate.enforcement = monitor：只记录，不阻断（格式错误的流量除外） · recorded, not blocked "
+    "(malformed traffic excepted)",
+    "feed.stale_mode": "feed.stale_mode：备案数据已过期 · the feed has expired",
+}
+
+
+def _mode_note(enforcement: dict[str, Any]) -> str:
+    note = _MODE_NOTES.get(enforcement["rule"] or "")
+    return " — %s" % escape(note) if note else ""
+
+
 def _violation_row(record: dict[str, Any], zone: tzinfo) -> str:
     customer, handling = record["customer"], record["handling"]
     cells = (
         str(record["id"]), escape(record["domain"] or "-"), escape(record["host"]),
-        escape("%s:%d" % (record["ip"], record["port"])), escape(record["proto"]), escape(record["reason"]),
+        escape("%s:%d" % (record["ip"], record["port"])), escape(record["proto"]),
+        escape(record["reason"]) + _passed(record),
         '<td class="num">%d</td>' % record["count"], escape(local_text(record["last_seen"], zone)),
         escape(", ".join(record["dns"]["addresses"])),
         escape("%s · %s" % (current_zh(record), current_en(record)) if record.get("current") else "-"),
@@ -111,3 +132,10 @@ def _violation_row(record: dict[str, Any], zone: tzinfo) -> str:
                               "：" + handling["note"] if handling["note"] else "")),
     )  # fmt: skip
     return "<tr>%s</tr>" % "".join(cell if cell.startswith("<td") else "<td>%s</td>" % cell for cell in cells)
+
+
+def _passed(record: dict[str, Any]) -> str:
+    """Passes by monitor mode or a stale feed are violations too; say how many of the count were let through."""
+    if not record["passed"]:
+        return ""
+    return escape("（放行 %d 次 · passed %d of %d）" % (record["passed"], record["passed"], record["count"]))

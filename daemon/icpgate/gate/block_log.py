@@ -1,5 +1,7 @@
 """One log line per blocked request, sampled and rate-limited, carrying the block page's request id.
 
+A block that monitor mode or a stale feed let through gets the same line, saying "passed" and the mode.
+
 Support finds a customer's blocked request from the id on their screenshot. A flood of junk must
 not become a flood of log lines: past `lines_per_second` lines are counted, not written.
 """
@@ -10,7 +12,7 @@ import logging
 import random
 import time
 
-from ..policy import Verdict
+from ..policy import Mode, Verdict
 
 log = logging.getLogger("icpgate.blocks")
 
@@ -29,7 +31,8 @@ class BlockLog:
         self.rate = lines_per_second
 
     def blocked(self, verdict: Verdict, request_id: str, kind: str, client: tuple[str, int],
-                destination: tuple[str, int], passed: bool = False) -> None:  # fmt: skip
+                destination: tuple[str, int]) -> None:  # fmt: skip
+        """Log a block, or a block that monitor mode or a stale feed let through (`verdict.passed`)."""
         if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
             return
         now = time.monotonic()
@@ -39,11 +42,16 @@ class BlockLog:
             self.suppressed += 1
             return
         self._allowance -= 1.0
+        event = "passed" if verdict.passed else "blocked"
         log.info(
-            "%s %s request_id=%s host=%s reason=%s rule=%s client=%s:%d dst=%s:%d",
-            "passed (stale feed)" if passed else "blocked", kind, request_id, verdict.host or "-",
-            verdict.reason.value, verdict.rule, client[0], client[1], destination[0], destination[1],
-            extra={"event": "passed" if passed else "blocked", "request_id": request_id, "proto": kind,
-                   "host": verdict.host, "reason": verdict.reason.value, "rule": verdict.rule,
+            "%s %s request_id=%s host=%s reason=%s rule=%s mode=%s client=%s:%d dst=%s:%d",
+            _EVENT_TEXT[verdict.mode], kind, request_id, verdict.host or "-", verdict.reason.value, verdict.rule,
+            verdict.mode.value, client[0], client[1], destination[0], destination[1],
+            extra={"event": event, "request_id": request_id, "proto": kind, "host": verdict.host,
+                   "reason": verdict.reason.value, "rule": verdict.rule, "mode": verdict.mode.value,
                    "client": "%s:%d" % client, "destination": "%s:%d" % destination},
         )  # fmt: skip
+
+
+# The line's first words: what the gate did, and in which mode.
+_EVENT_TEXT = {Mode.ENFORCE: "blocked", Mode.MONITOR: "passed (monitor mode)", Mode.OPEN: "passed (stale feed, open)"}

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..config import GateConfig, ListenerConfig
-from ..policy import FILING_REASONS, Action, Policy, Verdict
+from ..policy import Action, Policy, Verdict
 from .block_log import BlockLog
 from .blockpage import BlockPages
 from .latency import LatencyHistogram
@@ -60,7 +60,10 @@ class Runtime:
     # a client may legitimately come from a port one of our upstream connections also uses.
     own_connections: set[tuple[Address, Address]] = field(default_factory=set)
     # "enforce", or the feed's stale_mode ("monitor", "open") once the registry is past max_staleness.
-    enforcement: str = "enforce"
+    # Policy.applied combines it with gate.enforcement and the pack's monitor_ranges.
+    stale_mode: str = "enforce"
+    # (gate.enforcement, monitor_ranges) the worker last logged, so it logs each change once
+    monitoring: tuple = ("enforce", ())
     _decisions: dict[tuple, Verdict] = field(default_factory=dict)
     # the (policy, index, index generation) the cache belongs to
     _decisions_for: tuple[object, object, int] = (None, None, -1)
@@ -89,15 +92,19 @@ class Runtime:
                 if len(self._decisions) >= DECISION_CACHE_SIZE:
                     self._decisions = {}  # junk hosts must not grow memory; popular hosts come back at once
                 verdict = self._decisions[key] = policy.decide(host, dst[0], dst[1], kind, path)
-        if self.enforcement != "enforce" and verdict.action is Action.BLOCK and verdict.reason in FILING_REASONS:
-            return self.relaxed(verdict)
+        if verdict.action is Action.BLOCK and (policy.monitors or self.stale_mode != "enforce"):
+            verdict = policy.applied(verdict, dst[0], self.stale_mode)
+            if verdict.passed:
+                self.stats["relaxed", verdict.mode, verdict.reason] += 1
         return verdict
 
-    def relaxed(self, verdict: Verdict) -> Verdict:
-        """A stale registry in `monitor` or `open` mode: blocks that rest on filing data pass,
-        keeping their reason so they are still counted and logged. Malformed traffic still fails."""
-        self.stats["relaxed", self.enforcement, verdict.reason] += 1
-        return verdict._replace(action=Action.ALLOW, rule="feed.stale_mode = %s" % self.enforcement)
+    def record_violation(self, verdict: Verdict, request_id: str, kind: str, client: Address, destination: Address,
+                         *, blocked: bool) -> None:  # fmt: skip
+        """Count a block, or a block a mode let through (`verdict.passed`), in the violation table,
+        and log it, sampled. For every gate, TCP or UDP."""
+        self.violations.add(verdict.host, destination[0], destination[1], kind, verdict.reason, client[0], blocked,
+                            time.time())  # fmt: skip
+        self.block_log.blocked(verdict, request_id or "-", kind, client, destination)
 
 
 class Listener:
@@ -270,20 +277,16 @@ class GateConnection(asyncio.Protocol):
         verdict = runtime.decide(host, self.destination, self.kind, path)
         runtime.latency.observe(time.perf_counter() - started)
         self.count_decision(verdict)
-        if runtime.enforcement != "enforce" and verdict.action is Action.ALLOW and verdict.reason in FILING_REASONS:
-            self.record_violation(verdict, "", blocked=False)  # passed by a stale-feed mode: still a violation
+        if verdict.passed:  # a block let through by monitor mode or a stale feed: still a violation
+            self.record_violation(verdict, "", blocked=False)
         return verdict
 
     def count_decision(self, verdict: Verdict) -> None:
         self.runtime.stats["decisions", self.kind, verdict.action, verdict.reason] += 1
 
     def record_violation(self, verdict: Verdict, request_id: str, *, blocked: bool = True) -> None:
-        """Count a block (or a stale-mode pass) in the violation table and log it, sampled."""
-        runtime = self.runtime
-        destination = self.destination
-        runtime.violations.add(verdict.host, destination[0], destination[1], self.kind, verdict.reason,
-                               self.client[0], blocked, time.time())  # fmt: skip
-        runtime.block_log.blocked(verdict, request_id or "-", self.kind, self.client, destination, not blocked)
+        """Count a block (or a block a mode let through) in the violation table and log it, sampled."""
+        self.runtime.record_violation(verdict, request_id, self.kind, self.client, self.destination, blocked=blocked)
 
     def inspection_done(self) -> None:
         """Inspection passed: from here on the idle timeout governs the connection."""

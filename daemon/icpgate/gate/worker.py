@@ -61,7 +61,7 @@ def build_runtime_parts(config: Config) -> tuple[Policy, BlockPages, TlsBlockPag
     pack = load_pack(config.policy_pack)
     pages = BlockPages(pack.block, Operator(config.provider.name, config.provider.contact, config.display_timezone))
     tls_pages = TlsBlockPages(config.gate) if pack.block.tls_action == "page" else None
-    return Policy(pack.policy, config.provider.id, EMPTY_INDEX), pages, tls_pages
+    return Policy(pack.policy, config.provider.id, EMPTY_INDEX, config.gate.enforcement), pages, tls_pages
 
 
 def _freeze_index() -> None:
@@ -288,14 +288,25 @@ class Worker:
             self.serial = index.serial
 
     async def _update_enforcement(self) -> None:
+        """Follow the feed's freshness into the runtime's stale mode (gate.enforcement and the
+        pack's monitor_ranges are the policy's, replaced on reload), and say when monitoring changes."""
+        policy = self.runtime.policy
+        monitoring = (policy.enforcement, policy.pack.monitor_ranges)
+        if monitoring != self.runtime.monitoring:
+            self.runtime.monitoring = monitoring
+            if policy.enforcement == "monitor":
+                log.warning("gate.enforcement = monitor: nothing is blocked but malformed traffic")
+            elif policy.pack.monitor_ranges:
+                log.warning("enforce.monitor_ranges: nothing is blocked but malformed traffic for %s",
+                            ", ".join(map(str, policy.pack.monitor_ranges)))  # fmt: skip
         if not self.config.feed.urls:  # local imports only: always enforced, nothing to read
             return
         status = await self.registry.sync_status()
         mode = freshness(self.config.feed, status.get("last_success"), datetime.now(UTC)).enforcement
-        if mode != self.runtime.enforcement:
-            log.warning("enforcement: %s -> %s (feed last synced %s)", self.runtime.enforcement, mode,
+        if mode != self.runtime.stale_mode:
+            log.warning("enforcement: %s -> %s (feed last synced %s)", self.runtime.stale_mode, mode,
                         status.get("last_success") or "never")  # fmt: skip
-            self.runtime.enforcement = mode
+            self.runtime.stale_mode = mode
 
     async def _drain(self) -> None:
         for server in self.servers:

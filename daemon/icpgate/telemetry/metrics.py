@@ -37,7 +37,7 @@ REFUSED = Counter("icpgate_refused_connections", "Connections refused before ins
 TIMEOUTS = Counter("icpgate_timeouts", "Connections ended by a timeout, by kind and phase.", ["kind", "phase"])
 UPSTREAM_FAILURES = Counter("icpgate_upstream_failures", "Allowed connections whose backend could not be reached.",
                             ["kind"])  # fmt: skip
-RELAXED = Counter("icpgate_relaxed_decisions", "Blocks let through because the feed is past max_staleness.",
+RELAXED = Counter("icpgate_relaxed_decisions", "Policy blocks let through by monitor mode or an expired feed's mode.",
                   ["mode", "reason"])  # fmt: skip
 REGISTRY_FILINGS = Gauge("icpgate_registry_filings", "Filings in the index the workers decide with.",
                          multiprocess_mode="livemax")  # fmt: skip
@@ -75,7 +75,7 @@ _STATS = {
     "connections": (CONNECTIONS, lambda kind: (kind,)),
     "decisions": (DECISIONS, lambda kind, action, reason: (kind, action.value, reason.value)),
     "detected": (DETECTED, lambda kind, protocol: (kind, protocol)),
-    "relaxed": (RELAXED, lambda mode, reason: (mode, reason.value)),
+    "relaxed": (RELAXED, lambda mode, reason: (mode.value, reason.value)),
     "inspect_timeouts": (TIMEOUTS, lambda kind: (kind, "inspect")),
     "idle_timeouts": (TIMEOUTS, lambda kind: (kind, "idle")),
     "upstream_failures": (UPSTREAM_FAILURES, lambda kind: (kind,)),
