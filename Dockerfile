@@ -1,8 +1,13 @@
 # syntax=docker/dockerfile:1
 # icpgate in a container: multi-stage (wheels built apart), non-root, example config, health check.
+# docs/deployment.md, "Docker". The user icpgate has no capabilities: listeners use ports >= 1024 on
+# 0.0.0.0, and Docker publishes them on the low ones:
 #   docker build -t icpgate .
-#   docker run --network host -v icpgate-state:/var/lib/icpgate -v ./my-config.toml:/etc/icpgate/config.toml icpgate
+#   docker run -d -p 80:8080 -p 443:8443 -v icpgate-state:/var/lib/icpgate -v ./config.toml:/etc/icpgate/config.toml:ro icpgate
 # Import filings into the volume with: docker run ... icpgate import /data/filings.ndjson -c /etc/icpgate/config.toml
+# Transparent (inline) mode needs --network host and CAP_NET_ADMIN in the process: start as root with
+# only NET_ADMIN, SETUID and SETGID, and let setpriv (util-linux, in the base image) switch to
+# icpgate keeping CAP_NET_ADMIN as an ambient capability (the command is in docs/deployment.md).
 
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
@@ -20,7 +25,7 @@ COPY config.example.toml /etc/icpgate/config.toml
 USER icpgate
 WORKDIR /var/lib/icpgate
 VOLUME ["/var/lib/icpgate"]
-# The example config's listeners; a config of your own may use others.
+# The listener ports: 1024 and up, since the user cannot bind lower ones (publish with -p 80:8080).
 EXPOSE 8080 8443
 ENV PYTHONUNBUFFERED=1
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
