@@ -41,10 +41,14 @@ def ready_url(config: Config) -> str:
     return "http://%s:%d/readyz" % ("[%s]" % host if ":" in host else host, config.admin.port)
 
 
+# Straight to the admin API: an http_proxy in the service's environment must not answer for the gate.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def probe(url: str, timeout: float) -> str | None:
     """None when the gate answers ready; otherwise why not, for the log."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with _OPENER.open(url, timeout=timeout) as response:
             return None if response.status == 200 else "HTTP %d" % response.status
     except urllib.error.HTTPError as error:
         return "HTTP %d%s" % (error.code, _failed_checks(error.read()))
