@@ -380,3 +380,75 @@ def test_metrics_count_what_was_detected(auto_gate) -> None:
     assert metric(metrics, "icpgate_decisions_total", kind="auto", action="block", reason="invalid") >= 1
     assert metric(metrics, "icpgate_timeouts_total", kind="auto", phase="inspect") >= 1
     assert metric(metrics, "icpgate_connections_total", kind="auto") >= sum(detected.values())
+    # Handed-over connections are counted once and leave the open-connection count when they end.
+    while metric(metrics, "icpgate_active_connections") and time.monotonic() < deadline + 10:
+        time.sleep(0.2)
+        metrics = parse_metrics(admin_request(auto_gate.ports["admin"], "/metrics")[2].decode())
+    assert any(name == "icpgate_active_connections" for name, _ in metrics)
+    assert metric(metrics, "icpgate_active_connections") == 0
+
+
+# --- what passes as another protocol is no request to a real server -------------------------------
+def _first_lines() -> list[bytes]:
+    """Request-line shapes and near misses: methods, separators, targets, versions, line ends."""
+    methods = [b"GET", b"get", b"HEAD", b"FOO", b"G.T", b"EHLO", b"USER", b"a001", b"DESCRIBE",
+               b"SSH-2.0-OpenSSH_9.2p1"]  # fmt: skip
+    targets = [b"/", b"/x", b"*", b"http://example-unfiled.cn/", b"HTTP://example-unfiled.cn/", b"x",
+               b"rtsp://example-unfiled.cn/", b"h://example-unfiled.cn/", b"example-unfiled.cn",
+               b"example-unfiled.cn:80", b"Debian-2+deb12u3", b"?x", b"%2Fx",
+               b"sip:bob@example-unfiled.cn"]  # fmt: skip
+    versions = [b"", b"HTTP/1.1", b"HTTP/1.0", b"http/1.1", b"HTXP/1.1", b"HTTP1.1", b"1.1", b"RTSP/1.0", b"SIP/2.0"]
+    return [
+        method + separator + target + (separator + version if version else b"") + end
+        for method in methods
+        for separator in (b" ", b"\t")
+        for target in targets
+        for version in versions
+        for end in (b"\r\n", b"\n")
+    ]
+
+
+def _served(port: int, data: bytes) -> bytes:
+    """The server's answer, or b'' when it closes or says nothing within a few seconds."""
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+        sock.sendall(data)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return answer
+
+
+def test_what_passes_as_another_protocol_is_no_request_to_nginx_or_apache(tmp_path) -> None:
+    """Every first line the classifier calls another protocol (and so relays unread), sent with a
+    Host header to real nginx and Apache: neither serves it from any virtual host. The lines it
+    sends to the HTTP path need no check here: that path decides them as an http listener does."""
+    import random
+
+    import trustme
+    from backends import start_apache, start_nginx
+
+    from icpgate.gate.sniff import Protocol, Sniffer
+
+    def classify(line: bytes) -> Protocol:
+        sniffer = Sniffer(32768)
+        return sniffer.feed(line) or sniffer.at_end()
+
+    lines = _first_lines()
+    others = [line for line in lines if classify(line) is Protocol.OTHER]
+    assert 0 < len(others) < len(lines)  # both kinds occur: the check below is not vacuous
+    sample = random.Random(12).sample(others, min(len(others), 300))
+    sample += [b"EHLO mail.example\r\n", b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n", b"USER anonymous\r\n"]
+    ca = trustme.CA()
+    backends = [start_nginx(tmp_path, ["example-unfiled.cn"], ca), start_apache(tmp_path, ["example-unfiled.cn"], ca)]
+    try:
+        for line in sample:
+            for backend in backends:
+                answer = _served(backend.http, line + b"Host: example-unfiled.cn\r\n\r\n")
+                assert b"served" not in answer, (backend.kind, line, answer[:200])
+                assert answer == b"" or answer.startswith(b"HTTP/1.1 400 "), (backend.kind, line, answer[:200])
+    finally:
+        for backend in backends:
+            backend.stop()

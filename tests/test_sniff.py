@@ -66,6 +66,11 @@ def bytewise(data: bytes, max_size: int = 32768) -> Protocol | None:
         (b"USER anonymous\r\n", OTHER),
         (b"a001 LOGIN user secret\r\n", OTHER),
         (b"get key\r\n", OTHER),  # memcached
+        (b"DESCRIBE rtsp://cam.example/live RTSP/1.0\r\n", OTHER),
+        (b"INVITE sip:bob@example.cn SIP/2.0\r\n", OTHER),
+        (b"GET rtsp://example-unfiled.cn/\r\n", HTTP),  # two words: HTTP/0.9, nginx routes any scheme
+        (b"GET HTTP://example-unfiled.cn/ FOO/1.1\r\n", HTTP),
+        (b"GET /x FOO/1.1\r\n", HTTP),
         (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", OTHER),  # PostgreSQL SSLRequest
         (b"\xff\xfd\x03", OTHER),  # telnet IAC: high bit, not an SSLv2 hello
         (b"hello", None),  # a token without its space: still a possible method

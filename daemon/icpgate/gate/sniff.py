@@ -11,10 +11,11 @@ blocked) as another protocol. So the tests are loose where a loose test is the s
 - HTTP: leading CR, LF, SP or HTAB (llhttp and nginx skip empty lines before a request; the HTTP
   path allows two runs of them), or a token followed by SP or HTAB whose first line either names
   a protocol version (`HTTP/`, any case: a request line of HTTP/1.x, and the HTTP/2 preface
-  `PRI * HTTP/2.0`), or has a target that nginx or Apache would route (`/…`, `*`, `scheme://…`),
-  or is CONNECT. Such a line without a version is an HTTP/0.9 request, which nginx serves from its
-  default server: the HTTP path refuses it. Anything else on that first line is not a request any
-  of them serves: `EHLO mail.example`, `USER anonymous`, `a1 LOGIN …`, and the SSH banner
+  `PRI * HTTP/2.0`), or has a target that nginx or Apache would route (`/…`, `*`, `http(s)://…`,
+  and any `scheme://…` in a two-word line), or is CONNECT. A line without a version is an
+  HTTP/0.9 request, which nginx serves from its default server: the HTTP path refuses it.
+  Anything else on that first line is not a request either serves: `EHLO mail.example`, `USER
+  anonymous`, `a1 LOGIN …`, `DESCRIBE rtsp://… RTSP/1.0`, and the SSH banner
   `SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3` (a token, a space, a comment) are other protocols.
 - Other: everything else, decided as soon as a byte rules both out.
 
@@ -108,4 +109,10 @@ def _is_request_line(line: bytes) -> bool:
     if _VERSION.search(line) or words[0].upper() == b"CONNECT":
         return True
     target = words[1]
-    return target.startswith((b"/", b"*")) or b"://" in target
+    if target.startswith((b"/", b"*")):
+        return True
+    if len(words) == 2:  # HTTP/0.9: nginx routes an absolute URL of any scheme on its authority
+        return b"://" in target
+    # A third word that is no HTTP version: nginx and Apache (Strict, its default) refuse the line,
+    # unless they read the target; RTSP (`DESCRIBE rtsp://… RTSP/1.0`) and SIP are other protocols.
+    return target.lower().startswith((b"http://", b"https://"))
