@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 
 from adminkit import admin_request, metric, parse_metrics
-from gatekit import Gate, free_port, gate_config, listener
+from gatekit import Gate, free_port, gate_config, listener, send_in_pieces
+from test_gate_auto import BANNER, SERVER_FIRST_WAIT, SSH_BANNER, BannerServer
 from test_gate_process import edit_pack, http_get, status_of, wait_until
+from test_gate_tls import wait_for_record
 
 from conftest import copy_policies
 
@@ -245,4 +247,45 @@ def test_a_pilot_range_is_monitored_and_the_rest_enforced(tmp_path: Path, origin
             "block", "enforce", False)  # fmt: skip
     finally:
         assert gate.stop() == 0
+    assert "Traceback" not in gate.log(), gate.log()
+
+
+def test_monitor_mode_on_an_auto_port_lets_other_protocols_and_server_first_through(tmp_path: Path, origin) -> None:
+    """`policy.other_protocols = "block"` is a host rule like no_host: monitor mode passes it too,
+    and so a server-first protocol gets its banner, recorded as a passed violation."""
+    banner = BannerServer()
+    ports = {name: free_port() for name in ("record", "banner", "admin")}
+    listeners = {"record": listener(ports["record"], "auto", origin.record_port),
+                 "banner": listener(ports["banner"], "auto", banner.port)}  # fmt: skip
+    config = gate_config(tmp_path, listeners, gate={"enforcement": "monitor", "server_first_wait": SERVER_FIRST_WAIT},
+                         tables=observed_tables(ports["admin"]))  # fmt: skip
+    config.write_text(config.read_text().replace("[policy]\n", '[policy]\nother_protocols = "block"\n'))
+    gate = start(config, [("127.0.0.1", ports["record"]), ("127.0.0.1", ports["banner"])], ports["admin"])
+    try:
+        before = len(origin.recorded())
+        payload = SSH_BANNER + bytes(range(256))
+        sock = send_in_pieces(ports["record"], payload, [len(SSH_BANNER)], pause=0.05)
+        wait_for_record(origin, before, len(payload))
+        sock.close()
+        assert origin.recorded()[before] == payload
+
+        with socket.create_connection(("127.0.0.1", ports["banner"]), timeout=10) as sock:
+            assert sock.recv(1024) == BANNER
+            sock.sendall(b"EHLO client.example\r\n")
+            assert sock.recv(1024) == b"EHLO client.example\r\n"
+
+        def records() -> list[tuple]:
+            items = json.loads(admin_request(ports["admin"], "/api/v1/violations")[2])["items"]
+            return sorted(
+                (item["port"], item["proto"], item["reason"], item["blocked"], item["passed"]) for item in items
+            )
+
+        expected = sorted((ports[name], "other", "no_host", False, 1) for name in ("record", "banner"))
+        wait_until(lambda: records() == expected, timeout=10, step=0.2)
+        passed = [line for line in log_lines(gate) if line.get("event") == "passed"]
+        assert [(line["proto"], line["rule"], line["mode"]) for line in passed] == [
+            ("other", "policy.other_protocols", "monitor")] * 2  # fmt: skip
+    finally:
+        assert gate.stop() == 0
+        banner.close()
     assert "Traceback" not in gate.log(), gate.log()

@@ -27,6 +27,8 @@ from .tls_gate import TlsConnection
 # The per-connection state a handover moves: all of GateConnection's (what connection_made found,
 # the upstream, flow control, half-close flags, timers), whatever the subclass adds on its own.
 _STATE = tuple(name for name in GateConnection.__slots__ if name != "__weakref__")
+# policy.other_protocols = "block"; monitor mode lets it through like the policy's other host rules.
+OTHER_BLOCK = Verdict(Action.BLOCK, Reason.NO_HOST, "policy.other_protocols", "")
 
 
 class OtherConnection(GateConnection):
@@ -42,10 +44,14 @@ class OtherConnection(GateConnection):
     def inspect(self, data: bytes) -> None:
         if not self._decided:
             self._decided = True
-            allowed = self.runtime.other_protocols == "pass"
-            verdict = Verdict(Action.ALLOW if allowed else Action.BLOCK, Reason.NO_HOST, "policy.other_protocols", "")
+            if self.runtime.other_protocols == "pass":
+                verdict = OTHER_BLOCK._replace(action=Action.ALLOW)
+            else:
+                verdict = self.runtime.apply_mode(OTHER_BLOCK, self.destination)
             self.count_decision(verdict)
-            if not allowed:
+            if verdict.passed:
+                self.record_violation(verdict, "", blocked=False)
+            elif verdict.action is Action.BLOCK:
                 self.runtime.stats["blocks", self.kind, verdict.reason] += 1
                 self.record_violation(verdict, new_request_id())
                 self.close()
@@ -135,7 +141,9 @@ class AutoConnection(GateConnection):
         self._silence = None
         if self._closing or self.transport is None or self._sniffer.started:
             return
-        if self.runtime.other_protocols != "pass":
+        runtime = self.runtime
+        if runtime.other_protocols != "pass" and not runtime.policy.applied(OTHER_BLOCK, self.destination[0],
+                                                                            runtime.stale_mode).passed:  # fmt: skip
             return  # a server-first protocol is another protocol: nothing of the server's may reach the client
         self._connect_task = self.loop.create_task(self._connect_for_server())
 

@@ -93,9 +93,15 @@ class Runtime:
                     self._decisions = {}  # junk hosts must not grow memory; popular hosts come back at once
                 verdict = self._decisions[key] = policy.decide(host, dst[0], dst[1], kind, path)
         if verdict.action is Action.BLOCK and (policy.monitors or self.stale_mode != "enforce"):
-            verdict = policy.applied(verdict, dst[0], self.stale_mode)
-            if verdict.passed:
-                self.stats["relaxed", verdict.mode, verdict.reason] += 1
+            return self.apply_mode(verdict, dst)
+        return verdict
+
+    def apply_mode(self, verdict: Verdict, dst: Address) -> Verdict:
+        """`Policy.applied` in the mode in force, counting what it lets through. `decide` does it for
+        the policy's verdicts; a gate's own block that monitor mode may lift (other_protocols) calls it."""
+        verdict = self.policy.applied(verdict, dst[0], self.stale_mode)
+        if verdict.passed:
+            self.stats["relaxed", verdict.mode, verdict.reason] += 1
         return verdict
 
     def record_violation(self, verdict: Verdict, request_id: str, kind: str, client: Address, destination: Address,
