@@ -157,6 +157,8 @@ def new_records(origin, before: int, settle: float = 0.3) -> list[bytes]:
         b"\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\nGET / HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n",
         b"GET /\r\n\r\n",
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        # A PROXY protocol header: a backend that reads one (nginx `proxy_protocol`) reads the request after it.
+        b"PROXY TCP4 192.0.2.1 198.51.100.1 40000 80\r\nGET / HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
     ],
 )
@@ -246,7 +248,16 @@ def test_http_one_byte_at_a_time(auto_gate, origin) -> None:
 SSH_BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n"
 
 
-@pytest.mark.parametrize("first", [SSH_BANNER, b"SSH-2.0-OpenSSH_9.6\r\n", b"\x00\x00\x00\x08\x04\xd2\x16\x2f"])
+@pytest.mark.parametrize(
+    "first",
+    [
+        SSH_BANNER,
+        b"SSH-2.0-OpenSSH_9.6\r\n",
+        b"\x00\x00\x00\x08\x04\xd2\x16\x2f",  # PostgreSQL SSLRequest
+        b"\xff\xfd\x01\xff\xfb\x03",  # telnet negotiation
+        b"DESCRIBE rtsp://cam.example/live RTSP/1.0\r\nCSeq: 1\r\n\r\n",
+    ],
+)
 def test_other_protocols_pass_untouched(auto_gate, origin, first: bytes) -> None:
     before = len(origin.recorded())
     payload = first + bytes(range(256)) * 4

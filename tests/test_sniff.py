@@ -73,6 +73,10 @@ def bytewise(data: bytes, max_size: int = 32768) -> Protocol | None:
         (b"GET /x FOO/1.1\r\n", HTTP),
         (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", OTHER),  # PostgreSQL SSLRequest
         (b"\xff\xfd\x03", OTHER),  # telnet IAC: high bit, not an SSLv2 hello
+        (b"\xff\xfd\x01", OTHER),  # IAC DO ECHO: message type 1, but a length no SSLv2 record has
+        (b"\xdf\xff\x01", TLS),
+        (b"PROXY TCP4 192.0.2.1 198.51.100.1 40000 80\r\nGET / HTTP/1.1\r\n", HTTP),
+        (b"PROXY UNKNOWN\r\n", HTTP),
         (b"hello", None),  # a token without its space: still a possible method
         (b"GET", None),
         (b"GET / HTTP/1.1", None),  # the first line without its LF

@@ -7,12 +7,14 @@ blocked) as another protocol. So the tests are loose where a loose test is the s
 
 - TLS: a handshake record (22) with major version 3 and any minor, since OpenSSL reads the first
   record of any 3.x version (the TLS path then refuses versions outside 3.0-3.3), and an
-  SSLv2-compatible ClientHello (high bit set, message type 1), which the TLS path refuses.
+  SSLv2-compatible ClientHello (high bit set with a length OpenSSL reads, message type 1), which
+  the TLS path refuses.
 - HTTP: leading CR, LF, SP or HTAB (llhttp and nginx skip empty lines before a request; the HTTP
   path allows two runs of them), or a token followed by SP or HTAB whose first line either names
   a protocol version (`HTTP/`, any case: a request line of HTTP/1.x, and the HTTP/2 preface
   `PRI * HTTP/2.0`), or has a target that nginx or Apache would route (`/…`, `*`, `http(s)://…`,
-  and any `scheme://…` in a two-word line), or is CONNECT. A line without a version is an
+  and any `scheme://…` in a two-word line), or is CONNECT, or a PROXY protocol v1 header (a
+  backend that reads one reads a request after it). A line without a version is an
   HTTP/0.9 request, which nginx serves from its default server: the HTTP path refuses it.
   Anything else on that first line is not a request either serves: `EHLO mail.example`, `USER
   anonymous`, `a1 LOGIN …`, `DESCRIBE rtsp://… RTSP/1.0`, and the SSH banner
@@ -31,9 +33,15 @@ from enum import StrEnum
 
 HANDSHAKE = 0x16
 SSL2_CLIENT_HELLO = 0x01
+# An SSLv2 record's first byte: the high bit, then the top of a length OpenSSL would read (its
+# record buffer holds about 18 KiB; 0xe0 means 24 KiB). Telnet's IAC (0xff) is not among them.
+SSL2_FIRST_BYTES = (0x80, 0xE0)
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]*")
 _LEADING_SPACE = frozenset(b"\r\n \t")
 _VERSION = re.compile(rb"HTTP/", re.IGNORECASE)
+# CONNECT names its authority; PROXY is a PROXY protocol v1 header, which nginx (`listen …
+# proxy_protocol`) and Apache (RemoteIPProxyProtocol) read and then read a request after it.
+_ALWAYS = frozenset({b"CONNECT", b"PROXY"})
 
 
 class Protocol(StrEnum):
@@ -76,7 +84,7 @@ class Sniffer:
             if len(buffer) < 2:
                 return None
             return Protocol.TLS if buffer[1] == 3 else Protocol.OTHER
-        if first & 0x80:  # SSLv2 record header: two length bytes, then the message type
+        if SSL2_FIRST_BYTES[0] <= first < SSL2_FIRST_BYTES[1]:  # SSLv2 record: two length bytes, the message type
             if len(buffer) < 3:
                 return None
             return Protocol.TLS if buffer[2] == SSL2_CLIENT_HELLO else Protocol.OTHER
@@ -106,7 +114,7 @@ def _is_request_line(line: bytes) -> bool:
     words = line.split()
     if len(words) < 2:
         return False
-    if _VERSION.search(line) or words[0].upper() == b"CONNECT":
+    if _VERSION.search(line) or words[0].upper() in _ALWAYS:
         return True
     target = words[1]
     if target.startswith((b"/", b"*")):
