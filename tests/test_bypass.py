@@ -3,8 +3,8 @@
 `icpgate bypass on|off|status` change and read the sets `bypass4`/`bypass6` of the real
 systemd/icpgate-inline.nft (read back with `nft -j list set`); a dead gate drops what is steered to
 it (fail closed) until the bypass routes the hosted ranges around it; `icpgate bypass watch` turns
-the bypass on when a real gate's /readyz fails (killed, or up but not ready) and off once it is
-ready again, after the thresholds and never before.
+the bypass on when a real gate's /readyz fails (killed, or not ready to serve) and off once it is
+ready again, after the thresholds and never before; an expired feed alone is left to the gate.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import netnskit
@@ -24,8 +26,10 @@ import pytest
 from gatekit import free_port, gate_config, listener
 
 from conftest import ICPGATE, REPO
+from icpgate.admin.state_metrics import readiness
 from icpgate.bypass import BypassSets, parse_ranges
-from icpgate.bypass_watch import Watcher, WatchSettings
+from icpgate.bypass_watch import Watcher, WatchSettings, probe
+from icpgate.config import load_config
 
 HOSTED = [netnskit.HOSTED4, netnskit.HOSTED6]
 BANNER_PORT = 2222  # steered to the gate like every hosted port; no gate listener serves it in these tests
@@ -223,16 +227,63 @@ def test_watch_bypasses_a_gate_while_it_is_down(net: netnskit.Topology, tmp_path
     assert "Connection refused" in switches(log)[2]
 
 
-def test_watch_bypasses_a_gate_that_is_up_but_not_ready(net: netnskit.Topology, tmp_path: Path) -> None:
+def test_an_expired_feed_alone_is_left_to_the_stale_mode(net: netnskit.Topology, tmp_path: Path) -> None:
+    """/readyz fails for a feed that never answered, but the gate serves and enforces the last good
+    registry (feed.stale_mode): the watcher does not trade that for no enforcement at all."""
     admin = free_port()
-    # A feed that never answers and was never synced is expired: the gate serves, but is not ready.
-    feed = {"urls": ["http://127.0.0.1:%d/feed/v1" % free_port()], "allow_unsigned": True}
-    gate = start_gate_in(net, tmp_path, admin, tables={"feed": feed})
-    net.wait_for_port(net.gate, "127.0.0.1", admin, process=gate)
     log = watch_in(net, tmp_path, admin)
-    wait_until(lambda: bypassed(net) == ON)
-    assert "HTTP 503 (not ready: feed)" in switches(log)[0]
+    wait_until(lambda: bypassed(net) == ON)  # no gate yet: down
+    feed = {"urls": ["http://127.0.0.1:%d/feed/v1" % free_port()], "allow_unsigned": True}
+    start_gate_in(net, tmp_path, admin, tables={"feed": feed})
+    wait_until(lambda: bypassed(net) == OFF, timeout=60)
+    assert net.run(net.gate, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                   "http://127.0.0.1:%d/readyz" % admin).stdout == "503"  # fmt: skip
     assert "icpgate_ready 0.0" in metrics_in(net, admin)
+    assert [line.split(":")[0] for line in switches(log)] == ["ON", "OFF"]
+
+
+class ReadyzServer(ThreadingHTTPServer):
+    """Answers /readyz with a fixed status and body, on loopback."""
+
+    def __init__(self, status: int, body: dict) -> None:
+        payload = json.dumps(body).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return "http://127.0.0.1:%d/readyz" % self.server_address[1]
+
+
+def test_probe_fails_for_a_gate_not_ready_to_serve_but_not_for_the_feed_alone(config_path: Path) -> None:
+    config = load_config(config_path)
+    starting = readiness(config, [], {})  # what /readyz answers before any worker has loaded its index
+    expired = readiness(load_config(config_path, ['feed.urls = ["http://127.0.0.1:1/feed/v1"]',
+                                                  "feed.allow_unsigned = true"]), [], {})  # fmt: skip
+    for name in ("registry", "listeners"):
+        expired[name] = starting[name] | {"ok": True}
+    cases = [(503, {"ready": False, "checks": starting}, "HTTP 503 (not ready: listeners, registry)"),
+             (503, {"ready": False, "checks": expired}, None), (200, {"ready": True, "checks": {}}, None),
+             (503, {"unexpected": "body"}, "HTTP 503"), (500, {}, "HTTP 500")]  # fmt: skip
+    for status, body, expected in cases:
+        server = ReadyzServer(status, body)
+        try:
+            assert probe(server.url, 2.0) == expected, body
+        finally:
+            server.shutdown()
+            server.server_close()
+    assert "refused" in probe("http://127.0.0.1:%d/readyz" % free_port(), 2.0)
 
 
 # --- the guide shows the shipped ruleset -------------------------------------------------------------------

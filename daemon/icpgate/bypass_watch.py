@@ -2,10 +2,11 @@
 
 It runs apart from the gate (systemd/icpgate-bypass.service), so it outlives a gate that crashed,
 hangs or is being restarted. It polls /readyz; after `fail_after` failures in a row (no answer, or
-anything but 200) it puts the hosted ranges in the bypass sets, after `recover_after` successes in a
-row it takes them out. A change needs that many polls in a row that disagree with the current state,
-so it can never flap faster than the thresholds allow. It keeps no state of its own beyond the
-counts: a restarted watcher leaves a bypass that is on in place until the gate has recovered.
+not ready for any reason but an expired feed) it puts the hosted ranges in the bypass sets, after
+`recover_after` successes in a row it takes them out. A change needs that many polls in a row that
+disagree with the current state, so it can never flap faster than the thresholds allow. It keeps
+no state of its own beyond the counts: a restarted watcher leaves a bypass that is on in place
+until the gate has recovered.
 """
 
 from __future__ import annotations
@@ -41,28 +42,35 @@ def ready_url(config: Config) -> str:
     return "http://%s:%d/readyz" % ("[%s]" % host if ":" in host else host, config.admin.port)
 
 
+# /readyz checks that fail without stopping the gate from serving: not a reason to bypass it.
+LEFT_TO_THE_GATE = frozenset({"feed"})
 # Straight to the admin API: an http_proxy in the service's environment must not answer for the gate.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def probe(url: str, timeout: float) -> str | None:
-    """None when the gate answers ready; otherwise why not, for the log."""
+    """None when the gate can serve; otherwise why not, for the log. A 503 for the feed alone is
+    not a failure here: an expired feed is feed.stale_mode's to handle (by default the gate goes on
+    enforcing the last good registry), and the bypass would enforce nothing instead."""
     try:
         with _OPENER.open(url, timeout=timeout) as response:
             return None if response.status == 200 else "HTTP %d" % response.status
     except urllib.error.HTTPError as error:
-        return "HTTP %d%s" % (error.code, _failed_checks(error.read()))
+        failed = _failed_checks(error.read())
+        if failed and failed <= LEFT_TO_THE_GATE:
+            return None
+        return "HTTP %d%s" % (error.code, " (not ready: %s)" % ", ".join(sorted(failed)) if failed else "")
     except (urllib.error.URLError, OSError) as error:
         return str(getattr(error, "reason", None) or error)
 
 
-def _failed_checks(body: bytes) -> str:
+def _failed_checks(body: bytes) -> set[str]:
+    """The names of the /readyz checks that failed; empty when the body is not /readyz's."""
     try:
         checks = json.loads(body)["checks"]
-        failed = sorted(name for name, check in checks.items() if not check["ok"])
+        return {name for name, check in checks.items() if not check["ok"]}
     except (ValueError, KeyError, TypeError, AttributeError):
-        return ""
-    return " (not ready: %s)" % ", ".join(failed) if failed else ""
+        return set()
 
 
 class Watcher:
