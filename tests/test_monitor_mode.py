@@ -8,6 +8,8 @@ block log, /metrics, /readyz, the status page and `icpgate check`.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import json
 import socket
 import ssl
@@ -16,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from adminkit import admin_request, metric, parse_metrics
 from gatekit import Gate, free_port, gate_config, listener, send_in_pieces
 from test_gate_auto import BANNER, SERVER_FIRST_WAIT, SSH_BANNER, BannerServer
@@ -23,6 +26,10 @@ from test_gate_process import edit_pack, http_get, status_of, wait_until
 from test_gate_tls import wait_for_record
 
 from conftest import copy_policies
+from icpgate.config import load_config
+from icpgate.index_store import open_index
+from icpgate.policy import Action, Mode, Policy, Reason
+from icpgate.policy_pack import load_pack
 
 UNFILED = "example-unfiled.cn"  # no filing in the samples; on the test certificate
 
@@ -289,3 +296,66 @@ def test_monitor_mode_on_an_auto_port_lets_other_protocols_and_server_first_thro
         assert gate.stop() == 0
         banner.close()
     assert "Traceback" not in gate.log(), gate.log()
+
+
+# --- how the modes combine: Policy.mode_for and Policy.applied on the sample registry -----------------
+PILOT = "198.51.100.0/24"
+
+
+@pytest.fixture
+def pilot_policy(sample_registry: Path, request: pytest.FixtureRequest):
+    """Policy(enforcement) over the shared index, the default pack with a pilot range and IP literals blocked."""
+    config = load_config(sample_registry)
+    index = open_index(config.registry_path)
+    request.addfinalizer(index.close)
+    pack = load_pack(config.policy_pack).policy
+    pack = dataclasses.replace(pack, monitor_ranges=(ipaddress.ip_network(PILOT),), ip_literal=Action.BLOCK)
+    return lambda enforcement="enforce": Policy(pack, config.provider.id, index, enforcement)
+
+
+@pytest.mark.parametrize(
+    ("enforcement", "dst", "stale", "mode"),
+    [
+        ("enforce", "203.0.113.5", "enforce", (Mode.ENFORCE, "")),
+        ("enforce", "198.51.100.9", "enforce", (Mode.MONITOR, "enforce.monitor_ranges")),
+        ("enforce", "::ffff:198.51.100.9", "enforce", (Mode.MONITOR, "enforce.monitor_ranges")),
+        ("enforce", "not-an-address", "enforce", (Mode.ENFORCE, "")),  # in no pilot: fail closed
+        ("enforce", None, "enforce", (Mode.ENFORCE, "")),
+        ("enforce", "203.0.113.5", "open", (Mode.OPEN, "feed.stale_mode")),
+        ("enforce", "198.51.100.9", "open", (Mode.MONITOR, "enforce.monitor_ranges")),  # monitor first
+        ("monitor", "203.0.113.5", "open", (Mode.MONITOR, "gate.enforcement")),
+        ("monitor", None, "enforce", (Mode.MONITOR, "gate.enforcement")),
+    ],
+)
+def test_the_mode_in_force_for_a_destination(pilot_policy, enforcement, dst, stale, mode) -> None:
+    assert pilot_policy(enforcement).mode_for(dst, stale) == mode
+
+
+@pytest.mark.parametrize(
+    ("host", "dst", "stale", "expected"),
+    [
+        # monitor (a pilot range) passes filing reasons and the host rules, keeping reason and rule
+        ("www.example-unfiled.cn", "198.51.100.9", "enforce", (Action.ALLOW, Reason.UNFILED, Mode.MONITOR)),
+        ("example-pending.cn", "198.51.100.9", "enforce", (Action.ALLOW, Reason.PENDING, Mode.MONITOR)),
+        (None, "198.51.100.9", "enforce", (Action.ALLOW, Reason.NO_HOST, Mode.MONITOR)),
+        ("192.0.2.1", "198.51.100.9", "enforce", (Action.ALLOW, Reason.IP_LITERAL, Mode.MONITOR)),
+        ("bad_host!", "198.51.100.9", "enforce", (Action.BLOCK, Reason.INVALID, Mode.ENFORCE)),
+        # outside the pilot: enforced
+        ("www.example-unfiled.cn", "203.0.113.5", "enforce", (Action.BLOCK, Reason.UNFILED, Mode.ENFORCE)),
+        # an expired feed passes only what rests on registry data
+        ("www.example-unfiled.cn", "203.0.113.5", "monitor", (Action.ALLOW, Reason.UNFILED, Mode.MONITOR)),
+        ("www.example-unfiled.cn", "203.0.113.5", "open", (Action.ALLOW, Reason.UNFILED, Mode.OPEN)),
+        (None, "203.0.113.5", "open", (Action.BLOCK, Reason.NO_HOST, Mode.ENFORCE)),
+        ("192.0.2.1", "203.0.113.5", "monitor", (Action.BLOCK, Reason.IP_LITERAL, Mode.ENFORCE)),
+        ("bad_host!", "203.0.113.5", "open", (Action.BLOCK, Reason.INVALID, Mode.ENFORCE)),
+        # allowed stays allowed, in every mode
+        ("example-filed.cn", "198.51.100.9", "open", (Action.ALLOW, Reason.FILED, Mode.ENFORCE)),
+    ],
+)
+def test_what_each_mode_lets_through(pilot_policy, host, dst, stale, expected) -> None:
+    policy = pilot_policy()
+    decided = policy.decide(host, dst, 80, "http")
+    applied = policy.applied(decided, dst, stale)
+    assert (applied.action, applied.reason, applied.mode) == expected
+    assert (applied.rule, applied.host) == (decided.rule, decided.host)  # the policy's decision is kept
+    assert applied.passed == (decided.action is Action.BLOCK and applied.action is Action.ALLOW)

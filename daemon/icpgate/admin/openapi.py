@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import __version__
-from ..policy import Reason
+from ..policy import Mode, Reason
 from ..violations.store import DNS_STATES, HANDLING_STATES, MAX_NOTE, SET_STATES
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -46,7 +46,7 @@ _VIOLATION = {
         "last_seen": {"type": "string", "format": "date-time"},
         "count": {"type": "integer", "minimum": 1, "description": "requests or connections seen"},
         "blocked": {"type": "boolean"},
-        "passed": {"type": "integer", "description": "of count, let through by a stale-feed mode"},
+        "passed": {"type": "integer", "description": "of count, let through by monitor mode or a stale-feed mode"},
         "client": {**_NULLABLE_STRING, "description": "a sample client address, when violations.sample_client is on"},
         "dns": {
             "type": "object",
@@ -105,7 +105,11 @@ _DECISION = {
         "registrable_domain": _NULLABLE_STRING,
         "destination": {"type": "object"},
         "matched": _NULLABLE_STRING,
-        "action": {"type": "string", "enum": ["allow", "block"]},
+        "action": {"type": "string", "enum": ["allow", "block"], "description": "what the gate does"},
+        "policy_action": {"type": "string", "enum": ["allow", "block"], "description": "what the policy decided"},
+        "mode": {"type": "string", "enum": [m.value for m in Mode], "description": "in force at the destination"},
+        "mode_rule": _NULLABLE_STRING,
+        "passed": {"type": "boolean", "description": "a block the mode lets through"},
         "reason": {"type": "string", "enum": [reason.value for reason in Reason]},
         "rule": {"type": "string"},
         "detail": _NULLABLE_STRING,
@@ -120,7 +124,11 @@ _READY = {
     "required": ["ready", "checks"],
     "properties": {
         "ready": {"type": "boolean"},
-        "checks": {"type": "object", "properties": {"registry": _CHECK, "listeners": _CHECK, "feed": _CHECK}},
+        "mode": {"type": "string", "enum": [mode.value for mode in Mode]},
+        "checks": {
+            "type": "object",
+            "properties": {"registry": _CHECK, "listeners": _CHECK, "feed": _CHECK, "enforcement": _CHECK},
+        },
     },
 }
 
