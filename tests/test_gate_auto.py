@@ -463,3 +463,42 @@ def test_what_passes_as_another_protocol_is_no_request_to_nginx_or_apache(tmp_pa
     finally:
         for backend in backends:
             backend.stop()
+
+
+def test_a_client_that_speaks_while_the_server_first_connect_runs(tmp_path) -> None:
+    """The request waits for the connect the silence started, then is decided as usual. The
+    backend's accept queue is kept full, so the kernel drops the gate's SYN until the test makes
+    room (its retry comes a second later): the client speaks in between."""
+    backend = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = free_port()
+    timeouts = {"server_first_wait": SERVER_FIRST_WAIT, "inspect_timeout": 15, "connect_timeout": 15}
+    config = gate_config(tmp_path, {"auto": listener(port, "auto", backend.getsockname()[1])}, gate=timeouts)
+    gate = start_gate(config, {"auto": port})
+    try:
+        for host, expected in (("example-filed.cn", b"HTTP/1.1 200 OK"), ("example-unfiled.cn", b"HTTP/1.1 403 ")):
+            filler = socket.create_connection(backend.getsockname(), timeout=5)  # the accept queue is full now
+            client = socket.create_connection(("127.0.0.1", port), timeout=20)
+            time.sleep(SERVER_FIRST_WAIT + 0.3)  # the gate has started connecting; its SYN was dropped
+            request = b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode()
+            client.sendall(request)
+            sent = time.monotonic()
+            time.sleep(0.3)
+            backend.accept()[0].close()  # the filler, whose place the gate's retried SYN takes
+            filler.close()
+            backend.settimeout(10)
+            upstream, _ = backend.accept()
+            upstream.settimeout(10)
+            assert time.monotonic() - sent > 0.5  # the connect was still under way when the client spoke
+            if expected.endswith(b"200 OK"):
+                assert upstream.recv(65536) == request
+                upstream.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                assert client.recv(65536) == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                client.close()
+            else:
+                assert closed_by_peer(client).startswith(expected.decode())
+                assert upstream.recv(65536) == b""  # closed without a byte of the request
+            upstream.close()
+    finally:
+        backend.close()
+        assert gate.stop() == 0
+    assert "Traceback" not in gate.log(), gate.log()
