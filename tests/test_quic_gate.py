@@ -7,20 +7,19 @@ Every test reads what the origin received: a datagram the gate should drop must 
 
 from __future__ import annotations
 
-import asyncio
-import json
 import socket
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-from gatekit import Gate, gate_config, listener, start_gate
-from h3kit import H3Origin, fetch, free_udp_port, h3_get, h3_origin
-from test_quic_initial import crypto_frame, handshake_message, protect
+from adminkit import admin_request, parse_metrics
+from gatekit import Gate, build_hello, free_port, gate_config, listener, server_name_extension, start_gate
+from h3kit import H3Origin, free_udp_port, h3_get, h3_origin
+from test_quic_initial import DCID, crypto_frame, protect
 
+from conftest import copy_policies
 from icpgate.gate.quic_initial import VERSION_1, VERSION_2
 
 FILED = "www.example-filed.cn"
@@ -80,13 +79,353 @@ def test_filed_passes_unfiled_gets_nothing(quic_gate: Gate, origin: H3Origin, ce
     answer = h3_get(FILED, port, certs["ca"])
     assert answer is not None and answer.status == 200
     assert b">%s:%d<" % (FILED.encode(), port) in answer.body  # the origin served the name the gate decided
-    seen = origin.datagrams
-    assert seen > 0
+    sources = set(origin.sources)
+    assert len(sources) == 1
     assert h3_get(UNFILED, port, certs["ca"], timeout=2.0) is None
-    assert origin.datagrams == seen  # not one datagram of the unfiled flow reached the origin
+    # not one datagram of the unfiled flow reached the origin: it would come from another upstream socket
+    assert origin.sources == sources
     assert origin.authorities() == ["%s:%d" % (FILED, port)]
     time.sleep(0.5)  # the violation table is written every 0.2 s
     with sqlite3.connect(tmp_path / "violations.db") as db:
         rows = db.execute("SELECT host, proto, reason, count FROM violations").fetchall()
     assert rows == [(UNFILED, "quic", "unfiled", 1)]
     assert "blocked quic" in quic_gate.log() and "host=%s" % UNFILED in quic_gate.log()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_aioquic_client_in_each_version(quic_gate: Gate, origin: H3Origin, certs: dict[str, Path],
+                                        version: int) -> None:  # fmt: skip
+    port = quic_gate.ports["quic"]
+    answer = h3_get(FILED, port, certs["ca"], version=version)
+    assert answer is not None and answer.status == 200
+    sources = set(origin.sources)
+    assert h3_get(UNFILED, port, certs["ca"], timeout=1.5, version=version) is None
+    assert origin.sources == sources
+
+
+# --- hand-built flights against a recording backend ---------------------------------------------------
+class Recorder:
+    """A UDP backend that keeps every datagram it receives with its sender (each relayed flow has its
+    own upstream socket, so its own sender port), and answers when told to."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received: list[tuple[tuple[str, int], bytes]] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                data, sender = self.sock.recvfrom(65536)
+            except OSError:
+                return
+            with self._lock:
+                self.received.append((sender, data))
+
+    def datagrams(self, since: int = 0, settle: float = 0.3) -> list[bytes]:
+        time.sleep(settle)
+        with self._lock:
+            return [data for _, data in self.received[since:]]
+
+    def senders(self) -> set[tuple[str, int]]:
+        with self._lock:
+            return {sender for sender, _ in self.received}
+
+    def mark(self) -> int:
+        with self._lock:
+            return len(self.received)
+
+    def close(self) -> None:
+        self.sock.close()
+        self._thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def recorder():
+    running = Recorder()
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def recorded_gate(tmp_path_factory: pytest.TempPathFactory, recorder: Recorder):
+    """One gate for the tests that only send datagrams: quic listener to the recorder, admin API on."""
+    tmp = tmp_path_factory.mktemp("quic")
+    admin = free_port()
+    port = free_udp_port()
+    config = gate_config(tmp, {"quic": listener(port, "quic", recorder.port)},
+                         tables={"admin": {"enabled": True, "port": admin}})  # fmt: skip
+    running = start_gate(config, {"admin": admin})
+    running.ports["quic"] = port
+    wait_listening(running)
+    yield running
+    stop(running)
+
+
+def client() -> socket.socket:
+    """A client socket on a fresh port: a new flow at the gate."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(2.0)
+    return sock
+
+
+def send(port: int, *datagrams: bytes, sock: socket.socket | None = None) -> socket.socket:
+    sock = sock or client()
+    for datagram in datagrams:
+        sock.sendto(datagram, ("127.0.0.1", port))
+    return sock
+
+
+def hello_for(sni: str) -> bytes:
+    """A Chrome-sized ClientHello for `sni` (post-quantum key share), as a QUIC CRYPTO stream carries it."""
+    return build_hello([server_name_extension(sni)], key_share_size=1216)[5:]
+
+
+def zero_rtt_type(version: int) -> int:
+    return 1 if version == VERSION_1 else 2  # RFC 9369 renumbers the long-header types
+
+
+def flights(version: int, sni: str) -> dict[str, list[bytes]]:
+    """The same ClientHello cut the ways a gate reading only one packet would get wrong."""
+    hello = hello_for(sni)
+    cut = 700
+    first, second = crypto_frame(0, hello[:cut]), crypto_frame(cut, hello[cut:])
+    one_packet = protect(version, crypto_frame(0, hello), size=0)
+    two_packets = protect(version, first, size=0) + protect(version, second, packet_number=1, size=0)
+    datagram_1 = protect(version, first, size=1250)
+    datagram_2 = protect(version, second, packet_number=1, size=1250)
+    zero_rtt = protect(version, b"\x01" * 60, size=0, kind=zero_rtt_type(version))
+    return {
+        "one-packet": [one_packet],
+        "two-packets-one-datagram": [two_packets],
+        "two-datagrams": [datagram_1, datagram_2],
+        "reordered": [datagram_2, datagram_1],
+        "coalesced-0rtt": [protect(version, crypto_frame(0, hello), size=0) + zero_rtt],
+        "padded": [one_packet + bytes(300)],
+    }
+
+
+SHAPES = ["one-packet", "two-packets-one-datagram", "two-datagrams", "reordered", "coalesced-0rtt", "padded"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_hello_shapes_are_decided_and_replayed_byte_exact(recorded_gate: Gate, recorder: Recorder, version: int,
+                                                          shape: str) -> None:  # fmt: skip
+    port = recorded_gate.ports["quic"]
+    mark = recorder.mark()
+    blocked = send(port, *flights(version, UNFILED)[shape])
+    assert recorder.datagrams(mark) == []
+    mark = recorder.mark()
+    flight = flights(version, FILED)[shape]
+    allowed = send(port, *flight)
+    assert recorder.datagrams(mark) == flight  # held, then replayed as they came, in their order
+    # the backend's answer comes back from the gate's port; the blocked client gets nothing
+    ((sender, _),) = recorder.received[-1:]
+    recorder.sock.sendto(b"answer", sender)
+    assert allowed.recvfrom(100) == (b"answer", ("127.0.0.1", port))
+    blocked.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        blocked.recvfrom(100)
+    allowed.close()
+    blocked.close()
+
+
+def drops(gate: Gate) -> dict[str, float]:
+    """icpgate_quic_dropped_datagrams_total by reason, once the worker has copied its counters out."""
+    time.sleep(1.2)  # the worker syncs its metrics every second
+    status, _, body = admin_request(gate.ports["admin"], "/metrics")
+    assert status == 200
+    samples = parse_metrics(body.decode())
+    return {dict(labels)["reason"]: value for (name, labels), value in samples.items()
+            if name == "icpgate_quic_dropped_datagrams_total"}  # fmt: skip
+
+
+def short_header(dcid: bytes = b"\x11" * 8) -> bytes:
+    """A 1-RTT packet as a client sends once its handshake is done: the gate cannot read past the header."""
+    return b"\x41" + dcid + bytes(range(200))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_junk_and_strangers_are_dropped_by_reason(recorded_gate: Gate, recorder: Recorder, version: int) -> None:
+    port = recorded_gate.ports["quic"]
+    before = drops(recorded_gate)
+    (good,) = flights(version, FILED)["one-packet"]
+    garbage = bytearray(good)
+    garbage[60:70] = bytes(10)  # ciphertext changed: the tag fails
+    handshake = protect(version, b"\x01" * 40, size=1200, kind=3 if version == VERSION_2 else 2)
+    zero_rtt = protect(version, b"\x01" * 40, size=1200, kind=zero_rtt_type(version))
+    cases = {
+        "invalid": [good[:1000], good[:1199], bytes(garbage), good[:100] + bytes(1100), good[:7]],
+        "unknown_flow": [short_header(), handshake, zero_rtt, b"", b"\x00" * 1200],
+        "unknown_version": [b"\xc0\x1a\x2a\x3a\x4a" + good[5:]],
+    }
+    mark = recorder.mark()
+    for datagrams in cases.values():
+        for datagram in datagrams:
+            send(port, datagram).close()
+    assert recorder.datagrams(mark) == []
+    after = drops(recorded_gate)
+    for reason, datagrams in cases.items():
+        assert after.get(reason, 0) - before.get(reason, 0) == len(datagrams), reason
+    assert "Traceback" not in recorded_gate.log()
+
+
+def test_an_allowed_flow_cannot_carry_another_connection(recorded_gate: Gate, recorder: Recorder) -> None:
+    """Servers tell connections apart by connection ID: after the decision, an Initial that opens
+    another connection on the same 4-tuple, or repeats the hello differently, must not pass."""
+    port = recorded_gate.ports["quic"]
+    datagram_1, datagram_2 = flights(VERSION_1, FILED)["two-datagrams"]
+    unfiled_1, _ = flights(VERSION_1, UNFILED)["two-datagrams"]
+    other_dcid = protect(VERSION_1, crypto_frame(0, hello_for(UNFILED)), dcid=b"\x42" * 8, size=1250)
+    mark = recorder.mark()
+    sock = send(port, datagram_1, datagram_2)
+    assert recorder.datagrams(mark) == [datagram_1, datagram_2]
+    send(port, datagram_1, unfiled_1, other_dcid, short_header(), datagram_2, sock=sock)
+    # a retransmission passes; another hello under the same ID, or another ID, does not. The short
+    # header ends the client's Initial phase: no Initial at all passes after it.
+    assert recorder.datagrams(mark) == [datagram_1, datagram_2, datagram_1, short_header()]
+    sock.close()
+
+
+def retry_packet(dcid: bytes, scid: bytes) -> bytes:
+    """A server's v1 Retry: long header, type 3, a token and the integrity tag (which only the client checks)."""
+    return b"\xf0" + VERSION_1.to_bytes(4, "big") + bytes([len(dcid)]) + dcid + bytes([len(scid)]) + scid + \
+        b"token" + bytes(16)  # fmt: skip
+
+
+def test_a_retry_moves_the_check_to_its_connection_id(recorded_gate: Gate, recorder: Recorder) -> None:
+    port = recorded_gate.ports["quic"]
+    (initial,) = flights(VERSION_1, FILED)["one-packet"]
+    mark = recorder.mark()
+    sock = send(port, initial)
+    assert recorder.datagrams(mark) == [initial]
+    sender = recorder.received[-1][0]
+    retry_cid = b"\x77" * 12
+    recorder.sock.sendto(retry_packet(b"\x05" * 8, retry_cid), sender)
+    assert sock.recvfrom(200)[0][:1] == b"\xf0"  # the Retry reached the client
+    again = protect(VERSION_1, crypto_frame(0, hello_for(FILED)), dcid=retry_cid, packet_number=1, size=1250)
+    other = protect(VERSION_1, crypto_frame(0, hello_for(UNFILED)), dcid=retry_cid, packet_number=2, size=1250)
+    mark = recorder.mark()
+    send(port, other, again, sock=sock)
+    assert recorder.datagrams(mark) == [again]  # the same hello under the Retry's keys, and only it
+    sock.close()
+
+
+def test_version_negotiation_ends_the_flow(recorded_gate: Gate, recorder: Recorder) -> None:
+    """After a server's Version Negotiation the client starts over: its next Initial is decided anew."""
+    port = recorded_gate.ports["quic"]
+    (initial,) = flights(VERSION_1, FILED)["one-packet"]
+    mark = recorder.mark()
+    sock = send(port, initial)
+    assert recorder.datagrams(mark) == [initial]
+    negotiation = b"\x80" + bytes(4) + b"\x08" + b"\x05" * 8 + b"\x08" + DCID + VERSION_2.to_bytes(4, "big")
+    recorder.sock.sendto(negotiation, recorder.received[-1][0])
+    assert sock.recvfrom(200)[0] == negotiation
+    mark = recorder.mark()
+    (unfiled,) = flights(VERSION_2, UNFILED)["one-packet"]
+    send(port, unfiled, short_header(), sock=sock)
+    assert recorder.datagrams(mark) == []
+    sock.close()
+
+
+# --- timers and limits ------------------------------------------------------------------------------
+@pytest.fixture
+def timed_gate(tmp_path: Path, recorder: Recorder):
+    """Short timers and the smallest table the config allows."""
+    admin, port = free_port(), free_udp_port()
+    config = gate_config(tmp_path, {"quic": listener(port, "quic", recorder.port)}, gate={"inspect_timeout": 1.0},
+                         tables={"admin": {"enabled": True, "port": admin},
+                                 "quic": {"block_hold": 1.0, "idle_timeout": 1.0, "max_flows": 16}})  # fmt: skip
+    running = start_gate(config, {"admin": admin})
+    running.ports["quic"] = port
+    wait_listening(running)
+    yield running
+    stop(running)
+
+
+def test_a_blocked_flow_is_dropped_for_the_hold(timed_gate: Gate, recorder: Recorder) -> None:
+    port = timed_gate.ports["quic"]
+    (unfiled,) = flights(VERSION_1, UNFILED)["one-packet"]
+    (filed,) = flights(VERSION_1, FILED)["one-packet"]
+    mark = recorder.mark()
+    sock = send(port, unfiled, unfiled, filed)  # the retransmission and even a filed hello: held off
+    assert recorder.datagrams(mark) == []
+    assert drops(timed_gate)["blocked"] == 3
+    time.sleep(0.5)  # past the 1 s hold
+    send(port, filed, sock=sock)
+    assert recorder.datagrams(mark) == [filed]
+    sock.close()
+
+
+def test_an_idle_flow_is_forgotten(timed_gate: Gate, recorder: Recorder) -> None:
+    port = timed_gate.ports["quic"]
+    (filed,) = flights(VERSION_1, FILED)["one-packet"]
+    mark = recorder.mark()
+    sock = send(port, filed)
+    for _ in range(3):  # traffic keeps it alive past the timeout
+        time.sleep(0.5)
+        send(port, short_header(), sock=sock)
+    assert recorder.datagrams(mark) == [filed] + [short_header()] * 3
+    time.sleep(1.5)
+    send(port, short_header(), sock=sock)  # a 1-RTT packet of a flow the gate no longer knows
+    assert recorder.datagrams(mark) == [filed] + [short_header()] * 3
+    assert drops(timed_gate)["unknown_flow"] == 1
+    sock.close()
+
+
+def test_an_incomplete_hello_times_out(timed_gate: Gate, recorder: Recorder) -> None:
+    port = timed_gate.ports["quic"]
+    first, second = flights(VERSION_1, FILED)["two-datagrams"]
+    mark = recorder.mark()
+    sock = send(port, first)
+    time.sleep(1.5)
+    send(port, second, sock=sock)  # too late: the first half was dropped, this one waits alone
+    assert recorder.datagrams(mark, settle=1.5) == []
+    assert drops(timed_gate)["inspect_timeout"] == 2
+    sock.close()
+
+
+def test_the_table_is_bounded(timed_gate: Gate, recorder: Recorder) -> None:
+    port = timed_gate.ports["quic"]
+    (filed,) = flights(VERSION_1, FILED)["one-packet"]
+    (unfiled,) = flights(VERSION_1, UNFILED)["one-packet"]
+    blocked = [send(port, unfiled) for _ in range(4)]
+    mark = recorder.mark()
+    relayed = [send(port, filed) for _ in range(16)]  # blocked flows make room; relayed ones never do
+    assert recorder.datagrams(mark) == [filed] * 16
+    late = send(port, filed)
+    assert recorder.datagrams(mark) == [filed] * 16
+    assert drops(timed_gate)["table_full"] == 1
+    time.sleep(0.5)  # the relayed flows idle out
+    send(port, filed, sock=late)
+    assert recorder.datagrams(mark) == [filed] * 17
+    for sock in blocked + relayed + [late]:
+        sock.close()
+
+
+def test_an_unknown_version_passes_only_when_the_pack_says_so(tmp_path: Path, recorder: Recorder) -> None:
+    policies = copy_policies(tmp_path)
+    pack = policies / "default.toml"
+    text = pack.read_text(encoding="utf-8")
+    pack.write_text(text.replace('quic_unknown_version = "block"', 'quic_unknown_version = "allow"'), encoding="utf-8")
+    port = free_udp_port()
+    running = start_gate(gate_config(tmp_path, {"quic": listener(port, "quic", recorder.port)}, pack=pack), {})
+    running.ports["quic"] = port
+    try:
+        wait_listening(running)
+        (initial,) = flights(VERSION_1, UNFILED)["one-packet"]
+        unknown = b"\xc0\x1a\x2a\x3a\x4a" + initial[5:]  # a reserved (greased) version: nothing to read
+        mark = recorder.mark()
+        sock = send(port, unknown, short_header(), b"\xff" * 30)
+        assert recorder.datagrams(mark) == [unknown, short_header(), b"\xff" * 30]  # relayed unread, as they came
+        send(port, initial).close()  # a version the gate reads is still decided
+        assert recorder.datagrams(mark) == [unknown, short_header(), b"\xff" * 30]
+        sock.close()
+    finally:
+        stop(running)

@@ -190,7 +190,7 @@ class QuicListener(Listener):
 
     def _pass_unknown(self, data: bytes, key: FlowKey, version: int, now: float) -> None:
         """rules.quic_unknown_version = "allow": the flow is relayed unread (nothing to decide on)."""
-        self.runtime.stats["quic_unknown_version", "allow"] += 1
+        self.runtime.stats["quic_unknown_version",] += 1
         flow = self._admit(key, None, now)
         if flow is None:
             return

@@ -61,16 +61,14 @@ QUIC_FLOWS = Gauge("icpgate_quic_flows", "QUIC flows held, by state (pending, re
                    multiprocess_mode="livesum")  # fmt: skip
 QUIC_DATAGRAMS = Counter("icpgate_quic_datagrams", "QUIC datagrams received or sent, by direction.", ["direction"])
 QUIC_DROPS = Counter("icpgate_quic_dropped_datagrams", "QUIC datagrams dropped, by reason.", ["reason"])
-QUIC_UNKNOWN_PASSED = Counter(
-    "icpgate_quic_unknown_version_passed",
-    "QUIC flows of a version the gate cannot read, relayed by rules.quic_unknown_version.",
-)
+QUIC_UNKNOWN_VERSION = Counter("icpgate_quic_unknown_version_flows", "QUIC flows of a version the gate cannot"
+                               " read that rules.quic_unknown_version let through unread.")  # fmt: skip
 QUIC_INITIAL_SECONDS = Histogram(
     "icpgate_quic_initial_seconds", "Time to read a QUIC flow's Initial packets and decide on its SNI.", buckets=BUCKETS
 )
 DNS_CHECKS = Counter("icpgate_dns_checks", "DNS confirmations of violating hosts, by result.", ["result"])
 
-# Runtime.stats keys -> (metric, how the labels follow from the rest of the key)
+# Runtime.stats keys -> (metric, how the labels follow from the rest of the key; None: no labels)
 _STATS = {
     "connections": (CONNECTIONS, lambda kind: (kind,)),
     "decisions": (DECISIONS, lambda kind, action, reason: (kind, action.value, reason.value)),
@@ -84,7 +82,7 @@ _STATS = {
     "reloads": (RELOADS, lambda result: (result,)),
     "quic_datagrams": (QUIC_DATAGRAMS, lambda direction: (direction,)),
     "quic_drops": (QUIC_DROPS, lambda reason: (reason,)),
-    "quic_unknown_version": (QUIC_UNKNOWN_PASSED, lambda action: ()),
+    "quic_unknown_version": (QUIC_UNKNOWN_VERSION, None),
 }
 
 
@@ -121,7 +119,7 @@ class WorkerMetrics:
             if key[0] not in _STATS:
                 continue
             metric, labels = _STATS[key[0]]
-            metric.labels(*labels(*key[1:])).inc(delta)
+            (metric.labels(*labels(*key[1:])) if labels else metric).inc(delta)
             self._stats[key] = value
         self._sync_latency(runtime.latency)
         violations = runtime.violations
