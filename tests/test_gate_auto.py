@@ -30,6 +30,8 @@ from gatekit import (
 from test_gate_http import curl, exchange, split_response
 from test_gate_tls import curl_https, wait_for_record
 
+from icpgate.gate.sniff import Protocol, Sniffer
+
 SERVER_FIRST_WAIT = 0.2
 BANNER = b"220 banner.example ESMTP\r\n"
 
@@ -432,37 +434,63 @@ def _served(port: int, data: bytes) -> bytes:
     return answer
 
 
-def test_what_passes_as_another_protocol_is_no_request_to_nginx_or_apache(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def real_servers(tmp_path_factory) -> Iterator[list]:
+    """nginx and Apache, each with a virtual host for an unfiled name beside its default server."""
+    import trustme
+    from backends import start_apache, start_nginx
+
+    tmp, ca = tmp_path_factory.mktemp("servers"), trustme.CA()
+    servers = [start_nginx(tmp, ["example-unfiled.cn"], ca), start_apache(tmp, ["example-unfiled.cn"], ca)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def _classify(line: bytes) -> Protocol:
+    sniffer = Sniffer(32768)
+    return sniffer.feed(line) or sniffer.at_end()
+
+
+def test_what_passes_as_another_protocol_is_no_request_to_nginx_or_apache(real_servers) -> None:
     """Every first line the classifier calls another protocol (and so relays unread), sent with a
     Host header to real nginx and Apache: neither serves it from any virtual host. The lines it
     sends to the HTTP path need no check here: that path decides them as an http listener does."""
     import random
 
-    import trustme
-    from backends import start_apache, start_nginx
-
-    from icpgate.gate.sniff import Protocol, Sniffer
-
-    def classify(line: bytes) -> Protocol:
-        sniffer = Sniffer(32768)
-        return sniffer.feed(line) or sniffer.at_end()
-
     lines = _first_lines()
-    others = [line for line in lines if classify(line) is Protocol.OTHER]
+    others = [line for line in lines if _classify(line) is Protocol.OTHER]
     assert 0 < len(others) < len(lines)  # both kinds occur: the check below is not vacuous
     sample = random.Random(12).sample(others, min(len(others), 300))
     sample += [b"EHLO mail.example\r\n", b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n", b"USER anonymous\r\n"]
-    ca = trustme.CA()
-    backends = [start_nginx(tmp_path, ["example-unfiled.cn"], ca), start_apache(tmp_path, ["example-unfiled.cn"], ca)]
+    for line in sample:
+        for server in real_servers:
+            answer = _served(server.http, line + b"Host: example-unfiled.cn\r\n\r\n")
+            assert b"served" not in answer, (server.kind, line, answer[:200])
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 400 "), (server.kind, line, answer[:200])
+
+
+def test_no_first_line_reaches_an_unfiled_site_through_an_auto_port(tmp_path, real_servers) -> None:
+    """The same shapes through the gate, to nginx and Apache behind auto listeners: whichever path
+    takes a line, no server ever serves the unfiled host (or its default server) for it."""
+    import random
+
+    ports = {server.kind: free_port() for server in real_servers}
+    listeners = {server.kind: listener(ports[server.kind], "auto", server.http) for server in real_servers}
+    gate = start_gate(gate_config(tmp_path, listeners, gate={"server_first_wait": SERVER_FIRST_WAIT}), ports)
+    statuses = set()
     try:
-        for line in sample:
-            for backend in backends:
-                answer = _served(backend.http, line + b"Host: example-unfiled.cn\r\n\r\n")
-                assert b"served" not in answer, (backend.kind, line, answer[:200])
-                assert answer == b"" or answer.startswith(b"HTTP/1.1 400 "), (backend.kind, line, answer[:200])
+        for line in random.Random(13).sample(_first_lines(), 300):
+            for server in real_servers:
+                answer = _served(ports[server.kind], line + b"Host: example-unfiled.cn\r\n\r\n")
+                assert b"served" not in answer, (server.kind, line, answer[:200])
+                status = answer.split(b" ", 2)[1] if answer.startswith(b"HTTP/1.1 ") else b""
+                assert status in (b"400", b"403", b""), (server.kind, line, answer[:200])
+                statuses.add(status)
     finally:
-        for backend in backends:
-            backend.stop()
+        assert gate.stop() == 0
+    assert "Traceback" not in gate.log(), gate.log()
+    assert {b"400", b"403"} <= statuses  # the gate blocked some, and refused or passed others
 
 
 def test_a_client_that_speaks_while_the_server_first_connect_runs(tmp_path) -> None:
