@@ -470,6 +470,27 @@ def test_what_passes_as_another_protocol_is_no_request_to_nginx_or_apache(real_s
             assert answer == b"" or answer.startswith(b"HTTP/1.1 400 "), (server.kind, line, answer[:200])
 
 
+def test_what_passes_as_another_protocol_is_no_handshake_to_nginx_or_apache(real_servers) -> None:
+    """A real ClientHello for the unfiled name in a record the classifier does not call TLS (another
+    content type, a major version other than 3): neither server answers it with a ServerHello."""
+    hello = python_hello("example-unfiled.cn")
+    variants = [bytes([kind]) + hello[1:] for kind in (0x14, 0x15, 0x17, 0x18)]
+    variants += [hello[:1] + bytes([major]) + hello[2:] for major in (0x00, 0x02, 0x04, 0xFF)]
+    for data in variants:
+        assert _classify(data) is Protocol.OTHER, data[:3]
+        for server in real_servers:
+            answer = _served(server.tls, data)
+            assert not answer.startswith(b"\x16\x03"), (server.kind, data[:3], answer[:20])
+    for server in real_servers:  # the harness: the hello itself is answered
+        assert _served_hello(server.tls, hello).startswith(b"\x16\x03")
+
+
+def _served_hello(port: int, hello: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+        sock.sendall(hello)
+        return sock.recv(5)
+
+
 def test_no_first_line_reaches_an_unfiled_site_through_an_auto_port(tmp_path, real_servers) -> None:
     """The same shapes through the gate, to nginx and Apache behind auto listeners: whichever path
     takes a line, no server ever serves the unfiled host (or its default server) for it."""
