@@ -454,7 +454,8 @@ def _classify(line: bytes) -> Protocol:
 
 def test_what_passes_as_another_protocol_is_no_request_to_nginx_or_apache(real_servers) -> None:
     """Every first line the classifier calls another protocol (and so relays unread), sent with a
-    Host header to real nginx and Apache: neither serves it from any virtual host. The lines it
+    Host header and a valid request behind it, to real nginx and Apache: neither serves anything
+    from any virtual host. The lines it
     sends to the HTTP path need no check here: that path decides them as an http listener does."""
     import random
 
@@ -463,9 +464,11 @@ def test_what_passes_as_another_protocol_is_no_request_to_nginx_or_apache(real_s
     assert 0 < len(others) < len(lines)  # both kinds occur: the check below is not vacuous
     sample = random.Random(12).sample(others, min(len(others), 300))
     sample += [b"EHLO mail.example\r\n", b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n", b"USER anonymous\r\n"]
+    # Behind each line, a well-formed request: a server that went on reading after its refusal would serve it.
+    behind = b"GET / HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n"
     for line in sample:
         for server in real_servers:
-            answer = _served(server.http, line + b"Host: example-unfiled.cn\r\n\r\n")
+            answer = _served(server.http, line + b"Host: example-unfiled.cn\r\n\r\n" + behind)
             assert b"served" not in answer, (server.kind, line, answer[:200])
             assert answer == b"" or answer.startswith(b"HTTP/1.1 400 "), (server.kind, line, answer[:200])
 
