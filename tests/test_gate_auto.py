@@ -455,8 +455,8 @@ def _classify(line: bytes) -> Protocol:
 def test_what_passes_as_another_protocol_is_no_request_to_nginx_or_apache(real_servers) -> None:
     """Every first line the classifier calls another protocol (and so relays unread), sent with a
     Host header and a valid request behind it, to real nginx and Apache: neither serves anything
-    from any virtual host. The lines it
-    sends to the HTTP path need no check here: that path decides them as an http listener does."""
+    from any virtual host. The lines it sends to the HTTP path need no check here: that path
+    decides them as an http listener does."""
     import random
 
     lines = _first_lines()
