@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import socket
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
 
+import netnskit
 import pytest
 from adminkit import admin_request, parse_metrics
 from gatekit import Gate, build_hello, free_port, gate_config, listener, server_name_extension, start_gate
 from h3kit import H3Origin, free_udp_port, h3_get, h3_origin
+from netnskit import CLIENT4, CLIENT6, SERVER4, SERVER6
 from test_quic_initial import DCID, crypto_frame, protect
 
-from conftest import copy_policies
+from conftest import REPO, SAMPLES, check_json, copy_policies, run_icpgate
 from icpgate.gate.quic_initial import VERSION_1, VERSION_2
 
+INLINE_CONFIG = REPO / "config.inline.example.toml"
 FILED = "www.example-filed.cn"
 UNFILED = "www.example-unfiled.cn"
 VERSIONS = [pytest.param(VERSION_1, id="v1"), pytest.param(VERSION_2, id="v2")]
@@ -108,21 +112,23 @@ class Recorder:
     """A UDP backend that keeps every datagram it receives with its sender (each relayed flow has its
     own upstream socket, so its own sender port), and answers when told to."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+    def __init__(self, sock: socket.socket | None = None, address: tuple[str, int] = ("127.0.0.1", 0)) -> None:
+        self.sock = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(address)
         self.port = self.sock.getsockname()[1]
+        self.sock.settimeout(0.1)
+        self._stop = threading.Event()
         self.received: list[tuple[tuple[str, int], bytes]] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while True:
+        while not self._stop.is_set():
             try:
                 data, sender = self.sock.recvfrom(65536)
-            except OSError:
-                return
+            except TimeoutError:
+                continue
             with self._lock:
                 self.received.append((sender, data))
 
@@ -140,8 +146,9 @@ class Recorder:
             return len(self.received)
 
     def close(self) -> None:
-        self.sock.close()
+        self._stop.set()
         self._thread.join(5)
+        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -429,3 +436,80 @@ def test_an_unknown_version_passes_only_when_the_pack_says_so(tmp_path: Path, re
         sock.close()
     finally:
         stop(running)
+
+
+def test_check_explains_a_quic_decision(tmp_path: Path) -> None:
+    """`icpgate check --proto quic` runs the decision the QUIC gate makes, and says so."""
+    config = gate_config(tmp_path, {})
+    filed = check_json(config, FILED, "--proto", "quic", "--ip", "127.0.0.1", "--port", "443")
+    assert (filed["action"], filed["reason"], filed["destination"]) == (
+        "allow", "filed", {"ip": "127.0.0.1", "port": 443, "proto": "quic"})  # fmt: skip
+    unfiled = check_json(config, UNFILED, "--proto", "quic")
+    assert (unfiled["action"], unfiled["reason"]) == ("block", "unfiled")
+    text = run_icpgate("check", UNFILED, "--proto", "quic", "--port", "443", "-c", str(config))
+    assert text.returncode == 1 and "(quic)" in text.stdout and "BLOCK (unfiled)" in text.stdout
+
+
+# --- inline: TPROXY for UDP ---------------------------------------------------------------------------
+# The shipped ruleset leaves its UDP lines commented out until a `quic` listener serves them; these
+# are those lines, plus delivery of the packets of the gate's own transparent UDP sockets.
+UDP_RULES = [
+    "insert rule inet icpgate prerouting meta l4proto udp socket transparent 1 meta mark set 0x1 accept",
+    "add rule inet icpgate steer udp dport 443 tproxy to :8443 meta mark set 0x1 accept",
+    "add rule inet icpgate steer udp dport 443 drop",
+]
+
+
+@pytest.fixture(scope="module")
+def inline(tmp_path_factory: pytest.TempPathFactory):
+    """The shipped inline example (transparent quic listeners, upstream.source = "client") running in
+    the gate namespace of netnskit's topology, paths overridden only."""
+    tmp = tmp_path_factory.mktemp("inline-quic")
+    overrides = ["--set", 'registry.path="%s"' % (tmp / "registry.db"),
+                 "--set", 'admin.metrics_dir="%s"' % (tmp / "metrics")]  # fmt: skip
+    imported = run_icpgate("import", str(SAMPLES), "-c", str(INLINE_CONFIG), *overrides)
+    assert imported.returncode == 0, imported.stderr
+    with netnskit.topology("icpq") as net:
+        net.load_ruleset({})
+        for rule in UDP_RULES:
+            net.run(net.gate, "nft", *rule.split())
+        log_path = tmp / "gate.log"
+        with log_path.open("w") as log:
+            gate = net.popen(net.gate, [sys.executable, "-m", "icpgate", "run", "-c", str(INLINE_CONFIG), *overrides],
+                             stdout=log, stderr=log)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while "listening on [::]:8443/quic" not in log_path.read_text():
+            assert gate.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        yield net
+        assert net.stop(gate) == 0
+        assert "Traceback" not in log_path.read_text(), log_path.read_text()
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+def test_tproxy_flows_keep_both_addresses(inline: netnskit.Topology, family: int) -> None:
+    """The server sees the client's own address and the client hears the server's: TPROXY in, the
+    original destination from the datagram's ancillary data, replies sent from it."""
+    net = inline
+    server_ip, client_ip = (SERVER4, CLIENT4) if family == socket.AF_INET else (SERVER6, CLIENT6)
+    server = Recorder(net.socket(net.server, family, socket.SOCK_DGRAM), (server_ip, 443))
+    try:
+        (filed,) = flights(VERSION_1, "example-filed.cn")["one-packet"]
+        (unfiled,) = flights(VERSION_1, "example-unfiled.cn")["one-packet"]
+        blocked = net.socket(net.client, family, socket.SOCK_DGRAM)
+        blocked.sendto(unfiled, (server_ip, 443))
+        allowed = net.socket(net.client, family, socket.SOCK_DGRAM)
+        allowed.settimeout(3)
+        allowed.sendto(filed, (server_ip, 443))
+        assert server.datagrams(settle=0.5) == [filed]
+        (sender,) = server.senders()
+        assert sender[0] == client_ip  # upstream.source = "client": from the client's address
+        server.sock.sendto(b"answer", sender)
+        data, peer = allowed.recvfrom(100)
+        assert (data, peer[:2]) == (b"answer", (server_ip, 443))
+        allowed.sendto(short_header(), (server_ip, 443))
+        assert server.datagrams(settle=0.5) == [filed, short_header()]
+        blocked.close()
+        allowed.close()
+    finally:
+        server.close()

@@ -55,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("host")
     check.add_argument("--ip", help="destination IP (default: none, as from the CLI)")
     check.add_argument("--port", type=int, help="destination port")
-    check.add_argument("--proto", choices=("http", "tls"), default="http", help="listener kind (default %(default)s)")
+    check.add_argument(
+        "--proto", choices=("http", "tls", "quic"), default="http", help="listener kind (default %(default)s)"
+    )
     check.add_argument("--path", help="HTTP request target, for the ACME HTTP-01 exception")
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.set_defaults(handler=_cmd_check)
