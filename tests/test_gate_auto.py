@@ -554,3 +554,34 @@ def test_a_client_that_speaks_while_the_server_first_connect_runs(tmp_path) -> N
         backend.close()
         assert gate.stop() == 0
     assert "Traceback" not in gate.log(), gate.log()
+
+
+def test_max_connections_counts_each_auto_connection_once(tmp_path, origin) -> None:
+    """A handed-over connection stays counted, once: with max_connections = 2, a third client is
+    refused before and after the first two are classified, and admitted once they have gone."""
+    port = free_port()
+    config = gate_config(tmp_path, {"auto": listener(port, "auto", origin.http)}, gate={"max_connections": 2})
+    gate = start_gate(config, {"auto": port})
+    request = b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n"
+
+    def connect() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        time.sleep(0.2)  # accepted and counted
+        return sock
+
+    try:
+        first, second = connect(), connect()
+        assert closed_by_peer(connect(), timeout=5) == "closed"
+        first.sendall(request)
+        assert first.recv(65536).startswith(b"HTTP/1.1 200")
+        assert closed_by_peer(connect(), timeout=5) == "closed"
+        first.close()
+        second.close()
+        time.sleep(0.3)
+        third = connect()
+        third.sendall(request)
+        assert third.recv(65536).startswith(b"HTTP/1.1 200")
+        third.close()
+    finally:
+        assert gate.stop() == 0
+    assert "Traceback" not in gate.log(), gate.log()
