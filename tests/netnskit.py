@@ -15,7 +15,8 @@ started in the namespaces through `popen` and deletes them, which removes their 
 tables too.
 
 Run as a script, it is the small servers the tests start inside the server namespace:
-`python tests/netnskit.py banner PORT` (a server-first service: it sends a banner, then echoes).
+`python tests/netnskit.py banner PORT` (a server-first service: it sends a banner, then echoes,
+naming the client address it sees).
 """
 
 from __future__ import annotations
@@ -302,7 +303,7 @@ http {
 
 def start_banner(net: Topology, port: int) -> subprocess.Popen:
     """The server-first service in the server namespace, on 0.0.0.0 and [::] port `port`: it sends
-    BANNER at once, then echoes what it reads with an `echo: ` prefix per read."""
+    BANNER at once, then echoes each read prefixed with `echo from <the address it sees>: `."""
     process = net.popen(net.server, [sys.executable, str(Path(__file__)), "banner", str(port)])
     net.wait_for_port(net.server, SERVER4, port, process=process)
     net.wait_for_port(net.server, SERVER6, port, process=process)
@@ -312,10 +313,11 @@ def start_banner(net: Topology, port: int) -> subprocess.Popen:
 class _Banner(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        self.peer = transport.get_extra_info("peername")[0].encode()
         transport.write(BANNER)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
-        self.transport.write(b"echo: " + data)  # type: ignore[attr-defined]
+        self.transport.write(b"echo from %s: %s" % (self.peer, data))  # type: ignore[attr-defined]
 
 
 async def _serve_banner(port: int) -> None:

@@ -13,6 +13,8 @@ checks=(
   "fc-list :lang=zh 2>/dev/null | grep -q .|fonts-wqy-microhei"
   "command -v systemd-analyze|systemd"
   "command -v ip|iproute2"
+  "command -v nft|nftables"
+  "command -v setpriv|util-linux"
   "command -v iptables && command -v ip6tables|iptables"
   "test -x /usr/sbin/dnsmasq|dnsmasq-base"
   "command -v promtool|prometheus"

@@ -95,7 +95,8 @@ async def connect_from_client(loop: asyncio.AbstractEventLoop, client: Address, 
         try:
             set_transparent(sock)
         except PermissionError:
-            raise SourceError("no_cap_net_admin", "IP_TRANSPARENT needs CAP_NET_ADMIN, which the gate lacks") from None
+            raise SourceError("no_capability", "IP_TRANSPARENT needs CAP_NET_ADMIN (or CAP_NET_RAW), which the gate "
+                              "lacks") from None  # fmt: skip
         try:
             sock.bind((str(client_ip), 0))
         except OSError as error:
