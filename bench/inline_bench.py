@@ -68,11 +68,14 @@ class Load:
     def __init__(self, namespace: str) -> None:
         self.prefix = ["ip", "netns", "exec", namespace, "taskset", "-c", LOAD_CPU]
 
-    def rate(self, url: str, address: str, port: int, seconds: float, *extra: str, log: Path | None = None) -> float:
-        """Requests per second over about `seconds`, sized by a short run (h2load's -D mode hangs when
-        the server closes connections, so the request count bounds every run, as in bench/run.py)."""
+    def rate(self, url: str, address: str, port: int, seconds: float, *extra: str,
+             log: Path | None = None) -> tuple[float, int]:  # fmt: skip
+        """Requests per second over about `seconds`, and how many requests were made in all. A short
+        run sizes the real one (h2load's -D mode hangs when the server closes connections, so the
+        request count bounds every run, as in bench/run.py)."""
         calibration = self._h2load(url, address, port, 2000, extra, None)
-        return self._h2load(url, address, port, max(2000, int(calibration * seconds)), extra, log)
+        requests = max(2000, int(calibration * seconds))
+        return self._h2load(url, address, port, requests, extra, log), 2000 + requests
 
     def _h2load(self, url: str, address: str, port: int, requests: int, extra: tuple[str, ...],
                 log: Path | None) -> float:  # fmt: skip
@@ -92,11 +95,12 @@ class Load:
         resolve = "%s:%d:%s" % (FILED, port, address)
         return sh(*self.prefix, "curl", "-sSfk", "--max-time", "30", "--resolve", resolve, url).stdout
 
-    def bulk_mbps(self, address: str, port: int) -> float:
-        """One download of the 1 GiB file over TLS: the origin's TLS, passed through by the gate."""
+    def bulk_mbps(self, address: str, port: int) -> tuple[float, float]:
+        """MB/s of one download of the 1 GiB file over TLS (the origin's TLS, passed through), and its MB."""
         url = "https://%s:%d/big" % (FILED, port)
         fetch = [*self.prefix, "curl", "-sSfk", "-o", "/dev/null", "-w", "%{speed_download}", "--max-time", "120"]
-        return float(sh(*fetch, "--resolve", "%s:%d:%s" % (FILED, port, address), url).stdout) / 1e6
+        speed = float(sh(*fetch, "--resolve", "%s:%d:%s" % (FILED, port, address), url).stdout) / 1e6
+        return speed, BIG_FILE.stat().st_size / 1e6
 
     def latency(self, address: str, port: int, rate: int, seconds: float, log: Path) -> tuple[float, float]:
         """p50 and p99 in ms of keep-alive HTTP requests at a fixed `rate` (20 clients, h2load --rps)."""
@@ -158,7 +162,9 @@ def start_origin(net: Topology, work: Path) -> None:
         net.wait_for_port(net.server, SERVER4, port, process=process)
 
 
-def start_gates(net: Topology, work: Path, configs: dict[str, Path]) -> None:
+def start_gates(net: Topology, work: Path, configs: dict[str, Path]) -> dict[str, int]:
+    """One gate process per mode (one worker, pinned); their process ids."""
+    pids = {}
     for mode, ports in (("transparent", TPROXY_PORTS), ("static", STATIC_PORTS)):
         log = (work / ("gate-%s.log" % mode)).open("w")
         process = net.popen(net.gate, ["taskset", "-c", GATE_CPU, *ICPGATE, "run", "-c", str(configs[mode]),
@@ -166,6 +172,8 @@ def start_gates(net: Topology, work: Path, configs: dict[str, Path]) -> None:
         for port in ports.values():
             net.wait_for_port(net.gate, "127.0.0.1" if mode == "transparent" else GATE_CLIENT_SIDE4, port,
                               process=process)  # fmt: skip
+        pids[mode] = process.pid
+    return pids
 
 
 def static_source(net: Topology) -> None:
@@ -199,43 +207,74 @@ def check_sources(load: Load) -> None:
                 raise RuntimeError("%s %s: the server saw %r, not %s" % (mode, kind, seen, SEEN_SOURCE[mode]))
 
 
-def scenarios(load: Load, seconds: float) -> list[tuple[str, str, Callable[[str], float]]]:
-    """(name, unit, function(mode) -> value)."""
+Scenario = tuple[str, str, str, Callable[[str], tuple[float, float]]]
 
-    def requests(mode: str, kind: str, *extra: str) -> float:
+
+def scenarios(load: Load, seconds: float) -> list[Scenario]:
+    """(name, unit, unit of work, function(mode) -> (figure, work done))."""
+
+    def requests(mode: str, kind: str, *extra: str) -> tuple[float, float]:
         url = "%s://%s/" % ("https" if kind == "tls" else "http", FILED)
         return load.rate(url, *ENDPOINTS[mode][kind], seconds, "-c", "50", *extra)
 
     return [
-        ("keep-alive HTTP relayed, per-request check", "req/s", lambda mode: requests(mode, "http")),
-        ("new HTTP connection per request", "req/s",
+        ("keep-alive HTTP relayed, per-request check", "req/s", "request", lambda mode: requests(mode, "http")),
+        ("new HTTP connection per request", "req/s", "request",
          lambda mode: requests(mode, "http", "-H", "Connection: close")),
-        ("TLS keep-alive through pass-through", "req/s", lambda mode: requests(mode, "tls")),
-        ("bulk TLS transfer (1 GiB) through pass-through", "MB/s",
+        ("TLS keep-alive through pass-through", "req/s", "request", lambda mode: requests(mode, "tls")),
+        ("bulk TLS transfer (1 GiB) through pass-through", "MB/s", "MB",
          lambda mode: load.bulk_mbps(*ENDPOINTS[mode]["tls"])),
     ]  # fmt: skip
 
 
-def measure(args: argparse.Namespace, load: Load) -> list[dict[str, object]]:
+def cpu_seconds(pid: int) -> float:
+    """User and system time of a process so far (/proc/PID/stat utime + stime)."""
+    fields = Path("/proc/%d/stat" % pid).read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(args: argparse.Namespace, load: Load, gates: dict[str, int]) -> list[dict[str, object]]:
+    """Each scenario `rounds` times, alternating the modes. Beside the figure, the gate process's CPU
+    time per unit of work: on a shared machine it moves less than a rate does, and at saturation of
+    the gate's core the rates would stand in its inverse ratio."""
     table: list[dict[str, object]] = []
-    for name, unit, run_once in scenarios(load, args.seconds):
+    for name, unit, work_unit, run_once in scenarios(load, args.seconds):
         samples: dict[str, list[float]] = {mode: [] for mode in MODES}
+        cpu: dict[str, list[float]] = {mode: [] for mode in MODES}  # microseconds per unit of work
         for _ in range(args.rounds):
             for mode in MODES:
+                before = cpu_seconds(gates[mode])
                 try:
-                    samples[mode].append(run_once(mode))
+                    figure, work = run_once(mode)
                 except (RuntimeError, subprocess.SubprocessError) as error:  # recorded: the other scenarios still run
                     print("%s, %s: %s" % (name, mode, str(error).splitlines()[0]), flush=True)
+                    continue
+                samples[mode].append(figure)
+                cpu[mode].append((cpu_seconds(gates[mode]) - before) / work * 1e6)
         if not all(samples.values()):
             table.append({"scenario": name, "unit": unit, "error": "no complete run", "samples": samples})
             continue
         medians = {mode: statistics.median(values) for mode, values in samples.items()}
-        ratio = medians["transparent"] / medians["static"]
-        paired = statistics.median(t / s for t, s in zip(samples["transparent"], samples["static"], strict=False))
-        table.append({"scenario": name, "unit": unit, **{m: round(v, 1) for m, v in medians.items()},
-                      "ratio": round(ratio, 2), "paired_ratio": round(paired, 2), "samples": samples})  # fmt: skip
-        print("%-47s static %9.1f  transparent %9.1f %-6s ratio %.2f (per round %.2f)"
-              % (name, medians["static"], medians["transparent"], unit, ratio, paired), flush=True)  # fmt: skip
+        costs = {mode: statistics.median(values) for mode, values in cpu.items()}
+        row = {
+            "scenario": name,
+            "unit": unit,
+            **{mode: round(value, 1) for mode, value in medians.items()},
+            "ratio": round(medians["transparent"] / medians["static"], 2),
+            "ratio_per_round": round(statistics.median(t / s for t, s in zip(*samples.values(), strict=True)), 2),
+            "gate_cpu_us_per_%s" % work_unit: {mode: round(value, 2) for mode, value in costs.items()},
+            "ratio_by_gate_cpu": round(costs["static"] / costs["transparent"], 2),
+            "samples": samples,
+            "gate_cpu_samples": cpu,
+        }
+        table.append(row)
+        print(
+            "%-47s static %9.1f  transparent %9.1f %-6s ratio %.2f (per round %.2f)"
+            % (name, medians["static"], medians["transparent"], unit, row["ratio"], row["ratio_per_round"])
+        )
+        print("%-47s static %9.1f  transparent %9.1f us/%-3s ratio %.2f"
+              % ("  gate CPU per " + work_unit, costs["static"], costs["transparent"], work_unit[:3],
+                 row["ratio_by_gate_cpu"]), flush=True)  # fmt: skip
     return table
 
 
@@ -270,10 +309,10 @@ def main() -> None:
         net.load_ruleset({"HTTP_LISTENER": str(TPROXY_PORTS["http"]), "TLS_LISTENER": str(TPROXY_PORTS["tls"])})
         static_source(net)
         start_origin(net, args.work)
-        start_gates(net, args.work, configs)
+        gates = start_gates(net, args.work, configs)
         load = Load(net.client)
         check_sources(load)
-        results["scenarios"] = table = measure(args, load)
+        results["scenarios"] = table = measure(args, load, gates)
         keepalive = next(row for row in table if row["scenario"].startswith("keep-alive") and "ratio" in row)
         rate = int(min(keepalive["static"], keepalive["transparent"]) / 2)
         results["latency_ms_at_half_load"] = latency = latencies(args, net, load, rate)
