@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import signal
 import socket
 import ssl
 import subprocess
@@ -191,6 +192,13 @@ def test_monitor_mode_passes_unfiled_sites_records_them_and_says_so_everywhere(t
         assert bad.returncode == 1 and "BLOCK (invalid) — refused in monitor mode too" in bad.stdout, bad.stdout
         filed = json.loads(icpgate(config, "check", "example-filed.cn", "--json").stdout)
         assert (filed["action"], filed["policy_action"], filed["passed"]) == ("allow", "allow", False)
+
+        # The rollout's last step: gate.enforcement = "enforce" and a reload; the same site is blocked.
+        config.write_text(config.read_text().replace('enforcement = "monitor"', 'enforcement = "enforce"'))
+        gate.signal(signal.SIGHUP)
+        wait_until(lambda: status_of(http_get(http, UNFILED)) == 403, timeout=20, step=0.2)
+        wait_until(lambda: json.loads(admin_request(admin, "/readyz")[2]).get("mode") == "enforce", timeout=20)
+        assert json.loads(icpgate(config, "check", UNFILED, "--json").stdout)["action"] == "block"
     finally:
         assert gate.stop() == 0
     assert "Traceback" not in gate.log(), gate.log()

@@ -91,6 +91,7 @@ class Worker:
         self.listeners: list[Listener] = []
         self.registry: Registry | None = None
         self._stopping = asyncio.Event()
+        self._services_stale = asyncio.Event()  # set by a reload: the in-loop services restart with the new config
         self._data_version = None
         self.serial = 0  # the registry serial the index belongs to
         self._index_lock = asyncio.Lock()
@@ -201,6 +202,7 @@ class Worker:
         await self.catch_up(full=True)
         self.runtime.stats["reloads", "ok"] += 1
         self._reload_ok, self._loaded_at = True, time.time()
+        self._services_stale.set()
         log.info("reloaded config, policy pack %s and templates", policy.pack.name)
         return True
 
@@ -244,9 +246,24 @@ class Worker:
         return version
 
     async def _run_service(self) -> None:
+        """The services in this loop (a one-worker daemon). A reload restarts them with the new
+        config, as the service process of a multi-worker daemon does, so the admin API reports it."""
         loop = asyncio.get_running_loop()
+        while True:
+            self._services_stale.clear()
+            running = loop.create_task(self.service(self.config, lambda _serial: loop.create_task(self.catch_up())))
+            reloaded = loop.create_task(self._services_stale.wait())
+            try:
+                await asyncio.wait([running, reloaded], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                reloaded.cancel()
+                if not running.done():
+                    running.cancel()
+                    await asyncio.gather(running, return_exceptions=True)
+            if not self._services_stale.is_set():
+                break
         try:
-            await self.service(self.config, lambda _serial: loop.create_task(self.catch_up()))
+            running.result()
         except asyncio.CancelledError:
             raise
         except Exception:  # the gate goes on with the registry it has; the failure is logged
