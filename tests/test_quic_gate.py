@@ -16,7 +16,7 @@ from pathlib import Path
 
 import netnskit
 import pytest
-from adminkit import admin_request, parse_metrics
+from adminkit import admin_request, metric, parse_metrics
 from gatekit import Gate, build_hello, free_port, gate_config, listener, server_name_extension, start_gate
 from h3kit import H3Origin, free_udp_port, h3_get, h3_origin
 from netnskit import CLIENT4, CLIENT6, SERVER4, SERVER6
@@ -513,3 +513,49 @@ def test_tproxy_flows_keep_both_addresses(inline: netnskit.Topology, family: int
         allowed.close()
     finally:
         server.close()
+
+
+def start_plain_gate(tmp: Path, table: dict, admin: int) -> Gate:
+    config = gate_config(tmp, {"quic": table}, tables={"admin": {"enabled": True, "port": admin}})
+    running = start_gate(config, {"admin": admin})
+    running.ports["quic"] = table["port"]
+    wait_listening(running)
+    return running
+
+
+def test_a_wildcard_listener_answers_from_the_address_dialled(tmp_path: Path, recorder: Recorder) -> None:
+    """Bound to 0.0.0.0, the gate names each reply's source (IP_PKTINFO): a client that sent to
+    127.0.0.2 hears back from 127.0.0.2, not from the address the route to it would pick."""
+    port = free_udp_port()
+    running = start_plain_gate(tmp_path, {"address": "0.0.0.0", "port": port, "kind": "quic",
+                                          "backend": "127.0.0.1:%d" % recorder.port}, free_port())  # fmt: skip
+    try:
+        (filed,) = flights(VERSION_1, FILED)["one-packet"]
+        mark = recorder.mark()
+        sock = client()
+        sock.sendto(filed, ("127.0.0.2", port))
+        assert recorder.datagrams(mark) == [filed]
+        recorder.sock.sendto(b"answer", recorder.received[-1][0])
+        assert sock.recvfrom(100) == (b"answer", ("127.0.0.2", port))
+        sock.close()
+    finally:
+        stop(running)
+
+
+def test_the_gate_does_not_relay_to_itself(tmp_path: Path) -> None:
+    """original_dst without TPROXY: the destination is the gate's own socket. Its own datagram comes
+    back as a new flow, which is refused instead of decided and relayed again, and again."""
+    port = free_udp_port()
+    running = start_plain_gate(tmp_path, listener(port, "quic"), free_port())
+    try:
+        (filed,) = flights(VERSION_1, FILED)["one-packet"]
+        send(port, filed).close()
+        time.sleep(0.5)
+        assert drops(running).get("loop") == 1
+        status, _, body = admin_request(running.ports["admin"], "/metrics")
+        assert status == 200
+        samples = parse_metrics(body.decode())
+        assert metric(samples, "icpgate_quic_datagrams_total", direction="to_upstream") == 1
+        assert metric(samples, "icpgate_decisions_total", kind="quic") == 1
+    finally:
+        stop(running)

@@ -45,6 +45,7 @@ class Flow:
         "client",
         "cost",
         "destination",
+        "ends",
         "held",
         "held_bytes",
         "key",
@@ -52,6 +53,7 @@ class Flow:
         "reader",
         "reply",
         "since",
+        "source",
         "state",
         "timer",
         "upstream",
@@ -68,6 +70,8 @@ class Flow:
         self.held_bytes = 0
         self.upstream: socket.socket | None = None
         self.reply: socket.socket | None = None  # what answers the client; None: the listener's socket
+        self.source: list | None = None  # the IP_PKTINFO that makes a wildcard listener answer from the right address
+        self.ends: tuple[Address, Address] | None = None  # the upstream socket's (local address, backend)
         self.cids: set[bytes] = set()  # Destination Connection IDs the client may use: its first, the server's
         self.since = now  # when the flow began, or was blocked
         self.last_seen = now  # last datagram either way

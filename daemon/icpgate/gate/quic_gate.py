@@ -18,7 +18,9 @@ next attempt is decided afresh.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import resource
 import socket
 import time
 from bisect import bisect_left
@@ -51,6 +53,7 @@ from .quic_socket import (
     destination_of,
     is_ip_literal,
     open_upstream,
+    source_option,
 )
 from .upstream import Address, UpstreamResolver
 
@@ -70,6 +73,7 @@ DROP_REASONS = (
     "inspect_timeout",  # held while the hello stayed incomplete past gate.inspect_timeout
     "blocked",  # of a blocked flow, during its hold
     "table_full",  # a new flow past quic.max_flows
+    "loop",  # the gate's own upstream datagram come back to it (original_dst without TPROXY)
     "pending_full",  # held by a pending flow pushed out, or past the bytes a flow may hold
     "upstream_error",  # the backend cannot be reached or its socket refused the datagram
     "client_error",  # the socket towards the client refused the datagram
@@ -97,12 +101,20 @@ class QuicListener(Listener):
         self.table = FlowTable(quic.max_flows, runtime.stats)
         self.local: Address = sock.getsockname()[:2]
         self.replies = ReplySockets(self.loop, self._read) if config.transparent else None
+        # a wildcard-bound listener names each reply's source address (see quic_socket.source_option)
+        self.wildcard = not config.transparent and ipaddress.ip_address(self.local[0]).is_unspecified
+        # (local address, backend) of each upstream socket: a datagram from the one to the other is our own
+        self.own: set[tuple[Address, Address]] = set()
         self._buffer = memoryview(bytearray(MAX_DATAGRAM))
         self._names: dict[str, str] = {}  # backend names resolved, see _backend
         self._resolving: set[str] = set()
         self.closed = False
 
     def start(self) -> None:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < self.quic.max_flows:
+            log.warning("open-file limit %d is below quic.max_flows = %d: each relayed flow holds a socket", soft,
+                        self.quic.max_flows)  # fmt: skip
         ask_destination(self.sock)
         self.loop.add_reader(self.sock.fileno(), self._read, self.sock, self.local)
 
@@ -151,6 +163,10 @@ class QuicListener(Listener):
     def _first(self, data: bytes, key: FlowKey, now: float) -> None:
         """A datagram of no known flow: only an Initial of a version the gate reads opens one. The
         cheap checks come before any state is made."""
+        if self.own and ((key[0], key[1]), (key[2], key[3])) in self.own:
+            self.runtime.stats["refused_loop"] += 1
+            self._drop("loop")
+            return
         version = peek_version(data)
         if version is None:
             self._drop("unknown_flow")
@@ -256,7 +272,9 @@ class QuicListener(Listener):
         try:
             upstream = self._upstream(flow)
             if self.replies is not None and flow.destination != self.local:
-                flow.reply = self.replies.get(flow.destination)
+                flow.reply = self.replies.take(flow.destination)
+            elif self.wildcard:
+                flow.source = source_option(flow.destination)
         except OSError as error:
             log.debug("quic %s:%d: cannot relay to the backend: %s", flow.client[0], flow.client[1], error)
             self.runtime.stats["upstream_failures", KIND] += 1
@@ -266,6 +284,8 @@ class QuicListener(Listener):
             self._remove(flow, "upstream_error")
             return
         flow.upstream = upstream
+        flow.ends = (upstream.getsockname()[:2], upstream.getpeername()[:2])
+        self.own.add(flow.ends)
         self.table.set_state(flow, RELAY)
         flow.held = []
         reader = flow.reader
@@ -285,9 +305,6 @@ class QuicListener(Listener):
             return None
         address = self._backend(backend)
         if address is None:
-            return None
-        if address == self.local and not self.config.transparent:
-            self.runtime.stats["refused_loop"] += 1  # original_dst without TPROXY: the gate itself
             return None
         source = (flow.client[0], 0) if self.resolver.source == "client" else None
         return open_upstream(address, source)
@@ -359,9 +376,7 @@ class QuicListener(Listener):
     def _from_upstream(self, flow: Flow) -> None:
         sock = flow.upstream
         view = self._buffer
-        runtime = self.runtime
-        stats = runtime.stats
-        reply = flow.reply or self.sock
+        stats = self.runtime.stats
         now = self.loop.time()
         for _ in range(BATCH):
             try:
@@ -369,20 +384,14 @@ class QuicListener(Listener):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:  # ICMP unreachable: the backend is not listening (the client will give up)
-                self.runtime.stats["upstream_failures", KIND] += 1
+                stats["upstream_failures", KIND] += 1
                 return
             stats[FROM_UPSTREAM] += 1
             data = bytes(view[:size])
             if data and data[0] & 0x80 and flow.version in SCHEDULES and not self._server_long_header(flow, data):
                 return
             flow.last_seen = now
-            try:
-                reply.sendto(data, flow.client)
-            except OSError:
-                self._drop("client_error")
-                continue
-            stats[TO_CLIENT] += 1
-            runtime.bytes_to_client += size
+            self._to_client(flow, data)
 
     def _server_long_header(self, flow: Flow, data: bytes) -> bool:
         """Learn the connection IDs the server chose; follow a Retry. False: the flow is over."""
@@ -392,7 +401,7 @@ class QuicListener(Listener):
             return True  # the client's stack judges the server's packets
         for kind, _, scid in packets:
             if kind == VERSION_NEGOTIATION:
-                self._send_client(flow, data)
+                self._to_client(flow, data)
                 self._remove(flow)  # the client's next Initial, in another version, is decided anew
                 return False
             if kind == RETRY and flow.reader is not None:
@@ -401,9 +410,14 @@ class QuicListener(Listener):
                 flow.cids.add(scid)
         return True
 
-    def _send_client(self, flow: Flow, data: bytes) -> None:
+    def _to_client(self, flow: Flow, data: bytes) -> None:
+        """From the address the client sent to: the reply socket (TPROXY), IP_PKTINFO (a wildcard
+        listener), or simply the listener's own."""
         try:
-            (flow.reply or self.sock).sendto(data, flow.client)
+            if flow.source:
+                self.sock.sendmsg((data,), flow.source, 0, flow.client)
+            else:
+                (flow.reply or self.sock).sendto(data, flow.client)
         except OSError:
             self._drop("client_error")
             return
@@ -448,6 +462,10 @@ class QuicListener(Listener):
             self.loop.remove_reader(flow.upstream.fileno())
             flow.upstream.close()
             flow.upstream = None
+            self.own.discard(flow.ends)
+        if flow.reply is not None:
+            self.replies.release(flow.destination)
+            flow.reply = None
 
     def _drop(self, reason: str, count: int = 1) -> None:
         self.runtime.stats[DROPS[reason]] += count
