@@ -142,6 +142,8 @@ def test_monitor_mode_passes_unfiled_sites_records_them_and_says_so_everywhere(t
             assert (records[key]["blocked"], records[key]["passed"], records[key]["count"]) == (False, 1, 1), key
         invalid = records[("(junk)", "http", "invalid")]
         assert invalid["blocked"] and invalid["passed"] == 0 and invalid["count"] == 2
+        table = icpgate(config, "violations", "--reason", "unfiled").stdout
+        assert table.count("1 (1 passed)  %s" % UNFILED) == 2, table
 
         # The log line for each decision says what the gate did and in which mode.
         lines = log_lines(gate)

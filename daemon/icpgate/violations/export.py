@@ -64,7 +64,8 @@ def as_table(records: list[dict[str, Any]], total: int, zone: tzinfo = BEIJING) 
     for record in records:
         dns, customer, handling = record["dns"], record["customer"], record["handling"]
         state = handling["state"] + (": " + handling["note"] if handling["note"] else "")
-        rows.append((str(record["id"]), dns["state"], str(record["count"]), record["host"],
+        count = "%d (%d passed)" % (record["count"], record["passed"]) if record["passed"] else str(record["count"])
+        rows.append((str(record["id"]), dns["state"], count, record["host"],
                      "%s:%d/%s" % (record["ip"], record["port"], record["proto"]), record["reason"],
                      current_en(record), state[:40],
                      "%s %s" % (customer["name"], customer["contract"]) if customer else "-",
