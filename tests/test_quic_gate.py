@@ -559,3 +559,26 @@ def test_the_gate_does_not_relay_to_itself(tmp_path: Path) -> None:
         assert metric(samples, "icpgate_decisions_total", kind="quic") == 1
     finally:
         stop(running)
+
+
+def test_monitor_mode_relays_and_records(tmp_path: Path, recorder: Recorder) -> None:
+    """gate.enforcement = "monitor": QUIC follows the same Runtime.decide as TCP, so an unfiled flow is
+    relayed and recorded as a violation that passed; junk is still dropped."""
+    port = free_udp_port()
+    tables = {"violations": {"path": str(tmp_path / "violations.db"), "flush_interval": 0.2}}
+    config = gate_config(tmp_path, {"quic": listener(port, "quic", recorder.port)}, gate={"enforcement": "monitor"},
+                         tables=tables)  # fmt: skip
+    running = start_gate(config, {})
+    try:
+        wait_listening(running)
+        (unfiled,) = flights(VERSION_1, UNFILED)["one-packet"]
+        mark = recorder.mark()
+        send(port, unfiled, unfiled[:1199]).close()
+        assert recorder.datagrams(mark) == [unfiled]
+        time.sleep(0.5)
+        with sqlite3.connect(tmp_path / "violations.db") as db:
+            rows = db.execute("SELECT host, proto, reason, count, passed FROM violations").fetchall()
+        assert rows == [(UNFILED, "quic", "unfiled", 1, 1)]
+        assert "passed (monitor mode) quic" in running.log()
+    finally:
+        stop(running)
