@@ -451,15 +451,6 @@ def test_check_explains_a_quic_decision(tmp_path: Path) -> None:
 
 
 # --- inline: TPROXY for UDP ---------------------------------------------------------------------------
-# The shipped ruleset leaves its UDP lines commented out until a `quic` listener serves them; these
-# are those lines, plus delivery of the packets of the gate's own transparent UDP sockets.
-UDP_RULES = [
-    "insert rule inet icpgate prerouting meta l4proto udp socket transparent 1 meta mark set 0x1 accept",
-    "add rule inet icpgate steer udp dport 443 tproxy to :8443 meta mark set 0x1 accept",
-    "add rule inet icpgate steer udp dport 443 drop",
-]
-
-
 @pytest.fixture(scope="module")
 def inline(tmp_path_factory: pytest.TempPathFactory):
     """The shipped inline example (transparent quic listeners, upstream.source = "client") running in
@@ -470,9 +461,7 @@ def inline(tmp_path_factory: pytest.TempPathFactory):
     imported = run_icpgate("import", str(SAMPLES), "-c", str(INLINE_CONFIG), *overrides)
     assert imported.returncode == 0, imported.stderr
     with netnskit.topology("icpq") as net:
-        net.load_ruleset({})
-        for rule in UDP_RULES:
-            net.run(net.gate, "nft", *rule.split())
+        net.load_ruleset({})  # the shipped ruleset, UDP 443 steered to the quic listeners
         log_path = tmp / "gate.log"
         with log_path.open("w") as log:
             gate = net.popen(net.gate, [sys.executable, "-m", "icpgate", "run", "-c", str(INLINE_CONFIG), *overrides],
