@@ -409,6 +409,11 @@ def test_the_table_is_bounded(timed_gate: Gate, recorder: Recorder) -> None:
     late = send(port, filed)
     assert recorder.datagrams(mark) == [filed] * 16
     assert drops(timed_gate)["table_full"] == 1
+    _, _, body = admin_request(timed_gate.ports["admin"], "/metrics")
+    samples = parse_metrics(body.decode())
+    assert metric(samples, "icpgate_quic_flows", state="relay") == 16
+    assert metric(samples, "icpgate_quic_flows", state="blocked") == 0  # pushed out for the relayed ones
+    assert metric(samples, "icpgate_quic_initial_seconds_count") == 20  # each decided flow's hello, once
     time.sleep(0.5)  # the relayed flows idle out
     send(port, filed, sock=late)
     assert recorder.datagrams(mark) == [filed] * 17

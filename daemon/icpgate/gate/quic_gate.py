@@ -115,6 +115,9 @@ class QuicListener(Listener):
         if soft != resource.RLIM_INFINITY and soft < self.quic.max_flows:
             log.warning("open-file limit %d is below quic.max_flows = %d: each relayed flow holds a socket", soft,
                         self.quic.max_flows)  # fmt: skip
+        if self.config.proxy_protocol:
+            log.warning("%s: proxy_protocol does not apply to QUIC (the backend reads QUIC datagrams); not sent",
+                        self.config.name)  # fmt: skip
         ask_destination(self.sock)
         self.loop.add_reader(self.sock.fileno(), self._read, self.sock, self.local)
 
