@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..config import GateConfig, ListenerConfig
-from ..policy import Action, Policy, Verdict
+from ..policy import Action, Mode, Policy, Verdict
 from .block_log import BlockLog
 from .blockpage import BlockPages
 from .latency import LatencyHistogram
@@ -65,40 +65,48 @@ class Runtime:
     # (gate.enforcement, monitor_ranges) the worker last logged, so it logs each change once
     monitoring: tuple = ("enforce", ())
     _decisions: dict[tuple, Verdict] = field(default_factory=dict)
-    # the (policy, index, index generation) the cache belongs to
-    _decisions_for: tuple[object, object, int] = (None, None, -1)
+    # the (policy, index, index generation, stale mode) the cache belongs to
+    _decisions_for: tuple[object, object, int, str] = (None, None, -1, "")
 
     def decide(self, host: str | None, dst: Address, kind: str, path: str | None) -> Verdict:
-        """`Policy.decide`, remembered per (host, destination, kind) while policy and index stay.
+        """`Policy.decide`, then `Policy.applied` in the mode in force, remembered per (host,
+        destination, kind) while policy, index and the feed's mode stay.
 
-        Decisions are pure functions of those, so a remembered one is the one `decide` would
-        give; a reload brings new objects, and a commit to the shared index a new generation, and
-        so an empty cache. The ACME exception makes the path matter too, so with it on, plain HTTP
-        is not remembered.
+        Both are pure functions of those, so a remembered verdict is the one they would give; a
+        reload brings new objects, a commit to the shared index a new generation, an expired feed
+        a new stale mode, and so an empty cache. The ACME exception makes the path matter too, so
+        with it on, plain HTTP is not remembered. A block a mode let through is counted per call.
         """
         policy = self.policy
         index = policy.index
         generation = index.generation()
         cached_for = self._decisions_for
-        if cached_for[0] is not policy or cached_for[1] is not index or cached_for[2] != generation:
+        if (cached_for[0] is not policy or cached_for[1] is not index or cached_for[2] != generation
+                or cached_for[3] != self.stale_mode):  # fmt: skip
             self._decisions = {}
-            self._decisions_for = (policy, index, generation)
+            self._decisions_for = (policy, index, generation, self.stale_mode)
         if policy.pack.acme_http01 and kind == "http":
-            verdict = policy.decide(host, dst[0], dst[1], kind, path)
+            verdict = self._decided(policy, host, dst, kind, path)
         else:
             key = (host, dst, kind)
             verdict = self._decisions.get(key)
             if verdict is None:
                 if len(self._decisions) >= DECISION_CACHE_SIZE:
                     self._decisions = {}  # junk hosts must not grow memory; popular hosts come back at once
-                verdict = self._decisions[key] = policy.decide(host, dst[0], dst[1], kind, path)
+                verdict = self._decisions[key] = self._decided(policy, host, dst, kind, path)
+        if verdict.mode is not Mode.ENFORCE:
+            self.stats["relaxed", verdict.mode, verdict.reason] += 1
+        return verdict
+
+    def _decided(self, policy: Policy, host: str | None, dst: Address, kind: str, path: str | None) -> Verdict:
+        verdict = policy.decide(host, dst[0], dst[1], kind, path)
         if verdict.action is Action.BLOCK and (policy.monitors or self.stale_mode != "enforce"):
-            return self.apply_mode(verdict, dst)
+            return policy.applied(verdict, dst[0], self.stale_mode)  # only blocks, only when a mode may lift them
         return verdict
 
     def apply_mode(self, verdict: Verdict, dst: Address) -> Verdict:
-        """`Policy.applied` in the mode in force, counting what it lets through. `decide` does it for
-        the policy's verdicts; a gate's own block that monitor mode may lift (other_protocols) calls it."""
+        """`Policy.applied` in the mode in force, counting what it lets through, for a block a gate
+        makes itself that monitor mode may lift (policy.other_protocols)."""
         verdict = self.policy.applied(verdict, dst[0], self.stale_mode)
         if verdict.passed:
             self.stats["relaxed", verdict.mode, verdict.reason] += 1
