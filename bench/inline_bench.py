@@ -266,6 +266,7 @@ def measure(args: argparse.Namespace, load: Load, gates: dict[str, int]) -> list
             "ratio_by_gate_cpu": round(costs["static"] / costs["transparent"], 2),
             "samples": samples,
             "gate_cpu_samples": cpu,
+            "load_average": os.getloadavg()[0],  # the machine's, as the scenario ended: others' work shows here
         }
         table.append(row)
         print(
