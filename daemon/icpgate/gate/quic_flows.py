@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import socket
 from asyncio import TimerHandle
-from collections import Counter
+from collections import Counter, OrderedDict
 
 from .quic_initial import InitialReassembler
 from .upstream import Address
@@ -90,8 +90,10 @@ class FlowTable:
         self.max_pending = min(max_pending, max_flows)
         self.max_held = max_held
         self.flows: dict[FlowKey, Flow] = {}
-        self.pending: dict[FlowKey, Flow] = {}  # in order of arrival: the oldest first
-        self.blocked: dict[FlowKey, Flow] = {}  # in order of blocking
+        # In order of arrival and of blocking: the oldest first. OrderedDicts, because a plain dict's
+        # first item is found by skipping the slots of every item deleted before it.
+        self.pending: OrderedDict[FlowKey, Flow] = OrderedDict()
+        self.blocked: OrderedDict[FlowKey, Flow] = OrderedDict()
         self.held_bytes = 0
         self.counts = counts  # ("quic_flows", state) -> flows: the worker's stats, shared by its QUIC listeners
 
