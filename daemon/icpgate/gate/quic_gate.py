@@ -59,6 +59,7 @@ from .upstream import Address, UpstreamResolver
 
 log = logging.getLogger("icpgate.gate")
 KIND = "quic"
+MAX_LITERALS = 65536
 BATCH = 64  # datagrams read per wakeup of a socket, so one busy socket cannot starve the others
 
 # Runtime.stats keys (telemetry/metrics.py turns them into icpgate_quic_* metrics)
@@ -106,6 +107,7 @@ class QuicListener(Listener):
         # (local address, backend) of each upstream socket: a datagram from the one to the other is our own
         self.own: set[tuple[Address, Address]] = set()
         self._buffer = memoryview(bytearray(MAX_DATAGRAM))
+        self._literals: set[str] = set()  # backend hosts known to be IP literals (parsing one costs microseconds)
         self._names: dict[str, str] = {}  # backend names resolved, see _backend
         self._resolving: set[str] = set()
         self.closed = False
@@ -316,8 +318,13 @@ class QuicListener(Listener):
         """An IP literal for the backend. A name is looked up in the background the first time it is
         needed (the flow waiting for it is dropped; the client's retransmission finds it) and kept."""
         host, port = backend
+        if host in self._literals:
+            return backend
         if is_ip_literal(host):
-            return host, port
+            if len(self._literals) >= MAX_LITERALS:
+                self._literals.clear()  # original destinations across a large hosted range: start afresh
+            self._literals.add(host)
+            return backend
         address = self._names.get(host)
         if address is not None:
             return address, port
