@@ -576,3 +576,19 @@ def test_monitor_mode_relays_and_records(tmp_path: Path, recorder: Recorder) -> 
         assert "passed (monitor mode) quic" in running.log()
     finally:
         stop(running)
+
+
+def test_an_allowed_flow_without_a_backend_is_dropped(tmp_path: Path) -> None:
+    """upstream.mode = "static" with the destination missing from the map: nowhere to relay to."""
+    port, admin = free_udp_port(), free_port()
+    config = gate_config(tmp_path, {"quic": listener(port, "quic")}, upstream='[upstream]\nmode = "static"',
+                         tables={"admin": {"enabled": True, "port": admin}})  # fmt: skip
+    running = start_gate(config, {"admin": admin})
+    running.ports["quic"] = port
+    try:
+        wait_listening(running)
+        first, second = flights(VERSION_1, FILED)["two-datagrams"]
+        send(port, first, second).close()
+        assert drops(running).get("upstream_error") == 2  # the held datagrams, never sent anywhere
+    finally:
+        stop(running)

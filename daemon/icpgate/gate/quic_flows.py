@@ -37,8 +37,8 @@ FlowKey = tuple[str, int, str, int]
 
 
 class Flow:
-    """One client 4-tuple's state. `reader` stays after the decision until the backend answers:
-    until then every client Initial must carry the very hello that was decided (see quic_gate)."""
+    """One client 4-tuple's state. `reader` stays after the decision until the client leaves its
+    Initial phase: until then every Initial it sends must carry the hello that was decided (quic_gate)."""
 
     __slots__ = (
         "cids",
@@ -52,7 +52,6 @@ class Flow:
         "last_seen",
         "reader",
         "reply",
-        "since",
         "source",
         "state",
         "timer",
@@ -73,7 +72,6 @@ class Flow:
         self.source: list | None = None  # the IP_PKTINFO that makes a wildcard listener answer from the right address
         self.ends: tuple[Address, Address] | None = None  # the upstream socket's (local address, backend)
         self.cids: set[bytes] = set()  # Destination Connection IDs the client may use: its first, the server's
-        self.since = now  # when the flow began, or was blocked
         self.last_seen = now  # last datagram either way
         self.timer: TimerHandle | None = None
         self.version = 0  # the QUIC version of its first Initial
@@ -157,9 +155,6 @@ class FlowTable:
         elif flow.state == BLOCKED:
             del self.blocked[flow.key]
         return True
-
-    def __len__(self) -> int:
-        return len(self.flows)
 
 
 class TableFull(Exception):

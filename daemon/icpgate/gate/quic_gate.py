@@ -267,7 +267,6 @@ class QuicListener(Listener):
         flow.held = []
         flow.reader = None
         self.table.set_state(flow, BLOCKED)
-        flow.since = now
         self._rearm(flow, now + self.quic.block_hold)
 
     # --- allowed flows --------------------------------------------------------------------------
@@ -275,20 +274,21 @@ class QuicListener(Listener):
         """Connect the flow's own upstream socket and replay what the client sent so far."""
         held = flow.held
         try:
-            upstream = self._upstream(flow)
-            if self.replies is not None and flow.destination != self.local:
-                flow.reply = self.replies.take(flow.destination)
-            elif self.wildcard:
-                flow.source = source_option(flow.destination)
+            flow.upstream = self._upstream(flow)
+            if flow.upstream is not None:
+                if self.replies is not None and flow.destination != self.local:
+                    flow.reply = self.replies.take(flow.destination)
+                elif self.wildcard:
+                    flow.source = source_option(flow.destination)
         except OSError as error:
             log.debug("quic %s:%d: cannot relay to the backend: %s", flow.client[0], flow.client[1], error)
             self.runtime.stats["upstream_failures", KIND] += 1
             self._remove(flow, "upstream_error")
             return
+        upstream = flow.upstream
         if upstream is None:
             self._remove(flow, "upstream_error")
             return
-        flow.upstream = upstream
         flow.ends = (upstream.getsockname()[:2], upstream.getpeername()[:2])
         self.own.add(flow.ends)
         self.table.set_state(flow, RELAY)

@@ -148,9 +148,6 @@ class ReplySockets:
         for destination in list(self._sockets):
             self._close(destination)
 
-    def __len__(self) -> int:
-        return len(self._sockets)
-
 
 class ReplySocketsFull(OSError):
     """Every reply socket is answering for a live flow: a flow to yet another destination must wait."""
