@@ -4,6 +4,7 @@ The enforcement mode and /readyz's checks are computed here once, so they cannot
 
 from __future__ import annotations
 
+import glob
 import os
 import time
 from collections import deque
@@ -36,9 +37,17 @@ def worker_families() -> list[Metric]:
     """Every process's metrics: from the multiprocess directory under `icpgate run`."""
     if ENV not in os.environ:
         return list(REGISTRY.collect())
-    registry = CollectorRegistry(auto_describe=False)
-    MultiProcessCollector(registry)
-    return list(registry.collect())
+    # A worker that is starting creates its file before prometheus-client sizes it: an empty file
+    # cannot be read yet (struct.error), and holds nothing, so it is left out until it is.
+    files = [path for path in glob.glob(os.path.join(os.environ[ENV], "*.db")) if _initialised(path)]
+    return list(MultiProcessCollector.merge(files, accumulate=True))
+
+
+def _initialised(path: str) -> bool:
+    try:
+        return os.path.getsize(path) >= 8
+    except OSError:  # the file of a worker that has just exited and been cleaned up
+        return False
 
 
 def state_families(config: Config, sync: dict, serial: int, violations: dict[str, int]) -> list[Metric]:
