@@ -7,8 +7,9 @@ Everything the gate does runs pinned to CPU 0 (one worker); the load and the ori
 
 Initials: new flows, each a Chrome-sized first flight (bench/quic_initial_bench.py: a ~1.9 KB
 ClientHello in two Initial datagrams) from its own source address and port, sent over loopback to
-the gate's quic listener as fast as it reads them (the sender waits while the gate's socket has a
-backlog, so the kernel drops nothing and no flow is left half sent). The gate's whole path: recvmsg,
+the gate's quic listener from one raw socket (so root) as fast as the gate reads them (the sender
+waits while the gate's socket has a backlog, so the kernel drops nothing and no flow is left half
+sent). The gate's whole path: recvmsg,
 flow table, header protection, AEAD, CRYPTO reassembly, SNI, `Runtime.decide`, and the verdict: an
 unfiled name is blocked (violation recorded, flow held for quic.block_hold), a filed one allowed
 (its upstream socket opened, the flight replayed to a backend). The figure is decisions (the gate's
@@ -17,8 +18,8 @@ icpgate_decisions_total{kind="quic"}) per CPU second of the gate's process, the 
 Throughput: a client sends bulk 1200-byte datagrams after a real first flight (aioquic's client,
 SNI of a filed name), keeping a window of them in flight; an echo server behind the relay sends
 each back. The gate and the baseline relay (`relay` below: a dict of upstream sockets, nothing else)
-alternate for `rounds` rounds; the figure is the median of echoed megabytes per second, and the
-ratio gate/relay.
+alternate for `rounds` rounds; the figures are the medians of echoed megabytes per second and per
+CPU second of the relaying process, and the ratios gate/relay.
 
 Results go to bench/out/quic.json.
 """
@@ -363,6 +364,10 @@ def main() -> None:
     if args.role == "relay":
         return uvloop.run(relay(args.port, args.backend))
 
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).close()
+    except PermissionError:
+        sys.exit("the Initials sender needs CAP_NET_RAW (run as root) for its raw socket")
     os.sched_setaffinity(0, {LOAD_CPU})
     work = OUT / "quic"
     me = [sys.executable, __file__]
