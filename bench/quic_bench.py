@@ -185,15 +185,16 @@ def sink(port: int) -> None:
         sock.recv(65536)
 
 
-def backlog(port: int) -> int:
-    """Bytes waiting in the UDP socket bound to 127.0.0.1:port (/proc/net/udp's rx_queue)."""
+def udp_socket(port: int) -> tuple[int, int]:
+    """(bytes waiting, datagrams dropped) of the UDP socket bound to 127.0.0.1:port, from the
+    kernel's /proc/net/udp (rx_queue and drops)."""
     wanted = "0100007F:%04X" % port
     with open("/proc/net/udp") as table:
         for line in table:
             fields = line.split()
             if fields[1] == wanted:
-                return int(fields[4].split(":")[1], 16)
-    return 0
+                return int(fields[4].split(":")[1], 16), int(fields[-1])
+    return 0, 0
 
 
 def udp_packet(source: tuple[str, int], port: int, payload: bytes) -> bytes:
@@ -219,7 +220,7 @@ def send_flights(port: int, flight: list[bytes], seconds: float, first_flow: int
                 for datagram in flight:
                     raw.sendto(udp_packet(source, port, datagram), ("127.0.0.1", 0))
                 flows += 1
-            while backlog(port) > 64 * 1024:  # the gate is behind: a full buffer would drop half-flights
+            while udp_socket(port)[0] > 64 * 1024:  # the gate is behind: a full buffer would drop half-flights
                 time.sleep(0.0002)
     return flows
 
@@ -234,23 +235,28 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def quic_decisions(admin: int, action: str) -> float:
+def quic_counts(admin: int) -> dict[str, float]:
+    """The gate's QUIC decisions by action ("allow", "block") and its datagram drops by reason."""
     with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % admin, timeout=10) as answer:
         text = answer.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "icpgate_decisions_total" and sample.labels.get("kind") == "quic"
-        and sample.labels.get("action") == action
-    )  # fmt: skip
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "icpgate_decisions_total" and sample.labels.get("kind") == "quic":
+                key = sample.labels["action"]
+            elif sample.name == "icpgate_quic_dropped_datagrams_total":
+                key = "dropped " + sample.labels["reason"]
+            else:
+                continue
+            counts[key] = counts.get(key, 0.0) + sample.value
+    return counts
 
 
-def settled_decisions(admin: int, action: str) -> float:
-    """The count once it has stopped moving (the worker publishes its counts about once a second)."""
-    last, still_since = -1.0, time.monotonic()
+def settled_counts(admin: int) -> dict[str, float]:
+    """The counts once they have stopped moving (the worker publishes them about once a second)."""
+    last, still_since = {}, time.monotonic()
     while True:
-        now = quic_decisions(admin, action)
+        now = quic_counts(admin)
         if now != last:
             last, still_since = now, time.monotonic()
         elif time.monotonic() - still_since > 1.5:
@@ -260,17 +266,22 @@ def settled_decisions(admin: int, action: str) -> float:
 
 def initials_per_cpu_second(gate: subprocess.Popen, admin: int, port: int, name: str, seconds: float,
                             round_number: int) -> tuple[float, float]:  # fmt: skip
-    """(decisions per CPU second of the gate, decisions per second of wall time) for flights of `name`."""
+    """(decisions per CPU second of the gate, decisions per second of wall time) for flights of `name`.
+    Flows left undecided (a datagram lost in a full socket buffer while the machine was busy) are
+    reported: they cost the gate CPU without a decision, so the round's figure is a little low."""
     flight = first_flight(name, chrome_sized=True)
     action = "allow" if name == FILED else "block"
-    before, cpu_before = settled_decisions(admin, action), cpu_seconds(gate.pid)
+    before, cpu_before, kernel_before = settled_counts(admin), cpu_seconds(gate.pid), udp_socket(port)[1]
     started = time.monotonic()
     sent = send_flights(port, flight, seconds, round_number << 20)
     wall = time.monotonic() - started
-    decided = settled_decisions(admin, action) - before
+    after = settled_counts(admin)
     cpu = cpu_seconds(gate.pid) - cpu_before
-    if decided < sent * 0.99:
-        raise RuntimeError("%d of %d flows decided: the gate dropped some" % (decided, sent))
+    decided = after.get(action, 0.0) - before.get(action, 0.0)
+    if decided < sent:
+        drops = {key: value - before.get(key, 0.0) for key, value in after.items() if value > before.get(key, 0.0)}
+        print("note: %d of %d flows undecided; the kernel dropped %d datagrams; the gate: %s"
+              % (sent - decided, sent, udp_socket(port)[1] - kernel_before, drops), flush=True)  # fmt: skip
     return decided / cpu, decided / wall
 
 
@@ -328,7 +339,7 @@ def warm_up(gate: subprocess.Popen, ports: dict[str, int]) -> None:
     on UDP), then half a second more of them: imports, caches and allocator warm."""
     flight = first_flight(UNFILED, chrome_sized=True)
     deadline = time.monotonic() + 60
-    while quic_decisions(ports["admin"], "block") == 0:
+    while quic_counts(ports["admin"]).get("block", 0.0) == 0:
         if time.monotonic() > deadline or gate.poll() is not None:
             raise RuntimeError("the gate decides no QUIC flow: see bench/out/quic/gate.log")
         send_flights(ports["gate_initials"], flight, 0.1, 0xF00000)
