@@ -7,6 +7,7 @@ Every test reads what the origin received: a datagram the gate should drop must 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import socket
 import sqlite3
@@ -33,6 +34,7 @@ from netnskit import CLIENT4, CLIENT6, SERVER4, SERVER6
 from test_quic_initial import DCID, crypto_frame, protect
 
 from conftest import REPO, SAMPLES, check_json, copy_policies, run_icpgate
+from icpgate.gate import quic_socket
 from icpgate.gate.quic_initial import VERSION_1, VERSION_2
 
 INLINE_CONFIG = REPO / "config.inline.example.toml"
@@ -598,3 +600,52 @@ def test_an_allowed_flow_without_a_backend_is_dropped(tmp_path: Path) -> None:
         assert drops(running).get("upstream_error") == 2  # the held datagrams, never sent anywhere
     finally:
         stop(running)
+
+
+def test_an_ipv6_listener_relays_to_an_ipv4_backend(tmp_path: Path, recorder: Recorder) -> None:
+    running = start_quic_gate(tmp_path, recorder.port, address="::1")
+    port = running.ports["quic"]
+    try:
+        (filed,) = flights(VERSION_2, FILED)["two-packets-one-datagram"]
+        mark = recorder.mark()
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.settimeout(2.0)
+        sock.sendto(filed, ("::1", port))
+        recorder.expect(mark, [filed])
+        recorder.sock.sendto(b"answer", recorder.received[-1][0])
+        data, peer = sock.recvfrom(100)
+        assert (data, peer[:2]) == (b"answer", ("::1", port))
+        sock.close()
+    finally:
+        stop(running)
+
+
+def test_reply_sockets_are_shared_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TPROXY reply sockets (IP_TRANSPARENT, bound to the address a client sent to): one per
+    destination, shared by its flows; at the cap an unused one is closed, and none in use ever is."""
+    monkeypatch.setattr(quic_socket, "MAX_REPLY_SOCKETS", 2)
+    loop = asyncio.new_event_loop()
+    delivered: list[tuple[bytes, tuple[str, int]]] = []
+
+    def deliver(sock: socket.socket, destination: tuple[str, int]) -> None:
+        delivered.append((sock.recv(100), destination))
+
+    replies = quic_socket.ReplySockets(loop, deliver)
+    try:
+        port = free_udp_port()
+        first, second, third = (("127.0.0.%d" % last, port) for last in (2, 3, 4))
+        one = replies.take(first)
+        assert replies.take(first) is one  # a second flow to the same destination shares it
+        two = replies.take(second)
+        with pytest.raises(quic_socket.ReplySocketsFull):
+            replies.take(third)  # both in use
+        replies.release(second)
+        replies.take(third)  # the unused one made room
+        assert two.fileno() == -1 and one.fileno() != -1
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"to the first", first)  # bound there, the reply socket also receives
+            loop.run_until_complete(asyncio.sleep(0.1))
+        assert delivered == [(b"to the first", first)]
+    finally:
+        replies.close()
+        loop.close()
