@@ -332,6 +332,28 @@ def test_an_allowed_flow_cannot_carry_another_connection(recorded_gate: Gate, re
     sock.close()
 
 
+def test_a_second_hello_must_name_the_same_host(recorded_gate: Gate, recorder: Recorder) -> None:
+    """After a HelloRetryRequest the client sends a second ClientHello in the CRYPTO stream, after the
+    first; servers may serve the name in the second. It passes only naming the decided host; one
+    naming another spoils the flow: nothing of it passes from then on."""
+    port = recorded_gate.ports["quic"]
+    first = hello_for(FILED)
+    (initial,) = flights(VERSION_1, FILED)["one-packet"]
+    same = protect(VERSION_1, crypto_frame(len(first), hello_for(FILED.upper())), packet_number=1, size=1250)
+    mark = recorder.mark()
+    send(port, initial, same).close()
+    recorder.expect(mark, [initial, same])  # the same name (in another case) goes on
+    other = hello_for(UNFILED)
+    cut = 600
+    part_1 = protect(VERSION_1, crypto_frame(len(first), other[:cut]), packet_number=1, size=1250)
+    part_2 = protect(VERSION_1, crypto_frame(len(first) + cut, other[cut:]), packet_number=2, size=1250)
+    mark = recorder.mark()
+    sock = send(port, initial, part_1, part_2, same, short_header())
+    # the first part cannot name anything yet: a server cannot read a hello without its end
+    recorder.expect(mark, [initial, part_1])
+    sock.close()
+
+
 def retry_packet(dcid: bytes, scid: bytes) -> bytes:
     """A server's v1 Retry: long header, type 3, a token and the integrity tag (which only the client checks)."""
     return b"\xf0" + VERSION_1.to_bytes(4, "big") + bytes([len(dcid)]) + dcid + bytes([len(scid)]) + scid + \

@@ -8,11 +8,11 @@ Blocked: the flow's datagrams are dropped for `quic.block_hold`, so a browser fa
 where the gate shows the block page. Everything else is dropped and counted by reason: fail closed.
 
 What a relayed flow's client may still send is checked where it could open another connection at
-the server: until the client leaves its Initial phase every Initial must repeat the decided hello
-(`InitialReassembler.verify`), and afterwards a long-header packet must be addressed to a connection
-ID the client or the server chose for this connection, and may not be an Initial. A server's Retry
-moves the check to the Retry's connection ID; a Version Negotiation ends the flow, so the client's
-next attempt is decided afresh.
+the server: until the client leaves its Initial phase every Initial must repeat the decided hello,
+or carry a second one for the same host after a HelloRetryRequest (`InitialReassembler.verify`);
+afterwards a long-header packet must be addressed to a connection ID the client or the server chose
+for this connection, and may not be an Initial. A server's Retry moves the check to the Retry's
+connection ID; a Version Negotiation ends the flow, so the client's next attempt is decided afresh.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .client_hello import CLIENT_HELLO, HANDSHAKE, MAX_RECORD, HelloReassembler, HelloState
+from .client_hello import CLIENT_HELLO, HANDSHAKE, MAX_RECORD, Hello, HelloReassembler, HelloState
+from .tls_watch import sni_key
 
 VERSION_1 = 0x00000001
 VERSION_2 = 0x6B3343CF
@@ -217,6 +218,9 @@ class InitialReassembler:
         "_needed",
         "_packets",
         "_ranges",
+        "_second",
+        "_second_read",
+        "_spoilt",
         "_types",
         "cids",
         "left_initial",
@@ -242,6 +246,9 @@ class InitialReassembler:
         self._crypto = bytearray()  # CRYPTO stream bytes, valid where `_ranges` says
         self._ranges: list[list[int]] = []  # sorted, disjoint, non-adjacent [start, end) received
         self._needed = 0  # the ClientHello's length with its handshake header, once known
+        self._second = 0  # once relayed: where a second ClientHello (after a HelloRetryRequest) ends, once known
+        self._second_read = False
+        self._spoilt = ""  # once relayed: why no later datagram may pass (a second hello for another name)
         self.cids: set[bytes] | frozenset[bytes] = frozenset()  # other Destination Connection IDs, once relayed
         self.left_initial = False
 
@@ -260,7 +267,8 @@ class InitialReassembler:
 
     def verify(self, datagram: bytes) -> str:
         """After COMPLETE, for a flow the gate relays: '' when every Initial in this later client
-        datagram repeats the hello that was decided on, else why not.
+        datagram repeats the hello that was decided on (or carries a second one, after a
+        HelloRetryRequest, for the same host: `_check_second`), else why not.
 
         A retransmitted Initial could otherwise carry another ClientHello under the same connection
         ID, which a server that lost the first one would read. Packets after the Initials (0-RTT,
@@ -269,12 +277,32 @@ class InitialReassembler:
         the client sends a Handshake or 1-RTT packet: it has dropped its Initial keys (RFC 9001 §4.9.1)."""
         if self.result.state is not QuicState.COMPLETE:
             return "no decided ClientHello"
+        if self._spoilt:
+            return self._spoilt
         self._packets = 0  # the caps bound the first flight; a relayed flow's datagrams are checked one by one
         try:
             self._walk(datagram, relaying=True)
+            self._check_second()
         except QuicError as error:
             return str(error)
         return ""
+
+    def _check_second(self) -> None:
+        """A server that answers with a HelloRetryRequest gets a second ClientHello in the CRYPTO
+        stream after the first. Some servers serve the name in the second (gate.md, TLS), so it must
+        name the same host as the decided one, as over TCP; otherwise nothing more of the flow passes."""
+        end = self._second
+        if not end or self._second_read or self._ranges[0][1] < end:
+            return
+        self._second_read = True
+        second = self._parse_hello(self._needed, end)
+        if second.state is not HelloState.COMPLETE:
+            self._spoilt = "second ClientHello after HelloRetryRequest: " + second.error
+        elif sni_key(second.sni) != sni_key(self.result.sni):
+            self._spoilt = "second ClientHello after HelloRetryRequest names %r, the first named %r" % (
+                second.sni, self.result.sni)  # fmt: skip
+        if self._spoilt:
+            raise QuicError(self._spoilt)
 
     def after_retry(self, dcid: bytes) -> InitialReassembler:
         """The reader for the Initials a client sends after the server's Retry: keys from the Retry's
@@ -460,10 +488,11 @@ class InitialReassembler:
     def _add_crypto(self, offset: int, data: bytes) -> None:
         """Place CRYPTO data in the stream; bytes received twice must be the same bytes."""
         stop = offset + len(data)
-        limit = self._needed or self._max_crypto
+        relaying = self.result is not NEED_MORE  # after the decision: room for a second hello after the first
+        limit = (self._second or self._needed + self._max_crypto) if relaying else (self._needed or self._max_crypto)
         if stop > limit:
             if self._needed:
-                raise QuicError("CRYPTO data beyond the ClientHello's %d bytes" % self._needed)
+                raise QuicError("CRYPTO data beyond the ClientHello's %d bytes" % limit)
             raise QuicError("CRYPTO data beyond %d bytes" % self._max_crypto)
         if not data:
             return
@@ -488,6 +517,8 @@ class InitialReassembler:
         self._ranges = kept
         if not self._needed and kept[0][0] == 0 and kept[0][1] >= 4:
             self._read_handshake_header()
+        elif relaying and not self._second and kept[0][1] >= self._needed + 4:
+            self._read_second_header()
 
     def _read_handshake_header(self) -> None:
         crypto = self._crypto
@@ -499,20 +530,34 @@ class InitialReassembler:
         if self._ranges[-1][1] > self._needed:
             raise QuicError("CRYPTO data beyond the ClientHello's %d bytes" % self._needed)
 
+    def _read_second_header(self) -> None:
+        crypto, start = self._crypto, self._needed
+        if crypto[start] != CLIENT_HELLO:
+            self._spoilt = "handshake message of type %d after the ClientHello" % crypto[start]
+            raise QuicError(self._spoilt)
+        self._second = start + 4 + int.from_bytes(crypto[start + 1 : start + 4], "big")
+        if self._second - start > self._max_crypto or self._ranges[-1][1] > self._second:
+            self._spoilt = "second ClientHello over %d bytes, or data after it" % self._max_crypto
+            raise QuicError(self._spoilt)
+
+    def _parse_hello(self, start: int, end: int) -> Hello:
+        """The ClientHello in CRYPTO bytes [start, end), read by the TLS extractor, which reads
+        records: the handshake message is framed as TCP would carry it."""
+        hello = memoryview(self._crypto)[start:end]
+        framed = bytearray()
+        for chunk in range(0, end - start, MAX_RECORD):
+            part = hello[chunk : chunk + MAX_RECORD]
+            framed += bytes((HANDSHAKE, 3, 1, len(part) >> 8, len(part) & 0xFF))
+            framed += part
+        hello.release()
+        return HelloReassembler(len(framed)).feed(framed)
+
     def _decide(self) -> QuicHello:
         """After a whole datagram was accounted for: the hello's SNI once all of it is in."""
         ranges = self._ranges
         if not self._needed or ranges[0][0] != 0 or ranges[0][1] < self._needed:
             return NEED_MORE
-        hello = memoryview(self._crypto)[: self._needed]
-        # The TLS extractor reads records: frame the handshake message as TCP would carry it.
-        framed = bytearray()
-        for chunk in range(0, self._needed, MAX_RECORD):
-            part = hello[chunk : chunk + MAX_RECORD]
-            framed += bytes((HANDSHAKE, 3, 1, len(part) >> 8, len(part) & 0xFF))
-            framed += part
-        hello.release()
-        parsed = HelloReassembler(len(framed)).feed(framed)
+        parsed = self._parse_hello(0, self._needed)
         if parsed.state is not HelloState.COMPLETE:
             return QuicHello(QuicState.ERROR, version=self.version, error="ClientHello: " + parsed.error)
         return QuicHello(QuicState.COMPLETE, parsed.sni, self.version, parsed.ech)
