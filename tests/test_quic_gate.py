@@ -671,3 +671,22 @@ def test_reply_sockets_are_shared_and_bounded(monkeypatch: pytest.MonkeyPatch) -
     finally:
         replies.close()
         loop.close()
+
+
+def test_several_workers_one_reader(tmp_path: Path, recorder: Recorder) -> None:
+    """With several workers, the first alone reads the quic socket: a flow's datagrams all reach the
+    worker that holds its state (two workers reading would split two-datagram hellos between them)."""
+    running = start_quic_gate(tmp_path, recorder.port, gate={"workers": 2})
+    port = running.ports["quic"]
+    try:
+        deadline = time.monotonic() + 10
+        while "/quic is served by worker 0" not in running.log():  # said by worker 1
+            assert time.monotonic() < deadline, running.log()
+            time.sleep(0.05)
+        flight = flights(VERSION_1, FILED)["two-datagrams"]
+        mark = recorder.mark()
+        for _ in range(10):
+            send(port, *flight).close()
+        recorder.expect(mark, flight * 10)
+    finally:
+        stop(running)
