@@ -354,6 +354,16 @@ def test_a_second_hello_must_name_the_same_host(recorded_gate: Gate, recorder: R
     sock.close()
 
 
+def test_empty_datagrams_are_dropped_everywhere(recorded_gate: Gate, recorder: Recorder) -> None:
+    port = recorded_gate.ports["quic"]
+    (initial,) = flights(VERSION_1, FILED)["one-packet"]
+    mark = recorder.mark()
+    sock = send(port, b"", initial, b"", short_header(), b"", short_header())
+    recorder.expect(mark, [initial, short_header(), short_header()])
+    sock.close()
+    assert "Traceback" not in recorded_gate.log()
+
+
 def retry_packet(dcid: bytes, scid: bytes) -> bytes:
     """A server's v1 Retry: long header, type 3, a token and the integrity tag (which only the client checks)."""
     return b"\xf0" + VERSION_1.to_bytes(4, "big") + bytes([len(dcid)]) + dcid + bytes([len(scid)]) + scid + \

@@ -343,6 +343,9 @@ class QuicListener(Listener):
             self._resolving.discard(host)
 
     def _to_upstream(self, flow: Flow, data: bytes) -> None:
+        if not data:  # no QUIC packet is empty
+            self._drop("invalid")
+            return
         if flow.reader is not None or data[0] & 0x80:
             problem = self._client_problem(flow, data)
             if problem:
