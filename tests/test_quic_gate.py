@@ -19,6 +19,8 @@ from pathlib import Path
 import netnskit
 import pytest
 from adminkit import admin_request, metric, parse_metrics
+from aioquic.asyncio import connect, serve
+from aioquic.quic.configuration import QuicConfiguration
 from gatekit import (
     Gate,
     build_hello,
@@ -370,21 +372,31 @@ def retry_packet(dcid: bytes, scid: bytes) -> bytes:
         b"token" + bytes(16)  # fmt: skip
 
 
-def test_a_retry_moves_the_check_to_its_connection_id(recorded_gate: Gate, recorder: Recorder) -> None:
+@pytest.mark.parametrize("name", [FILED, UNFILED])
+def test_the_hello_after_a_retry_is_decided_afresh(recorded_gate: Gate, recorder: Recorder, name: str) -> None:
+    """A server's Retry means it read nothing of the first hello: the one the client sends next,
+    under keys from the Retry's connection ID (here 4 bytes, the server's choice), is the one it
+    will serve, so that one is held and decided, and relayed over the same upstream socket."""
     port = recorded_gate.ports["quic"]
     (initial,) = flights(VERSION_1, FILED)["one-packet"]
     mark = recorder.mark()
     sock = send(port, initial)
     recorder.expect(mark, [initial])
     sender = recorder.received[-1][0]
-    retry_cid = b"\x77" * 12
+    retry_cid = b"\x77" * 4
     recorder.sock.sendto(retry_packet(b"\x05" * 8, retry_cid), sender)
     assert sock.recvfrom(200)[0][:1] == b"\xf0"  # the Retry reached the client
-    again = protect(VERSION_1, crypto_frame(0, hello_for(FILED)), dcid=retry_cid, packet_number=1, size=1250)
-    other = protect(VERSION_1, crypto_frame(0, hello_for(UNFILED)), dcid=retry_cid, packet_number=2, size=1250)
+    hello = hello_for(name)
+    cut = 700
+    part_1 = protect(VERSION_1, crypto_frame(0, hello[:cut]), dcid=retry_cid, packet_number=1, size=1250)
+    part_2 = protect(VERSION_1, crypto_frame(cut, hello[cut:]), dcid=retry_cid, packet_number=2, size=1250)
     mark = recorder.mark()
-    send(port, other, again, sock=sock)
-    recorder.expect(mark, [again])  # the same hello under the Retry's keys, and only it
+    send(port, part_1, part_2, short_header(retry_cid), sock=sock)
+    if name == FILED:
+        recorder.expect(mark, [part_1, part_2, short_header(retry_cid)])
+        assert recorder.received[-1][0] == sender  # the same upstream socket: the Retry token is bound to it
+    else:
+        recorder.expect(mark, [])  # held until the hello was whole, then blocked: nothing reached the server
     sock.close()
 
 
@@ -698,5 +710,53 @@ def test_several_workers_one_reader(tmp_path: Path, recorder: Recorder) -> None:
         for _ in range(10):
             send(port, *flight).close()
         recorder.expect(mark, flight * 10)
+    finally:
+        stop(running)
+
+
+async def echo_through(gate_port: int, origin_port: int, certs: dict[str, Path], server_name: str) -> bytes | None:
+    """Raw QUIC (ALPN "echo") through the gate to an aioquic server that sends every new client a
+    Retry first (address validation, as servers under load do); the server echoes one stream."""
+
+    running: set[asyncio.Task] = set()
+
+    def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def run() -> None:
+            writer.write(await reader.read())
+            writer.write_eof()
+
+        task = asyncio.ensure_future(run())
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    server_configuration = QuicConfiguration(is_client=False, alpn_protocols=["echo"])
+    server_configuration.load_cert_chain(certs["server"], certs["key"])
+    server = await serve("127.0.0.1", origin_port, configuration=server_configuration, retry=True,
+                         stream_handler=echo)  # fmt: skip
+    client_configuration = QuicConfiguration(is_client=True, alpn_protocols=["echo"], server_name=server_name)
+    client_configuration.load_verify_locations(cafile=str(certs["ca"]))
+    try:
+        async with asyncio.timeout(3):
+            async with connect("127.0.0.1", gate_port, configuration=client_configuration) as connection:
+                reader, writer = await connection.create_stream()
+                writer.write(b"ping through a Retry")
+                writer.write_eof()
+                return await reader.read()
+    except (TimeoutError, ConnectionError):
+        return None
+    finally:
+        server.close()
+
+
+def test_a_server_that_sends_retry(tmp_path: Path, certs: dict[str, Path]) -> None:
+    """aioquic's client and server, the server validating addresses with Retry: the flow keeps its
+    upstream socket (the Retry token is bound to its address) and the client's new Initials, under
+    the Retry's keys, repeat the decided hello."""
+    origin_port = free_udp_port()
+    running = start_quic_gate(tmp_path, origin_port)
+    try:
+        port = running.ports["quic"]
+        assert asyncio.run(echo_through(port, origin_port, certs, FILED)) == b"ping through a Retry"
+        assert asyncio.run(echo_through(port, origin_port, certs, UNFILED)) is None
     finally:
         stop(running)

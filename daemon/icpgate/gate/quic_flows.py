@@ -132,7 +132,8 @@ class FlowTable:
         flow.held_bytes = 0
 
     def set_state(self, flow: Flow, state: str) -> None:
-        """PENDING -> RELAY or BLOCKED. The held datagrams are the caller's (replayed or dropped)."""
+        """PENDING -> RELAY or BLOCKED; RELAY -> PENDING when a server's Retry makes the client send
+        its hello again, to be read anew. The held datagrams are the caller's (replayed or dropped)."""
         counts = self.counts
         counts[FLOWS[flow.state]] -= 1
         counts[FLOWS[state]] += 1
@@ -142,6 +143,8 @@ class FlowTable:
         flow.state = state
         if state == BLOCKED:
             self.blocked[flow.key] = flow
+        elif state == PENDING:
+            self.pending[flow.key] = flow
 
     def remove(self, flow: Flow) -> bool:
         """Forget the flow; False if it was gone already."""

@@ -11,8 +11,9 @@ What a relayed flow's client may still send is checked where it could open anoth
 the server: until the client leaves its Initial phase every Initial must repeat the decided hello,
 or carry a second one for the same host after a HelloRetryRequest (`InitialReassembler.verify`);
 afterwards a long-header packet must be addressed to a connection ID the client or the server chose
-for this connection, and may not be an Initial. A server's Retry moves the check to the Retry's
-connection ID; a Version Negotiation ends the flow, so the client's next attempt is decided afresh.
+for this connection, and may not be an Initial. After a server's Retry the client's next hello is
+held and decided afresh (the server read nothing of the first); a Version Negotiation ends the flow,
+so the client's next attempt is decided afresh too.
 """
 
 from __future__ import annotations
@@ -232,8 +233,8 @@ class QuicListener(Listener):
         if state is QuicState.NEED_MORE:
             flow.cost += time.perf_counter() - started
             return
-        if state is not QuicState.COMPLETE:
-            log.debug("quic %s:%d: %s", flow.client[0], flow.client[1], result.error or "unknown version")
+        if state is not QuicState.COMPLETE or result.version != flow.version:
+            log.debug("quic %s:%d: %s", flow.client[0], flow.client[1], result.error or "another version")
             self._remove(flow, "invalid")
             return
         verdict = self._decide(flow, result.sni)
@@ -266,13 +267,30 @@ class QuicListener(Listener):
         self._drop("blocked", len(flow.held))
         flow.held = []
         flow.reader = None
+        self._close_upstream(flow)  # a flow blocked after a Retry had one
         self.table.set_state(flow, BLOCKED)
         self._rearm(flow, now + self.quic.block_hold)
 
     # --- allowed flows --------------------------------------------------------------------------
     def _open(self, flow: Flow) -> None:
-        """Connect the flow's own upstream socket and replay what the client sent so far."""
+        """Connect the flow's own upstream socket (unless it has one: a hello read again after a
+        Retry) and replay what the client sent so far."""
         held = flow.held
+        if flow.upstream is None and not self._connect(flow):
+            return
+        self.table.set_state(flow, RELAY)
+        flow.held = []
+        reader = flow.reader
+        if reader is not None:
+            flow.cids.add(reader.dcid)
+            reader.cids = flow.cids
+        self._rearm(flow, flow.last_seen + self.quic.idle_timeout)
+        for datagram in held:
+            self._send_upstream(flow, datagram)
+
+    def _connect(self, flow: Flow) -> bool:
+        """Open the flow's upstream socket and its way back to the client; False (the flow is
+        forgotten, counted) when there is none to be had."""
         try:
             flow.upstream = self._upstream(flow)
             if flow.upstream is not None:
@@ -284,23 +302,15 @@ class QuicListener(Listener):
             log.debug("quic %s:%d: cannot relay to the backend: %s", flow.client[0], flow.client[1], error)
             self.runtime.stats["upstream_failures", KIND] += 1
             self._remove(flow, "upstream_error")
-            return
+            return False
         upstream = flow.upstream
         if upstream is None:
             self._remove(flow, "upstream_error")
-            return
+            return False
         flow.ends = (upstream.getsockname()[:2], upstream.getpeername()[:2])
         self.own.add(flow.ends)
-        self.table.set_state(flow, RELAY)
-        flow.held = []
-        reader = flow.reader
-        if reader is not None:
-            flow.cids.add(reader.dcid)
-            reader.cids = flow.cids
-        self._rearm(flow, flow.last_seen + self.quic.idle_timeout)
         self.loop.add_reader(upstream.fileno(), self._from_upstream, flow)
-        for datagram in held:
-            self._send_upstream(flow, datagram)
+        return True
 
     def _upstream(self, flow: Flow) -> socket.socket | None:
         """The flow's connected socket to its backend, or None (counted) when there is none to use."""
@@ -417,11 +427,22 @@ class QuicListener(Listener):
                 self._to_client(flow, data)
                 self._remove(flow)  # the client's next Initial, in another version, is decided anew
                 return False
-            if kind == RETRY and flow.reader is not None:
-                flow.reader = flow.reader.after_retry(scid)
+            if kind == RETRY and flow.state == RELAY and flow.reader is not None:
+                self._retry(flow)
             if len(flow.cids) < MAX_CIDS:
                 flow.cids.add(scid)
         return True
+
+    def _retry(self, flow: Flow) -> None:
+        """The server answered the first hello with a Retry, so it read nothing of it: the client's next
+        Initials, under keys from the Retry's connection ID, carry the hello the server will read
+        (the same one, RFC 9000 §17.2.5.2, though aioquic's client makes a new one). It is held and
+        decided afresh, as a new flow's, and relayed over the same upstream socket: the Retry token
+        is bound to that socket's address."""
+        flow.reader = InitialReassembler(self.runtime.gate.max_hello_size, min_dcid=0)  # the server's ID
+        flow.cost = 0.0
+        self.table.set_state(flow, PENDING)
+        self._rearm(flow, self.loop.time() + self.runtime.gate.inspect_timeout)
 
     def _to_client(self, flow: Flow, data: bytes) -> None:
         """From the address the client sent to: the reply socket (TPROXY), IP_PKTINFO (a wildcard
@@ -471,14 +492,17 @@ class QuicListener(Listener):
         if flow.timer is not None:
             flow.timer.cancel()
             flow.timer = None
+        self._close_upstream(flow)
+        if flow.reply is not None:
+            self.replies.release(flow.destination)
+            flow.reply = None
+
+    def _close_upstream(self, flow: Flow) -> None:
         if flow.upstream is not None:
             self.loop.remove_reader(flow.upstream.fileno())
             flow.upstream.close()
             flow.upstream = None
             self.own.discard(flow.ends)
-        if flow.reply is not None:
-            self.replies.release(flow.destination)
-            flow.reply = None
 
     def _drop(self, reason: str, count: int = 1) -> None:
         self.runtime.stats[DROPS[reason]] += count

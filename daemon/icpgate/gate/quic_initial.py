@@ -215,6 +215,7 @@ class InitialReassembler:
         "_max_crypto",
         "_max_datagrams",
         "_max_packets",
+        "_min_dcid",
         "_needed",
         "_packets",
         "_ranges",
@@ -229,13 +230,18 @@ class InitialReassembler:
     )
 
     def __init__(
-        self, max_crypto: int = 16384, max_datagrams: int = MAX_DATAGRAMS, max_packets: int = MAX_PACKETS
+        self,
+        max_crypto: int = 16384,
+        max_datagrams: int = MAX_DATAGRAMS,
+        max_packets: int = MAX_PACKETS,
+        min_dcid: int = MIN_FIRST_DCID,
     ) -> None:
         self.result = NEED_MORE
         self.version = 0
         self._max_crypto = max_crypto
         self._max_datagrams = max_datagrams
         self._max_packets = max_packets
+        self._min_dcid = min_dcid  # 0 after a Retry: the client then uses the server's ID, of any length
         self._datagrams = 0
         self._packets = 0
         self._dcid = b""
@@ -303,20 +309,6 @@ class InitialReassembler:
                 second.sni, self.result.sni)  # fmt: skip
         if self._spoilt:
             raise QuicError(self._spoilt)
-
-    def after_retry(self, dcid: bytes) -> InitialReassembler:
-        """The reader for the Initials a client sends after the server's Retry: keys from the Retry's
-        connection ID, and the same ClientHello (RFC 9000 §17.2.5.2: the client must resend it)."""
-        reader = InitialReassembler(self._max_crypto, self._max_datagrams, self._max_packets)
-        reader.result = self.result
-        reader.version = self.version
-        reader._types = self._types
-        reader._set_keys(dcid)
-        reader._crypto = self._crypto
-        reader._ranges = [[0, self._needed]]
-        reader._needed = self._needed
-        reader.cids = self.cids
-        return reader
 
     def _datagram(self, datagram: bytes) -> QuicHello:
         self._datagrams += 1
@@ -396,8 +388,8 @@ class InitialReassembler:
         if packet_end > end:
             raise QuicError("packet Length %d runs past the datagram" % length)
         if not self._dcid:
-            if len(dcid) < MIN_FIRST_DCID:
-                raise QuicError("first Destination Connection ID is %d bytes, under %d" % (len(dcid), MIN_FIRST_DCID))
+            if len(dcid) < self._min_dcid:
+                raise QuicError("first Destination Connection ID is %d bytes, under %d" % (len(dcid), self._min_dcid))
             self._set_keys(bytes(dcid))
         elif dcid != self._dcid and dcid not in self.cids:
             raise QuicError("packet with a Destination Connection ID other than the flow's")
