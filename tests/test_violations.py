@@ -169,6 +169,11 @@ def test_admin_answers_decisions_filings_feed_and_guards_sync(tmp_path: Path, or
             api = observed.json("/api/v1/decision?host=%s&ip=203.0.113.5&port=80" % host)
             cli = icpgate(observed.config, "check", host, "--ip", "203.0.113.5", "--port", "80", "--json")
             assert api == json.loads(cli.stdout)
+        quic = observed.json("/api/v1/decision?host=www.example-unknown.cn&ip=203.0.113.5&port=443&proto=quic")
+        cli = icpgate(observed.config, "check", "www.example-unknown.cn", "--ip", "203.0.113.5", "--port", "443",
+                      "--proto", "quic", "--json")  # fmt: skip
+        assert quic == json.loads(cli.stdout) and quic["destination"]["proto"] == "quic" and quic["reason"] == "unfiled"
+        assert observed.get("/api/v1/decision?host=a.cn&proto=udp")[0] == 400
         assert observed.get("/api/v1/decision")[0] == 400
         assert observed.get("/api/v1/decision?host=a.cn&ip=300.1.1.1")[0] == 400
         assert observed.get("/api/v1/decision?host=a.cn&port=70000")[0] == 400

@@ -40,7 +40,7 @@ _VIOLATION = {
         "host": {"type": "string"},
         "ip": {"type": "string"},
         "port": {"type": "integer"},
-        "proto": {"type": "string", "enum": ["http", "tls"]},
+        "proto": {"type": "string", "enum": ["http", "tls", "quic"]},
         "reason": {"type": "string", "enum": [reason.value for reason in Reason]},
         "first_seen": {"type": "string", "format": "date-time"},
         "last_seen": {"type": "string", "format": "date-time"},
@@ -175,7 +175,9 @@ def openapi_document() -> dict[str, Any]:
                         _query("ip", _IP, "destination IP address"),
                         _query("port", {"type": "integer", "minimum": 1, "maximum": 65535}, "destination port"),
                         _query(
-                            "proto", {"type": "string", "enum": ["http", "tls"], "default": "http"}, "listener kind"
+                            "proto",
+                            {"type": "string", "enum": ["http", "tls", "quic"], "default": "http"},
+                            "listener kind",
                         ),
                         _query("path", {"type": "string"}, "request path (matters for the ACME exception)"),
                     ],

@@ -144,8 +144,8 @@ class AdminApi:
         port = _int_param(query, "port", None, 1, 65535)
         proto = _single(query, "proto")
         proto = "http" if proto is None else proto
-        if proto not in ("http", "tls"):
-            raise BadRequest("proto must be http or tls")
+        if proto not in ("http", "tls", "quic"):
+            raise BadRequest("proto must be http, tls or quic")
         try:
             pack = load_pack(self.config.policy_pack)
         except ConfigError as error:
