@@ -8,8 +8,9 @@ datagrams, as Chrome's does. Each round feeds both datagrams to a fresh `Initial
 derivation, header protection, decryption, CRYPTO reassembly and the SNI read, all per flow.
 
 For the choice of crypto library it also times the crypto alone (keys, header protection and AEAD
-for the same two packets) with `cryptography`, which the gate uses, and with aioquic's `CryptoPair`;
-and mitmproxy's `quic_parse_client_hello_from_datagrams` (a full aioquic server handshake) for scale.
+for the same two packets) with `cryptography`, with aioquic's `CryptoPair`, and with aioquic's C
+classes, which the gate uses (with `cryptography` only for packets over 1500 bytes); and mitmproxy's
+`quic_parse_client_hello_from_datagrams` (a full aioquic server handshake) for scale.
 """
 
 from __future__ import annotations

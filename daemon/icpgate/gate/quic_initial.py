@@ -12,8 +12,10 @@ an Initial may not carry, CRYPTO data that disagrees with itself, more data or d
 caps allow) is an ERROR, never a guess. Cost is linear in the bytes fed: each packet is decrypted
 once, each CRYPTO byte is copied once and compared at most once per overlapping retransmission.
 
-Crypto uses the `cryptography` package (AES-128-GCM, AES-128-ECB for the header protection sample)
-and the standard library's HMAC for the key schedule; see docs/quic.md for why not aioquic's helpers.
+Crypto uses aioquic's C `HeaderProtection` and `AEAD` (one call each per packet, no Python byte
+shuffling) and the standard library's HMAC for the key schedule. aioquic's AEAD refuses ciphertexts
+over 1500 bytes (PACKET_LENGTH_MAX in its _crypto.c), which a client on a large-MTU path may send:
+those packets are opened with the `cryptography` package's AES-GCM instead. See docs/quic.md.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import re
 from enum import Enum
 from typing import NamedTuple
 
+from aioquic._crypto import AEAD, CryptoError, HeaderProtection
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .client_hello import CLIENT_HELLO, HANDSHAKE, MAX_RECORD, Hello, HelloReassembler, HelloState
@@ -37,6 +39,7 @@ MIN_FIRST_DCID = 8  # RFC 9000 §7.2: a client's first Destination Connection ID
 MIN_INITIAL_DATAGRAM = 1200  # RFC 9000 §14.1: servers drop smaller datagrams that carry an Initial
 SAMPLE = 16
 TAG = 16
+AIOQUIC_MAX_CIPHERTEXT = 1500  # PACKET_LENGTH_MAX in aioquic's _crypto.c: its AEAD refuses more
 MAX_DATAGRAMS = 32  # a 16 KiB hello needs ~15 full datagrams; real clients send 1-3
 MAX_PACKETS = 64
 MAX_CRYPTO_PIECES = 64  # disjoint CRYPTO ranges held at once: Chrome cuts its hello into ~10 pieces; this
@@ -94,10 +97,16 @@ SCHEDULES = {
 }
 
 
+# HKDF-Extract's HMAC keyed with each version's salt, its key schedule done once: each flow copies it
+_EXTRACT = {version: hmac.new(schedule.salt, digestmod="sha256") for version, schedule in SCHEDULES.items()}
+
+
 def initial_keys(version: int, dcid: bytes) -> tuple[bytes, bytes, bytes]:
     """The client's Initial (key, iv, hp) for this version and first Destination Connection ID."""
     schedule = SCHEDULES[version]
-    initial_secret = hmac.digest(schedule.salt, dcid, "sha256")
+    extract = _EXTRACT[version].copy()
+    extract.update(dcid)
+    initial_secret = extract.digest()
     client_secret = _expand_label(initial_secret, _CLIENT_IN, 32)
     return (
         _expand_label(client_secret, schedule.key, 16),
@@ -210,8 +219,10 @@ class InitialReassembler:
         "_crypto",
         "_datagrams",
         "_dcid",
+        "_gcm",
         "_hp",
         "_iv",
+        "_key",
         "_max_crypto",
         "_max_datagrams",
         "_max_packets",
@@ -246,9 +257,11 @@ class InitialReassembler:
         self._packets = 0
         self._dcid = b""
         self._types: tuple[str, ...] = ()
-        self._aead: AESGCM | None = None
-        self._hp: CipherContext | None = None
-        self._iv = 0  # as a number, for the per-packet nonce
+        self._aead: AEAD | None = None
+        self._hp: HeaderProtection | None = None
+        self._key = b""  # AEAD key and iv, for `_gcm`
+        self._iv = b""
+        self._gcm: AESGCM | None = None  # made for the first packet too large for `_aead`
         self._crypto = bytearray()  # CRYPTO stream bytes, valid where `_ranges` says
         self._ranges: list[list[int]] = []  # sorted, disjoint, non-adjacent [start, end) received
         self._needed = 0  # the ClientHello's length with its handshake header, once known
@@ -399,39 +412,42 @@ class InitialReassembler:
 
     def _set_keys(self, dcid: bytes) -> None:
         key, iv, hp = initial_keys(self.version, dcid)
-        self._iv = int.from_bytes(iv, "big")
         self._dcid = dcid
-        self._aead = AESGCM(key)
-        self._hp = Cipher(algorithms.AES(hp), modes.ECB()).encryptor()
+        self._key, self._iv = key, iv
+        self._aead = AEAD(b"aes-128-gcm", key, iv)
+        self._hp = HeaderProtection(b"aes-128-ecb", hp)
 
     def _initial(self, data: bytes, start: int, pn_offset: int, end: int) -> None:
         """Remove header protection (RFC 9001 §5.4), decrypt, and read the frames of one Initial."""
         if pn_offset + 4 + SAMPLE > end:
             raise QuicError("Initial packet too short to sample for header protection")
-        assert self._hp is not None and self._aead is not None
-        mask = self._hp.update(data[pn_offset + 4 : pn_offset + 4 + SAMPLE])
-        first = data[start] ^ (mask[0] & 0x0F)
-        pn_len = (first & 0x03) + 1
-        if pn_offset + pn_len + TAG > end:
+        assert self._hp is not None
+        packet = data[start:end] if start or end != len(data) else data
+        # the header with its first byte and packet number unmasked, and that (truncated) number
+        header, packet_number = self._hp.remove(packet, pn_offset - start)
+        if len(header) + TAG > end - start:
             raise QuicError("Initial packet shorter than its packet number and tag")
-        header = bytearray(data[start : pn_offset + pn_len])
-        header[0] = first
-        packet_number = 0
-        for index in range(pn_len):
-            byte = header[pn_offset - start + index] ^ mask[1 + index]
-            header[pn_offset - start + index] = byte
-            packet_number = (packet_number << 8) | byte
         # A client's first flight numbers its Initials from 0, so the truncated number is the full one.
-        nonce = (self._iv ^ packet_number).to_bytes(12, "big")
-        try:
-            payload = self._aead.decrypt(nonce, memoryview(data)[pn_offset + pn_len : end], header)
-        except InvalidTag:
-            raise QuicError("Initial packet fails authentication (keys from another connection ID?)") from None
-        if first & 0x0C:
+        payload = self._decrypt(packet, header, packet_number)
+        if header[0] & 0x0C:
             raise QuicError("reserved header bits set in an Initial packet")
         if not payload:
             raise QuicError("Initial packet without frames")
         self._frames(payload)
+
+    def _decrypt(self, packet: bytes, header: bytes, packet_number: int) -> bytes:
+        """The packet's payload, opened with aioquic's AEAD, or with `cryptography`'s when it is
+        longer than aioquic's accepts."""
+        assert self._aead is not None
+        try:
+            if len(packet) - len(header) <= AIOQUIC_MAX_CIPHERTEXT:
+                return self._aead.decrypt(packet[len(header) :], header, packet_number)
+            if self._gcm is None:
+                self._gcm = AESGCM(self._key)
+            nonce = (int.from_bytes(self._iv, "big") ^ packet_number).to_bytes(12, "big")
+            return self._gcm.decrypt(nonce, memoryview(packet)[len(header) :], header)
+        except (CryptoError, InvalidTag):
+            raise QuicError("Initial packet fails authentication (keys from another connection ID?)") from None
 
     def _frames(self, payload: bytes) -> None:
         """The frames an Initial may carry (RFC 9000 §12.4); any other is a protocol violation."""
