@@ -95,7 +95,7 @@ class Load:
         return float(rate[1])
 
     def get(self, kind: str, address: str, port: int, path: str) -> str:
-        """One request's body; the 1 GiB file is fetched by bulk_mbps, which reads its speed instead."""
+        """The body of one GET (check_sources asks who the server saw)."""
         url = "%s://%s:%d%s" % ("https" if kind == "tls" else "http", FILED, port, path)
         resolve = "%s:%d:%s" % (FILED, port, address)
         return sh(*self.prefix, "curl", "-sSfk", "--max-time", "30", "--resolve", resolve, url).stdout
