@@ -25,6 +25,7 @@ from .upstream import (
     SourceError,
     UpstreamResolver,
     connect_from_client,
+    is_local_address,
     original_destination,
     proxy_header,
     report_once,
@@ -179,6 +180,7 @@ class GateConnection(asyncio.Protocol):
         "client",
         "destination",
         "listener",
+        "local",
         "loop",
         "runtime",
         "transport",
@@ -192,6 +194,7 @@ class GateConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client: Address = ("", 0)
         self.destination: Address = ("", 0)
+        self.local: Address = ("", 0)  # the accepted socket's own address (the loop guard's key)
         self.upstream: asyncio.Transport | None = None
         self._upstream_write_closed = False  # the client's EOF: passed on, or due once connected
         self._connect_task: asyncio.Task | None = None
@@ -215,7 +218,8 @@ class GateConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
         self.client = (peer[0], peer[1])
-        if (self.client, (local[0], local[1])) in runtime.own_connections:
+        self.local = (local[0], local[1])
+        if (self.client, self.local) in runtime.own_connections:
             runtime.stats["refused_loop"] += 1
             transport.abort()
             return
@@ -319,6 +323,14 @@ class GateConnection(asyncio.Protocol):
             self._connect_task = self.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
+        if (self.client, self.local) in self.runtime.own_connections:
+            # Our own connection, which connection_made could not know yet: the loop sees the
+            # accept before the connect that made it completes. Its first bytes (or the server-first
+            # timer) come only after that, so it is caught here before it dials again.
+            self._connect_task = None
+            self.runtime.stats["refused_loop"] += 1
+            self.abort()
+            return
         backend = self.listener.resolver.backend_for(self.destination)
         if backend is None:
             self.runtime.stats["upstream_errors", "no_backend"] += 1
@@ -339,7 +351,8 @@ class GateConnection(asyncio.Protocol):
             transport.abort()
             return
         source, remote = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
-        if source and remote:
+        # From the client's address, a connection of ours is looped back only to a backend on this host.
+        if source and remote and (self.listener.resolver.source != "client" or is_local_address(remote[0])):
             self._upstream_ends = ((source[0], source[1]), (remote[0], remote[1]))
             self.runtime.own_connections.add(self._upstream_ends)
         self.upstream = transport

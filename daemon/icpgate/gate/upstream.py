@@ -111,6 +111,26 @@ async def connect_from_client(loop: asyncio.AbstractEventLoop, client: Address, 
     return sock
 
 
+def is_local_address(ip: str) -> bool:
+    """Whether `ip` is one of this host's addresses: a plain socket (no IP_TRANSPARENT) can bind it.
+
+    The loop guard needs it with `upstream.source = "client"`: the upstream's local end is then
+    the client's address and a port this host picked, and the client may open a connection of
+    its own from that same port to the same service (its kernel, or a NAT in front of it, knows
+    nothing of ours). That is the gate dialling itself only when the backend is on this host."""
+    address = ipaddress.ip_address(ip.partition("%")[0])
+    try:
+        probe = socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:  # no descriptor to spare (EMFILE): keep the guard, as if local
+        return True
+    with probe:
+        try:
+            probe.bind((ip, 0))
+        except OSError:
+            return False
+    return True
+
+
 async def _backend_address(loop: asyncio.AbstractEventLoop, backend: Address, family: int) -> Address:
     """The backend as an address of the client's family; a backend only of the other family cannot
     be reached from the client's address (SourceError)."""

@@ -106,6 +106,8 @@ class WorkerMetrics:
     def sync(self, runtime, *, serial: int, listeners: int, reload_ok: bool, loaded_at: float) -> None:
         stats = runtime.stats
         for key, value in list(stats.items()):
+            if isinstance(key, str):  # a counter without labels: stats["refused_loop"] is ("refused_loop",)
+                key = (key,)
             if key[0] == "quic_flows":  # a gauge: flows held now
                 QUIC_FLOWS.labels(key[1]).set(value)
                 continue

@@ -1,0 +1,163 @@
+"""Red-team findings on inline mode (issue 12), each a test that failed before its fix.
+
+The namespace tests run the shipped ruleset and config.inline.example.toml (TPROXY, transparent
+upstream, `auto` on every port) in tests/netnskit.py's three namespaces; the server is a socket
+this process holds inside the server namespace, so a test sees exactly which connections reach it
+and from which address and port.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import netnskit
+import pytest
+from netnskit import CLIENT4, CLIENT6, SERVER4, SERVER6
+
+from conftest import REPO, SAMPLES, run_icpgate
+
+INLINE_CONFIG = REPO / "config.inline.example.toml"
+SERVER_FIRST_WAIT = 1.0  # the example's gate.server_first_wait
+BANNER = b"220 redteam banner\r\n"
+SERVICE_PORT = 2323
+FAMILIES = {4: (socket.AF_INET, CLIENT4, SERVER4), 6: (socket.AF_INET6, CLIENT6, SERVER6)}
+
+
+class PeerServer:
+    """A server-first service in the server namespace that remembers the peer of every connection."""
+
+    def __init__(self, net: netnskit.Topology, family: int, address: str, port: int) -> None:
+        self.sock = net.socket(net.server, family)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((address, port))
+        self.sock.listen(64)
+        self.peers: list[tuple[str, int]] = []
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:
+                return
+            self.peers.append((peer[0], peer[1]))
+            self.held.append(conn)
+            conn.sendall(BANNER)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+class InlineGate:
+    def __init__(self, net: netnskit.Topology, tmp: Path) -> None:
+        self.net, self.tmp = net, tmp
+        self.log_path = tmp / "gate.log"
+        sets = [
+            'registry.path="%s"' % (tmp / "registry.db"),
+            'admin.metrics_dir="%s"' % (tmp / "metrics"),
+            "gate.workers=1",
+        ]  # one worker: the loop guard's set is per worker
+        argv = [sys.executable, "-m", "icpgate", "run", "-c", str(INLINE_CONFIG)]
+        argv += [arg for value in sets for arg in ("--set", value)]
+        with self.log_path.open("w") as log:
+            self.process = net.popen(net.gate, argv, stdout=log, stderr=log, start_new_session=True)
+        net.wait_for_port(net.gate, "127.0.0.1", 8000, timeout=30, process=self.process)
+        net.wait_for_port(net.gate, "::1", 8000, timeout=30, process=self.process)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def inline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[netnskit.Topology, InlineGate]]:
+    tmp = tmp_path_factory.mktemp("redteam-inline")
+    imported = run_icpgate("import", str(SAMPLES), "-c", str(INLINE_CONFIG), "--set",
+                           'registry.path="%s"' % (tmp / "registry.db"))  # fmt: skip
+    assert imported.returncode == 0, imported.stderr
+    with netnskit.topology("icpr") as net:
+        net.load_ruleset({})
+        gate = InlineGate(net, tmp)
+        try:
+            yield net, gate
+        finally:
+            assert net.stop(gate.process, timeout=30) == 0
+            assert "Traceback" not in gate.log(), gate.log()
+
+
+def _banner(sock: socket.socket) -> bytes:
+    sock.settimeout(SERVER_FIRST_WAIT + 5)
+    try:
+        return sock.recv(1024)
+    except (ConnectionResetError, TimeoutError) as error:
+        return type(error).__name__.encode()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_client_port_equal_to_one_of_our_upstream_ports_is_not_taken_for_a_loop(inline, family: int) -> None:
+    """With upstream.source = "client" the gate's upstream connections use the client's address and a
+    port the gate's kernel picked. The same client may well open another connection from that port
+    to the same service (its own kernel, or the NAT in front of it, knows nothing of the gate's
+    choice): that is a new client, not the gate dialling itself, and must be served. It was
+    refused as a loop (aborted) before."""
+    net, gate = inline
+    kind, client, server_address = FAMILIES[family]
+    server = PeerServer(net, kind, server_address, SERVICE_PORT + family)
+    try:
+        first = net.socket(net.client, kind)
+        first.connect((server_address, SERVICE_PORT + family))
+        assert _banner(first) == BANNER, gate.log()[-2000:]
+        assert len(server.peers) == 1 and server.peers[0][0] == client  # transparent: the client's address
+        upstream_port = server.peers[0][1]
+        if upstream_port == first.getsockname()[1]:
+            pytest.fail("the gate reused the client's own port; the test cannot tell the two apart")
+        second = net.socket(net.client, kind)
+        second.bind((client, upstream_port))  # the port the gate's upstream uses towards the same service
+        second.connect((server_address, SERVICE_PORT + family))
+        assert _banner(second) == BANNER, gate.log()[-2000:]
+        assert len(server.peers) == 2
+        first.close()
+        second.close()
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("source", ["gate", "client"])
+def test_the_gate_dialling_itself_is_refused_as_a_loop(tmp_path: Path, source: str) -> None:
+    """The original destination is the gate itself (original_dst without NAT on loopback): its
+    connection to itself is refused as a loop, and it still serves afterwards. Before, the guard
+    never fired (the accept is seen before the connect that made it completes): the gate dialled
+    itself about 10,000 times, until it ran out of file descriptors, and then answered 502. With
+    upstream.source = "client" the guard must hold as well (a backend on this host)."""
+    from adminkit import admin_request, metric, parse_metrics
+    from gatekit import free_port, gate_config, listener, start_gate, wait_for_port
+    from test_gate_process import http_get, status_of
+
+    port, admin = free_port(), free_port()
+    tables = {"admin": {"enabled": True, "address": "127.0.0.1", "port": admin}}
+    config = gate_config(tmp_path, {"http": listener(port, "http")}, upstream='[upstream]\nsource = "%s"' % source,
+                         tables=tables)  # fmt: skip
+    gate = start_gate(config, {"http": port})
+    try:
+        wait_for_port(admin)
+        assert status_of(http_get(port, "example-filed.cn")) in (0, 502)
+        deadline, loops = time.monotonic() + 10, 0.0
+        while not loops and time.monotonic() < deadline:
+            time.sleep(0.2)
+            loops = metric(parse_metrics(admin_request(admin, "/metrics")[2].decode()),
+                           "icpgate_refused_connections_total", why="loop")  # fmt: skip
+        assert loops >= 1
+        connections = metric(parse_metrics(admin_request(admin, "/metrics")[2].decode()), "icpgate_connections_total",
+                             kind="http")  # fmt: skip
+        assert connections <= 3  # the client's, the gate's own (refused), nothing more
+        assert status_of(http_get(port, "example-unfiled.cn")) == 403
+    finally:
+        assert gate.stop() == 0
+    assert "Traceback" not in gate.log(), gate.log()
