@@ -109,7 +109,7 @@ class HelloReassembler:
             # The record that ends the hello carries more handshake data: not what a client sends first.
             return _error("handshake data after the ClientHello in the same record")
         self._handshake = bytearray()  # the body is parsed below; nothing needs it afterwards
-        return _parse_body(memoryview(handshake)[4:])
+        return parse_body(memoryview(handshake)[4:])
 
     def _partial_header(self, offset: int) -> Hello:
         """A partial record header: check what bytes there are, so garbage fails at once."""
@@ -155,7 +155,9 @@ class _Reader:
         return len(self.data) - self.pos
 
 
-def _parse_body(body: memoryview) -> Hello:
+def parse_body(body: memoryview) -> Hello:
+    """A whole ClientHello's body (after its 4-byte handshake header), however it was carried: in
+    TLS records here, in QUIC CRYPTO frames (quic_initial)."""
     reader = _Reader(body)
     try:
         version = reader.u16()
