@@ -161,3 +161,45 @@ def test_the_gate_dialling_itself_is_refused_as_a_loop(tmp_path: Path, source: s
     finally:
         assert gate.stop() == 0
     assert "Traceback" not in gate.log(), gate.log()
+
+
+def test_other_protocols_block_applies_only_where_the_policy_enforces(tmp_path: Path, origin) -> None:
+    """`policy.other_protocols = "block"` is a rule of the enforced destinations like the others
+    (docs/gate.md: "the policy decides on the connection's destination as for every listener"):
+    a destination in `enforce.exempt_ranges` (or outside `enforce.ranges` / `enforce.ports`) is
+    relayed untouched whatever it speaks, as unfiled HTTP there is. Before, SSH to an exempt
+    destination was closed and a server-first service there never got its banner through."""
+    from gatekit import free_port, gate_config, listener, send_in_pieces, start_gate
+    from test_gate_auto import BANNER as SMTP_BANNER
+    from test_gate_auto import BannerServer
+    from test_gate_http import exchange
+    from test_gate_process import edit_pack
+    from test_gate_tls import wait_for_record
+
+    from conftest import copy_policies
+
+    policies = copy_policies(tmp_path)
+    pack = edit_pack(policies, "exempt_ranges = []", 'exempt_ranges = ["127.0.0.0/8"]')
+    banner = BannerServer()
+    ports = {"record": free_port(), "banner": free_port()}
+    listeners = {"record": listener(ports["record"], "auto", origin.record_port),
+                 "banner": listener(ports["banner"], "auto", banner.port)}  # fmt: skip
+    config = gate_config(tmp_path, listeners, pack=pack, gate={"server_first_wait": 0.2})
+    config.write_text(config.read_text().replace("[policy]\n", '[policy]\nother_protocols = "block"\n'))
+    gate = start_gate(config, ports)
+    try:
+        answer = exchange(ports["record"], b"GET / HTTP/1.1\r\nHost: example-unfiled.cn\r\n\r\n")
+        assert b"X-ICP-Gate" not in answer.partition(b"\r\n\r\n")[0]  # exempt: not the gate's block page
+        before = len(origin.recorded())
+        payload = b"SSH-2.0-OpenSSH_9.6\r\n" + bytes(range(256))
+        sock = send_in_pieces(ports["record"], payload, [])
+        wait_for_record(origin, before, len(payload))
+        sock.close()
+        assert origin.recorded()[before] == payload
+        silent = socket.create_connection(("127.0.0.1", ports["banner"]), timeout=5)
+        assert silent.recv(1024) == SMTP_BANNER
+        silent.close()
+    finally:
+        banner.close()
+        assert gate.stop() == 0
+    assert "Traceback" not in gate.log(), gate.log()

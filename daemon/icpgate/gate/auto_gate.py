@@ -19,16 +19,25 @@ import asyncio
 
 from ..policy import Action, Reason, Verdict
 from .blockpage import new_request_id
-from .connection import GateConnection, Listener
+from .connection import GateConnection, Listener, Runtime
 from .http_gate import HttpConnection
 from .sniff import Protocol, Sniffer
 from .tls_gate import TlsConnection
+from .upstream import Address
 
 # The per-connection state a handover moves: all of GateConnection's (what connection_made found,
 # the upstream, flow control, half-close flags, timers), whatever the subclass adds on its own.
 _STATE = tuple(name for name in GateConnection.__slots__ if name != "__weakref__")
 # policy.other_protocols = "block"; monitor mode lets it through like the policy's other host rules.
 OTHER_BLOCK = Verdict(Action.BLOCK, Reason.NO_HOST, "policy.other_protocols", "")
+
+
+def not_enforced(runtime: Runtime, destination: Address) -> Verdict | None:
+    """The policy's verdict when `destination` is outside enforcement (enforce.ranges, ports,
+    exempt_ranges): other protocols are relayed there as every protocol is, whatever
+    policy.other_protocols says. None on an enforced destination."""
+    verdict = runtime.policy.decide(None, destination[0], destination[1], "other")
+    return verdict if verdict.reason is Reason.NOT_ENFORCED else None
 
 
 class OtherConnection(GateConnection):
@@ -44,10 +53,11 @@ class OtherConnection(GateConnection):
     def inspect(self, data: bytes) -> None:
         if not self._decided:
             self._decided = True
-            if self.runtime.other_protocols == "pass":
+            runtime, destination = self.runtime, self.destination
+            if runtime.other_protocols == "pass":
                 verdict = OTHER_BLOCK._replace(action=Action.ALLOW)
             else:
-                verdict = self.runtime.apply_mode(OTHER_BLOCK, self.destination)
+                verdict = not_enforced(runtime, destination) or runtime.apply_mode(OTHER_BLOCK, destination)
             self.count_decision(verdict)
             if verdict.passed:
                 self.record_violation(verdict, "", blocked=False)
@@ -141,9 +151,9 @@ class AutoConnection(GateConnection):
         self._silence = None
         if self._closing or self.transport is None or self._sniffer.started:
             return
-        runtime = self.runtime
-        if runtime.other_protocols != "pass" and not runtime.policy.applied(OTHER_BLOCK, self.destination[0],
-                                                                            runtime.stale_mode).passed:  # fmt: skip
+        runtime, destination = self.runtime, self.destination
+        if (runtime.other_protocols != "pass" and not_enforced(runtime, destination) is None
+                and not runtime.policy.applied(OTHER_BLOCK, destination[0], runtime.stale_mode).passed):  # fmt: skip
             return  # a server-first protocol is another protocol: nothing of the server's may reach the client
         self._connect_task = self.loop.create_task(self._connect_for_server())
 
