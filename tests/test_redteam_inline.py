@@ -203,3 +203,34 @@ def test_other_protocols_block_applies_only_where_the_policy_enforces(tmp_path: 
         banner.close()
         assert gate.stop() == 0
     assert "Traceback" not in gate.log(), gate.log()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_client_address_is_not_limited_to_one_upstream_per_ephemeral_port(inline, family: int) -> None:
+    """With upstream.source = "client" every upstream connection of one client address is bound to
+    that address. Bound with port 0 alone, each took an ephemeral port for the address whatever
+    its destination, so one busy address (a NAT, a proxy) had at most ip_local_port_range of them
+    through the gate at once, and the next failed with EADDRINUSE. Here the range is two ports
+    wide and the client holds three connections to three services: each must get its banner.
+    (IP_BIND_ADDRESS_NO_PORT lets connect() choose the port per destination, as HAProxy does.)"""
+    net, gate = inline
+    kind, client, server_address = FAMILIES[family]
+    ports = [SERVICE_PORT + 10 + 3 * family + offset for offset in range(3)]
+    servers = [PeerServer(net, kind, server_address, port) for port in ports]
+    key = "net.ipv4.ip_local_port_range"  # IPv6 uses the same range
+    saved = net.run(net.gate, "sysctl", "-n", key).stdout.split()
+    net.run(net.gate, "sysctl", "-qw", "%s=40000 40001" % key)
+    clients = []
+    try:
+        for port in ports:
+            sock = net.socket(net.client, kind)
+            clients.append(sock)
+            sock.connect((server_address, port))
+            assert _banner(sock) == BANNER, (port, gate.log()[-2000:])
+        assert all(server.peers and server.peers[0][0] == client for server in servers)
+    finally:
+        net.run(net.gate, "sysctl", "-qw", "%s=%s" % (key, " ".join(saved)))
+        for sock in clients:
+            sock.close()
+        for server in servers:
+            server.close()

@@ -20,6 +20,9 @@ from .listen import set_transparent
 log = logging.getLogger("icpgate.gate")
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
+# linux/in.h, for IPv4 and IPv6 sockets alike: bind() leaves the port to connect(), which picks one
+# unique for the whole 4-tuple; a bound port 0 takes an ephemeral port for the address alone.
+IP_BIND_ADDRESS_NO_PORT = 24
 Address = tuple[str, int]
 
 
@@ -97,6 +100,8 @@ async def connect_from_client(loop: asyncio.AbstractEventLoop, client: Address, 
         except PermissionError:
             raise SourceError("no_capability", "IP_TRANSPARENT needs CAP_NET_ADMIN (or CAP_NET_RAW), which the gate "
                               "lacks") from None  # fmt: skip
+        # One client address (a NAT, a proxy) may hold more upstreams than there are ephemeral ports.
+        sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         try:
             sock.bind((str(client_ip), 0))
         except OSError as error:
