@@ -189,8 +189,8 @@ def udp_socket(port: int) -> tuple[int, int]:
     """(bytes waiting, datagrams dropped) of the UDP socket bound to 127.0.0.1:port, from the
     kernel's /proc/net/udp (rx_queue and drops)."""
     wanted = "0100007F:%04X" % port
-    with open("/proc/net/udp") as table:
-        for line in table:
+    for _ in range(50):  # the listing comes a page at a time and can skip a line while sockets churn
+        for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
             fields = line.split()
             if fields[1] == wanted:
                 return int(fields[4].split(":")[1], 16), int(fields[-1])

@@ -233,15 +233,15 @@ class _ClientConnection(QuicConnectionProtocol):
 
 
 async def fetch(host: str, port: int, ca: Path, *, path: str = "/", timeout: float = 5.0,
-                address: str = "127.0.0.1", version: int = QUIC_V1) -> Answer | None:  # fmt: skip
-    """GET https://host:port/path over HTTP/3 to address:port with SNI `host`; None when no answer
-    (no handshake or no response) came within `timeout`."""
+                address: str = "127.0.0.1", version: int = QUIC_V1, local_port: int = 0) -> Answer | None:  # fmt: skip
+    """GET https://host:port/path over HTTP/3 to address:port with SNI `host`, from `local_port` (0:
+    an ephemeral one); None when no answer (no handshake or no response) came within `timeout`."""
     configuration = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=host)
     configuration.load_verify_locations(cafile=str(ca))
     configuration.supported_versions = [version]
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.create_datagram_endpoint(
-        lambda: _ClientConnection(QuicConnection(configuration=configuration)), local_addr=(address, 0)
+        lambda: _ClientConnection(QuicConnection(configuration=configuration)), local_addr=(address, local_port)
     )
     try:
         protocol.connect((address, port))
