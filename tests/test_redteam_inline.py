@@ -234,3 +234,34 @@ def test_a_client_address_is_not_limited_to_one_upstream_per_ephemeral_port(inli
             sock.close()
         for server in servers:
             server.close()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_hosted_servers_can_still_open_connections_to_the_outside(inline, family: int) -> None:
+    """A customer's server opens a connection out (package updates, APIs, outgoing mail): its SYN
+    leaves the hosted range, and the answer (SYN-ACK, then the data) comes back to a hosted
+    address on the server's ephemeral port. The ruleset steered every TCP packet to a hosted
+    address and port to the gate, so the answer went to a listener, which reset it: no hosted
+    server could open any connection while the gate ran (nor while it was down). Only new
+    connections in (SYN) are steered; the rest of a connection the gate does not hold is routed."""
+    net, _ = inline
+    kind, client, server_address = FAMILIES[family]
+    outside = net.socket(net.client, kind)
+    outside.bind((client, 0))
+    outside.listen(4)
+    outside.settimeout(10)
+    try:
+        with net.socket(net.server, kind) as sock:
+            sock.settimeout(10)
+            sock.connect((client, outside.getsockname()[1]))
+            accepted, peer = outside.accept()
+            assert peer[0] == server_address
+            with accepted:
+                accepted.sendall(b"hello from outside\n")
+                assert sock.recv(100) == b"hello from outside\n"
+                sock.sendall(b"and back\n")
+                assert accepted.recv(100) == b"and back\n"
+    except (ConnectionRefusedError, ConnectionResetError, TimeoutError) as error:
+        pytest.fail("the hosted server's outgoing connection failed: %r" % error)
+    finally:
+        outside.close()
