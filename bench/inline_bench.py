@@ -1,6 +1,6 @@
 """Transparent mode against a static backend, same traffic, same gate code: issue 12's `make bench` rows.
 
-    python bench/inline_bench.py [--seconds 5] [--rounds 3]
+    python bench/inline_bench.py [--seconds 5] [--rounds 5]
 
 Three network namespaces from tests/netnskit.py: a client, a gate (the router, with the shipped
 systemd/icpgate-inline.nft and its policy routing loaded) and a server (nginx, the customer's server
@@ -315,7 +315,7 @@ def latencies(args: argparse.Namespace, net: Topology, load: Load, rate: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)  # more than run.py: the paths differ by less than the noise
     args = parser.parse_args()
     for tool in ("h2load", "curl", "openssl", "taskset", "nft", "ip"):
         if not shutil.which(tool):
