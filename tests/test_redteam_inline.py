@@ -9,6 +9,7 @@ and from which address and port.
 from __future__ import annotations
 
 import socket
+import struct
 import sys
 import threading
 import time
@@ -265,3 +266,71 @@ def test_hosted_servers_can_still_open_connections_to_the_outside(inline, family
         pytest.fail("the hosted server's outgoing connection failed: %r" % error)
     finally:
         outside.close()
+
+
+def _queue_seq(sock: socket.socket) -> int:
+    """The next sequence number `sock` expects from its peer (TCP_REPAIR; root only)."""
+    tcp_repair, tcp_repair_queue, tcp_queue_seq, tcp_recv_queue = 19, 20, 21, 1
+    sock.setsockopt(socket.IPPROTO_TCP, tcp_repair, 1)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, tcp_repair_queue, tcp_recv_queue)
+        return struct.unpack("I", sock.getsockopt(socket.IPPROTO_TCP, tcp_queue_seq, 4))[0]
+    finally:
+        sock.setsockopt(socket.IPPROTO_TCP, tcp_repair, 0)
+
+
+def _checksum(data: bytes) -> int:
+    data += b"\0" * (len(data) % 2)
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    total = (total >> 16) + (total & 0xFFFF)
+    return ~(total + (total >> 16)) & 0xFFFF
+
+
+def _too_big(family: int, server: tuple[str, int], client: tuple[str, int], seq: int, mtu: int) -> bytes:
+    """An ICMP "fragmentation needed" (ICMPv6 "packet too big") about a TCP segment from the hosted
+    server's address to the client, as a router between them would send to the hosted address."""
+    ports = struct.pack("!HHI", server[1], client[1], seq)
+    if family == 4:
+        inner = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 1500, 0, 0x4000, 64, socket.IPPROTO_TCP, 0,
+                            socket.inet_aton(server[0]), socket.inet_aton(client[0])) + ports  # fmt: skip
+        message = struct.pack("!BBHHH", 3, 4, 0, 0, mtu) + inner
+        return message[:2] + struct.pack("!H", _checksum(message)) + message[4:]
+    addresses = socket.inet_pton(socket.AF_INET6, server[0]) + socket.inet_pton(socket.AF_INET6, client[0])
+    inner = struct.pack("!IHBB", 6 << 28, 1460, socket.IPPROTO_TCP, 64) + addresses
+    return struct.pack("!BBHI", 2, 0, 0, mtu) + inner + ports  # the kernel fills in an ICMPv6 checksum
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_path_mtu_errors_reach_the_gate_sockets_that_hold_the_connection(inline, family: int) -> None:
+    """The gate holds the client's connection under the hosted server's address, so a router on the
+    client's path that cannot forward the gate's segments sends its ICMP error (fragmentation
+    needed, packet too big) to the hosted address. Routed on to the server, which holds no such
+    connection, it was lost: the gate never lowered the path MTU and large answers stalled on such
+    paths (a PMTU black hole). The ruleset must deliver ICMP errors about the gate's sockets to the
+    gate, as it does their TCP and UDP packets."""
+    net, _ = inline
+    kind, client, server_address = FAMILIES[family]
+    mtu = 1200 if family == 4 else 1300
+    server = PeerServer(net, kind, server_address, SERVICE_PORT + 30 + family)
+    try:
+        sock = net.socket(net.client, kind)
+        sock.connect((server_address, SERVICE_PORT + 30 + family))
+        assert _banner(sock) == BANNER  # the gate's socket has sent; nothing of it is unacknowledged now
+        seq = _queue_seq(sock)
+        packet = _too_big(family, (server_address, SERVICE_PORT + 30 + family), sock.getsockname()[:2], seq, mtu)
+        send = "import socket; socket.socket(%d, socket.SOCK_RAW, %d).sendto(bytes.fromhex(%r), (%r, 0))" % (
+            kind,
+            socket.IPPROTO_ICMP if family == 4 else socket.IPPROTO_ICMPV6,
+            packet.hex(),
+            server_address,
+        )
+        net.run(net.client, sys.executable, "-c", send)  # a raw socket of the client namespace
+        deadline = time.monotonic() + 5
+        cached = ""
+        while "mtu %d" % mtu not in cached and time.monotonic() < deadline:
+            time.sleep(0.1)
+            cached = net.run(net.gate, "ip", "-%d" % family, "route", "show", "cache", client).stdout
+        assert "mtu %d" % mtu in cached, cached
+        sock.close()
+    finally:
+        server.close()
