@@ -16,6 +16,7 @@ need not be the one the client used.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections.abc import Callable
@@ -43,10 +44,20 @@ def ask_destination(sock: socket.socket) -> None:
 def destination_of(ancdata: list[tuple[int, int, bytes]]) -> Address | None:
     """The (address, port) a datagram was sent to, from its IP_ORIGDSTADDR control message."""
     for level, kind, data in ancdata:
-        if level == socket.SOL_IP and kind == IP_ORIGDSTADDR and len(data) >= 8:  # sockaddr_in
-            return socket.inet_ntop(socket.AF_INET, data[4:8]), int.from_bytes(data[2:4], "big")
-        if level == socket.IPPROTO_IPV6 and kind == IPV6_ORIGDSTADDR and len(data) >= 24:  # sockaddr_in6
-            return socket.inet_ntop(socket.AF_INET6, data[8:24]), int.from_bytes(data[2:4], "big")
+        address = _original_destination(level, kind, data)
+        if address is not None:
+            return address
+    return None
+
+
+@functools.lru_cache(maxsize=MAX_REPLY_SOCKETS)
+def _original_destination(level: int, kind: int, data: bytes) -> Address | None:
+    """One control message's address, remembered: a listener's datagrams go to a few hosted
+    addresses, and formatting one with inet_ntop costs more than finding it again."""
+    if level == socket.SOL_IP and kind == IP_ORIGDSTADDR and len(data) >= 8:  # sockaddr_in
+        return socket.inet_ntop(socket.AF_INET, data[4:8]), int.from_bytes(data[2:4], "big")
+    if level == socket.IPPROTO_IPV6 and kind == IPV6_ORIGDSTADDR and len(data) >= 24:  # sockaddr_in6
+        return socket.inet_ntop(socket.AF_INET6, data[8:24]), int.from_bytes(data[2:4], "big")
     return None
 
 
@@ -72,9 +83,8 @@ def open_upstream(backend: Address, source: Address | None) -> socket.socket:
     """A connected, non-blocking UDP socket to an IP literal `backend`; from `source` (the client's own
     address, IP_TRANSPARENT) when given. OSError when the kernel refuses any of it."""
     family = socket.AF_INET6 if ":" in backend[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)  # one system call fewer than setblocking
     try:
-        sock.setblocking(False)
         if source is not None:
             set_transparent(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
