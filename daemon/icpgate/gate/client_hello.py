@@ -210,15 +210,26 @@ def _parse_extensions(data: memoryview) -> Hello:
 
 
 def _server_name(data: memoryview) -> str | Hello:
-    """RFC 6066: a list holding exactly one host_name."""
-    reader = _Reader(data)
-    names = _Reader(reader.vector(2))
-    if reader.remaining:
+    """RFC 6066: a list holding exactly one host_name. Walked with plain indexes, as the extensions
+    are; ValueError when a length runs past the data."""
+    if len(data) < 2:
+        raise ValueError("truncated")
+    end = 2 + ((data[0] << 8) | data[1])
+    if end > len(data):
+        raise ValueError("truncated")
+    if end < len(data):
         return _error("bytes after the server_name list")
     host = None
-    while names.remaining:
-        name_type = names.u8()
-        name = names.vector(2)
+    pos = 2
+    while pos < end:
+        if pos + 3 > end:
+            raise ValueError("truncated")
+        name_type = data[pos]
+        start = pos + 3
+        pos = start + ((data[pos + 1] << 8) | data[pos + 2])
+        if pos > end:
+            raise ValueError("truncated")
+        name = data[start:pos]
         if name_type != HOST_NAME:
             return _error("unknown server name type %d" % name_type)
         if host is not None:
