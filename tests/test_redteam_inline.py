@@ -334,3 +334,30 @@ def test_path_mtu_errors_reach_the_gate_sockets_that_hold_the_connection(inline,
         sock.close()
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("line", [b"GET ?\r\n", b"GET ?x=1\r\n"])
+def test_an_http_0_9_request_apache_serves_is_not_relayed_as_another_protocol(tmp_path: Path, line: bytes) -> None:
+    """Apache serves HTTP/0.9 by default (HttpProtocolOptions Allow0.9), and `GET ?` gets its
+    default virtual host: no Host, no check. The classifier took the two-word line for another
+    protocol (no `/`, `*` or `scheme://` target) and an `auto` listener relayed it untouched."""
+    import trustme
+    from backends import start_apache
+    from gatekit import free_port, gate_config, listener, start_gate
+    from test_gate_auto import _served
+
+    from icpgate.gate.sniff import Protocol, Sniffer
+
+    apache = start_apache(tmp_path, ["example-unfiled.cn"], trustme.CA())
+    port = free_port()
+    gate = start_gate(gate_config(tmp_path, {"auto": listener(port, "auto", apache.http)}), {"auto": port})
+    try:
+        assert b"served" in _served(apache.http, line)  # Apache itself serves it
+        answer = _served(port, line)
+        assert b"served" not in answer and answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    finally:
+        apache.stop()
+        assert gate.stop() == 0
+    assert "Traceback" not in gate.log(), gate.log()
+    sniffer = Sniffer(32768)
+    assert (sniffer.feed(line) or sniffer.at_end()) is Protocol.HTTP

@@ -13,7 +13,8 @@ blocked) as another protocol. So the tests are loose where a loose test is the s
   path allows two runs of them), or a token followed by SP or HTAB whose first line either names
   a protocol version (`HTTP/`, any case: a request line of HTTP/1.x, and the HTTP/2 preface
   `PRI * HTTP/2.0`), or has a target that nginx or Apache would route (`/…`, `*`, `http(s)://…`,
-  and any `scheme://…` in a two-word line), or is CONNECT, or a PROXY protocol v1 header (a
+  and any `scheme://…` in a two-word line), or is a two-word GET (HTTP/0.9: Apache serves `GET ?`
+  from its default server), or is CONNECT, or a PROXY protocol v1 header (a
   backend that reads one reads a request after it). A line without a version is an
   HTTP/0.9 request, which nginx serves from its default server: the HTTP path refuses it.
   Anything else on that first line is not a request either serves: `EHLO mail.example`, `USER
@@ -119,8 +120,8 @@ def _is_request_line(line: bytes) -> bool:
     target = words[1]
     if target.startswith((b"/", b"*")):
         return True
-    if len(words) == 2:  # HTTP/0.9: nginx routes an absolute URL of any scheme on its authority
-        return b"://" in target
+    if len(words) == 2:  # HTTP/0.9: nginx routes an absolute URL of any scheme on its authority, and
+        return words[0] == b"GET" or b"://" in target  # Apache (Allow0.9) serves GET of any target, even `?`
     # A third word that is no HTTP version: nginx and Apache (Strict, its default) refuse the line,
     # unless they read the target; RTSP (`DESCRIBE rtsp://… RTSP/1.0`) and SIP are other protocols.
     return target.lower().startswith((b"http://", b"https://"))
