@@ -4,8 +4,9 @@ answer from that address.
 asyncio's DatagramProtocol hands over a datagram and its sender but no ancillary data, and under
 TPROXY the address a client sent to is only in the ancillary data (IP_ORIGDSTADDR): the socket's
 own address is the gate's. So the gate reads with `recvmsg_into` from `loop.add_reader`. The same
-option on an ordinary listener gives the local address each datagram came in on, which is what the
-policy sees as the destination (a wildcard-bound socket has no single one).
+option on a wildcard-bound listener gives the local address each datagram came in on, which is what
+the policy sees as the destination. A listener bound to one address, not transparent, has only that
+one: it reads with the cheaper `recvfrom_into` and asks for nothing (quic_gate `_read_fixed`).
 
 A reply must come from the address the client sent to, or its QUIC stack drops it. Under TPROXY
 `ReplySockets` keeps one IP_TRANSPARENT socket bound to each such address, a bounded number of them.
