@@ -43,18 +43,15 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 import netnskit  # noqa: E402
 from benchkit import ICPGATE, write_config  # noqa: E402
-from netnskit import CLIENT4, GATE_CLIENT_SIDE4, SERVER4, Topology  # noqa: E402
+from netnskit import CLIENT4, GATE_CLIENT_SIDE4, GATE_SERVER_SIDE4, SERVER4, Topology  # noqa: E402
 from run import BIG_FILE, FILED, GATE_CPU, LOAD_CPU, OUT, nginx_conf  # noqa: E402
 
 MODES = ("transparent", "static")
 HOSTED_PORTS = {"http": 80, "tls": 443}  # nginx on the hosted IP
 TPROXY_PORTS = {"http": 8080, "tls": 8443}  # the transparent listeners: the ruleset's HTTP_LISTENER, TLS_LISTENER
 STATIC_PORTS = {"http": 9080, "tls": 9443}  # the plain listeners, on the gate's own address
-# The gate's source for the static path's upstream connections: outside the hosted range, because the
-# ruleset steers every packet to an address in it, the gate's own 203.0.113.1 included (see static_source).
-STATIC_SOURCE = "192.0.2.1"
 # What each path's upstream connections come from, as the server sees it.
-SEEN_SOURCE = {"transparent": CLIENT4, "static": STATIC_SOURCE}
+SEEN_SOURCE = {"transparent": CLIENT4, "static": GATE_SERVER_SIDE4}
 FILINGS = 100  # a few filed domains: this measures the path, not the index (bench/run.py does that)
 Endpoints = dict[str, dict[str, tuple[str, int]]]  # mode -> kind -> (address, port) the client dials
 ENDPOINTS: Endpoints = {
@@ -179,15 +176,6 @@ def start_gates(net: Topology, work: Path, configs: dict[str, Path]) -> dict[str
                               process=process)  # fmt: skip
         pids[mode] = process.pid
     return pids
-
-
-def static_source(net: Topology) -> None:
-    """The static path connects from STATIC_SOURCE. From GATE_SERVER_SIDE4, its default, the
-    server's replies would be addressed into the hosted range, and the ruleset's prerouting chain
-    steers them (every port) to a transparent listener or resets them: only packets of
-    *transparent* sockets are exempt. The server reaches STATIC_SOURCE through its default route."""
-    net.run(net.gate, "ip", "addr", "add", STATIC_SOURCE + "/32", "dev", "gs")
-    net.run(net.gate, "ip", "route", "replace", netnskit.HOSTED4, "dev", "gs", "src", STATIC_SOURCE)
 
 
 def allow_time_wait_reuse(net: Topology) -> None:
@@ -327,7 +315,6 @@ def main() -> None:
     results: dict[str, object] = {"seconds": args.seconds, "rounds": args.rounds}
     with netnskit.topology("icpb") as net:
         net.load_ruleset({"HTTP_LISTENER": str(TPROXY_PORTS["http"]), "TLS_LISTENER": str(TPROXY_PORTS["tls"])})
-        static_source(net)
         allow_time_wait_reuse(net)
         start_origin(net, args.work)
         gates = start_gates(net, args.work, configs)
