@@ -283,6 +283,29 @@ def test_monitor_mode_passes_an_unfiled_site_and_records_it(inline: Inline) -> N
     assert {(SERVER4, 80, "http"), (SERVER6, 443, "tls")} <= passed, records
 
 
+@pytest.mark.parametrize("family", [4, 6])
+def test_the_gates_own_address_in_the_hosted_range_is_not_steered(gate: Inline, family: int) -> None:
+    """The gate as the range's gateway holds an address inside it: a service of the gate itself
+    there (its SSH, say) is reached directly, not taken for a customer's and sent to a listener."""
+    client = FAMILIES[family][0]
+    own = netnskit.GATE_SERVER_SIDE6 if family == 6 else netnskit.GATE_SERVER_SIDE4
+    port = BANNER_PORT + 1
+    service = gate.net.popen(gate.net.gate, [sys.executable, netnskit.__file__, "banner", str(port)])
+    try:
+        gate.net.wait_for_port(gate.net.gate, own, port, process=service)
+        with gate.net.socket(gate.net.client, socket.AF_INET6 if family == 6 else socket.AF_INET) as sock:
+            sock.settimeout(SERVER_FIRST_WAIT + 5)
+            sock.connect((own, port))
+            started = time.monotonic()
+            assert sock.recv(1024) == netnskit.BANNER
+            assert time.monotonic() - started < SERVER_FIRST_WAIT / 2  # at once: no auto listener in between
+            sock.sendall(b"hello\r\n")
+            assert sock.recv(1024) == b"echo from %s: hello\r\n" % client.encode()
+    finally:
+        service.terminate()
+        service.wait(10)
+
+
 def test_with_the_gate_killed_new_connections_fail(gate: Inline) -> None:
     code, _ = curl_http(gate, SERVER4, 80, FILED)
     assert code == "200"
