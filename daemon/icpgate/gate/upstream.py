@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import socket
 import struct
+from functools import lru_cache
 
 from ..config import ListenerConfig, UpstreamConfig, split_host_port
 from .listen import set_transparent
@@ -116,8 +117,10 @@ async def connect_from_client(loop: asyncio.AbstractEventLoop, client: Address, 
     return sock
 
 
+@lru_cache(maxsize=4096)
 def is_local_address(ip: str) -> bool:
     """Whether `ip` is one of this host's addresses: a plain socket (no IP_TRANSPARENT) can bind it.
+    Remembered per address: the probe (a socket, a bind, a close) cost 11 µs per upstream connection.
 
     The loop guard needs it with `upstream.source = "client"`: the upstream's local end is then
     the client's address and a port this host picked, and the client may open a connection of
