@@ -31,8 +31,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check daemon tests bench
 	$(VENV)/bin/ruff format --check daemon tests bench
 
+# Against nginx; then transparent mode (TPROXY, network namespaces) against a static backend, and
+# QUIC (Initials decided per CPU second, relay throughput against a minimal UDP relay). Needs root.
 bench: $(STAMP) system-deps
 	$(PY) bench/run.py
+	$(PY) bench/inline_bench.py
+	$(PY) bench/quic_bench.py
 
 # Scale figures (docs/performance.md): 1M then 10M filings. Heavy: the 10M run takes most of an hour.
 bench-scale: $(STAMP)
