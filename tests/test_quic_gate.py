@@ -490,6 +490,33 @@ def test_the_table_is_bounded(timed_gate: Gate, recorder: Recorder) -> None:
         sock.close()
 
 
+def test_a_flood_of_hellos_leaves_room_for_new_flows(tmp_path: Path, recorder: Recorder) -> None:
+    """With a relayed flow in a small table, incomplete hellos from many ports take at most half of
+    it and push out their oldest: a filed client arriving after them is still served."""
+    running = start_quic_gate(tmp_path, recorder.port, admin=True, tables={"quic": {"max_flows": 16}})
+    port = running.ports["quic"]
+    try:
+        (filed,) = flights(VERSION_1, FILED)["one-packet"]
+        incomplete, _ = flights(VERSION_1, FILED)["two-datagrams"]
+        mark = recorder.mark()
+        relayed = send(port, filed)
+        recorder.expect(mark, [filed])
+        flood = []
+        for _ in range(4):  # in bursts the socket's receive buffer holds
+            flood += [send(port, incomplete) for _ in range(10)]
+            time.sleep(0.05)
+        late = send(port, filed)
+        send(port, short_header(), sock=relayed)  # the relayed flow was not pushed out
+        recorder.expect(mark, [filed, filed, short_header()])
+        counted = drops(running)
+        assert counted.get("table_full", 0) == 0
+        assert counted["pending_full"] == 40 - 8 + 1  # pending flows past half the table, oldest first
+        for sock in [*flood, relayed, late]:
+            sock.close()
+    finally:
+        stop(running)
+
+
 def test_an_unknown_version_passes_only_when_the_pack_says_so(tmp_path: Path, recorder: Recorder) -> None:
     policies = copy_policies(tmp_path)
     pack = policies / "default.toml"

@@ -8,11 +8,11 @@ replay), `RELAY` once allowed, `BLOCKED` for the hold period after a block.
 The table only keeps the books; the gate (quic_gate.py) does the I/O and closes what the table
 gives back to it. Limits, so that a flood of Initials from spoofed ports cannot grow memory:
 - `max_flows` entries in all. A blocked entry only saves work (a blocked client's retransmissions
-  would be blocked again anyway), so it is the first to go when the table is full; pending and
-  relayed flows are never pushed out, a new flow is refused instead.
-- `max_pending` flows in inspection, and `max_held` bytes held by all of them: past either, the
-  oldest pending flow makes room. A real client completes its hello within a round trip, so under a
-  flood of incomplete hellos it is the flood's flows that are old.
+  would be blocked again anyway), so it is the first to go when the table is full, then the oldest
+  pending flow; relayed flows are never pushed out: a new flow is refused only when they fill it.
+- `max_pending` flows in inspection, at most half the table, and `max_held` bytes held by all of
+  them: past either, the oldest pending flow makes room. A real client completes its hello within a
+  round trip, so under a flood of incomplete hellos it is the flood's flows that are old.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class FlowTable:
         self, max_flows: int, counts: Counter, max_pending: int = MAX_PENDING, max_held: int = MAX_HELD
     ) -> None:
         self.max_flows = max_flows
-        self.max_pending = min(max_pending, max_flows)
+        self.max_pending = min(max_pending, max_flows // 2)  # a flood of hellos leaves room for the rest
         self.max_held = max_held
         self.flows: dict[FlowKey, Flow] = {}
         # In order of arrival and of blocking: the oldest first. OrderedDicts, because a plain dict's
@@ -100,13 +100,15 @@ class FlowTable:
 
     def victim(self) -> Flow | None:
         """The flow to remove before a new one may enter, or None when there is room. Raises
-        `TableFull` when the table holds only flows that may not be pushed out."""
+        `TableFull` when the table holds only relayed flows, which may not be pushed out."""
         if len(self.pending) >= self.max_pending:
             return next(iter(self.pending.values()))
         if len(self.flows) < self.max_flows:
             return None
         if self.blocked:
             return next(iter(self.blocked.values()))
+        if self.pending:
+            return next(iter(self.pending.values()))
         raise TableFull
 
     def add(self, flow: Flow) -> None:
@@ -161,4 +163,4 @@ class FlowTable:
 
 
 class TableFull(Exception):
-    """`max_flows` pending and relayed flows: a new flow must be dropped."""
+    """`max_flows` relayed flows: a new flow must be dropped."""
