@@ -134,6 +134,35 @@ def test_aioquic_client_in_each_version(quic_gate: Gate, origin: H3Origin, certs
     assert origin.sources == sources
 
 
+def test_a_client_port_carries_one_connection_after_another(quic_gate: Gate, origin: H3Origin,
+                                                             certs: dict[str, Path]) -> None:  # fmt: skip
+    """A NAT reusing a port, or a client bound to a fixed one: a new connection from the 4-tuple of a
+    relayed flow is decided afresh, not dropped until the old flow idles out."""
+    port = quic_gate.ports["quic"]
+    local_port = free_udp_port()
+    for _ in range(2):
+        answer = h3_get(FILED, port, certs["ca"], local_port=local_port)
+        assert answer is not None and answer.status == 200
+        time.sleep(1.0)
+    assert len(origin.sources) == 2  # the second connection on an upstream socket of its own
+    assert origin.authorities() == ["%s:%d" % (FILED, port)] * 2
+
+
+def test_a_new_connection_on_an_allowed_port_is_decided(quic_gate: Gate, origin: H3Origin,
+                                                        certs: dict[str, Path]) -> None:  # fmt: skip
+    """The 4-tuple a filed name was allowed on does not carry another name's connection past the gate."""
+    port = quic_gate.ports["quic"]
+    local_port = free_udp_port()
+    answer = h3_get(FILED, port, certs["ca"], local_port=local_port)
+    assert answer is not None and answer.status == 200
+    time.sleep(0.5)  # the first connection's CONNECTION_CLOSE, relayed after the answer
+    sources, datagrams = set(origin.sources), origin.datagrams
+    assert h3_get(UNFILED, port, certs["ca"], timeout=2.0, local_port=local_port) is None
+    assert (origin.sources, origin.datagrams) == (sources, datagrams)  # not one datagram of it reached the origin
+    assert origin.authorities() == ["%s:%d" % (FILED, port)]
+    assert "host=%s" % UNFILED in quic_gate.log()
+
+
 # --- hand-built flights against a recording backend ---------------------------------------------------
 class Recorder:
     """A UDP backend that keeps every datagram it receives with its sender (each relayed flow has its

@@ -72,7 +72,7 @@ class Flow:
         self.source: list | None = None  # the IP_PKTINFO that makes a wildcard listener answer from the right address
         self.ends: tuple[Address, Address] | None = None  # the upstream socket's (local address, backend)
         self.cids: set[bytes] = set()  # Destination Connection IDs the client may use: its first, the server's
-        self.last_seen = now  # last datagram either way
+        self.last_seen = now  # last datagram either way (held or relayed: one dropped does not count)
         self.timer: TimerHandle | None = None
         self.version = 0  # the QUIC version of its first Initial
         self.cost = 0.0  # seconds spent reading its Initials so far

@@ -11,7 +11,9 @@ What a relayed flow's client may still send is checked where it could open anoth
 the server: until the client leaves its Initial phase every Initial must repeat the decided hello,
 or carry a second one for the same host after a HelloRetryRequest (`InitialReassembler.verify`);
 afterwards a long-header packet must be addressed to a connection ID the client or the server chose
-for this connection, and may not be an Initial. After a server's Retry the client's next hello is
+for this connection, and may not be an Initial, except as the first packet of a new connection
+(to an ID of neither): the client's socket then carries its next connection, so the old flow ends
+and the new one is decided as any first flow is. After a server's Retry the client's next hello is
 held and decided afresh (the server read nothing of the first); a Version Negotiation ends the flow,
 so the client's next attempt is decided afresh too.
 """
@@ -81,7 +83,8 @@ DROP_REASONS = (
     "client_error",  # the socket towards the client refused the datagram
 )
 DROPS = {reason: ("quic_drops", reason) for reason in DROP_REASONS}
-INITIAL_SECONDS = "quic_initial_seconds"  # (key, bucket index) counts; (key,) the sum
+INITIAL_SECONDS = "quic_initial_seconds"
+NEW_CONNECTION = "an Initial of a new connection"  # (key, bucket index) counts; (key,) the sum
 
 
 def serves_quic() -> bool:
@@ -181,10 +184,10 @@ class QuicListener(Listener):
         if flow is None:
             self._first(data, key, now)
             return
-        flow.last_seen = now
         if flow.state == RELAY:
-            self._to_upstream(flow, data)
+            self._to_upstream(flow, data, now)
         elif flow.state == PENDING:
+            flow.last_seen = now
             self._inspect(flow, data, now)
         else:
             self._drop("blocked")
@@ -376,20 +379,29 @@ class QuicListener(Listener):
         finally:
             self._resolving.discard(host)
 
-    def _to_upstream(self, flow: Flow, data: bytes) -> None:
+    def _to_upstream(self, flow: Flow, data: bytes, now: float) -> None:
+        """Relay a client datagram the flow may send. A dropped one does not keep the flow alive."""
         if not data:  # no QUIC packet is empty
             self._drop("invalid")
             return
         if flow.reader is not None or data[0] & 0x80:
             problem = self._client_problem(flow, data)
+            if problem is NEW_CONNECTION:
+                # the client's socket starts another connection (a NAT reusing the port, a fixed-port
+                # client): the old one is over for the gate, and this one is decided as a new flow's
+                self._remove(flow)
+                self._first(data, flow.key, now)
+                return
             if problem:
                 log.debug("quic %s:%d: dropped: %s", flow.client[0], flow.client[1], problem)
                 self._drop("invalid")
                 return
+        flow.last_seen = now
         self._send_upstream(flow, data)
 
     def _client_problem(self, flow: Flow, data: bytes) -> str:
-        """Why a relayed flow's client may not send this datagram, or ''."""
+        """Why a relayed flow's client may not send this datagram, or ''. `NEW_CONNECTION`: past its
+        Initial phase, the client opens another connection (an Initial first, to an unknown ID)."""
         reader = flow.reader
         if reader is not None:
             problem = reader.verify(data)
@@ -402,8 +414,10 @@ class QuicListener(Listener):
             packets = long_headers(data, flow.version)
         except QuicError as error:
             return str(error)
-        for kind, dcid, _ in packets:
+        for index, (kind, dcid, _) in enumerate(packets):
             if kind == INITIAL:
+                if not index and dcid not in flow.cids:
+                    return NEW_CONNECTION
                 return "an Initial after the client's Initial phase"
             if dcid not in flow.cids:
                 return "a long-header packet to a connection ID of another connection"
