@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
 import statistics
 import struct
@@ -51,7 +50,7 @@ REPO = HERE.parent
 OUT = HERE / "out"
 sys.path.insert(0, str(HERE))
 
-from benchkit import ICPGATE, free_port  # noqa: E402
+from benchkit import ICPGATE, free_port, stop  # noqa: E402
 
 GATE_CPU, LOAD_CPU = 0, 1
 FILED = "www.example-filed.cn"  # in the bundled sample filings
@@ -289,15 +288,6 @@ def initials_per_cpu_second(gate: subprocess.Popen, admin: int, port: int, name:
 def spawn(cpu: int, *command: str, log: Path | None = None) -> subprocess.Popen:
     out = log.open("w") if log else subprocess.DEVNULL
     return subprocess.Popen(["taskset", "-c", str(cpu), *command], stdout=out, stderr=out)
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def gate_config(work: Path, ports: dict[str, int]) -> Path:

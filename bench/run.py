@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -29,7 +28,7 @@ REPO = HERE.parent
 OUT = HERE / "out"
 sys.path.insert(0, str(HERE))
 
-from benchkit import free_port  # noqa: E402
+from benchkit import free_port, stop  # noqa: E402
 from gen_filings import domain, record  # noqa: E402
 
 GATE_CPU, LOAD_CPU = "0", "1"
@@ -232,15 +231,6 @@ def start_icpgate(setup: dict[str, Path]) -> tuple[subprocess.Popen, float]:
     )
     wait_port(PORTS["icpgate_tls"])
     return process, time.monotonic() - started
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 # --- scenarios -------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchkit import BENCH, ICPGATE, free_port, wait_snapshot, write_config
+from benchkit import BENCH, ICPGATE, free_port, stop, wait_snapshot, write_config
 from gen_filings import record
 
 PHASES = ("import", "index", "decide", "startup", "memory", "approval")
@@ -87,15 +87,6 @@ def children(pid: int) -> list[int]:
     for task in Path("/proc/%d/task" % pid).iterdir():
         found += [int(child) for child in (task / "children").read_text().split()]
     return found
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(10)
 
 
 DECIDE = """
@@ -203,13 +194,13 @@ def main() -> None:
                 wait_listening(port, gate)
                 report("start-up until listening (1 worker, index built)", "%.2f s" % (time.perf_counter() - started))
             finally:
-                stop(gate)
+                stop(gate, 60)
         if "memory" in phases:
             memory(out, origin_port, args.filings, report)
         if "approval" in phases:
             approval(out, origin_port, args.filings, args.rounds, report)
     finally:
-        stop(origin)
+        stop(origin, 60)
     report("machine", "%d CPUs, Python %s, %s" % (os.cpu_count(), sys.version.split()[0],
                                                   datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")))  # fmt: skip
     (out / "figures.json").write_text(json.dumps(figures, ensure_ascii=False, indent=1) + "\n")
@@ -234,7 +225,7 @@ def memory(out: Path, origin_port: int, filings: int, report) -> None:
         report("2-worker daemon: sum of PSS (supervisor + workers)",
                "%.0f MB" % (sum(r["Pss"] for r in rollups.values()) / 1024))  # fmt: skip
     finally:
-        stop(gate)
+        stop(gate, 60)
 
 
 def approval(out: Path, origin_port: int, filings: int, rounds: int, report) -> None:
@@ -281,8 +272,8 @@ def approval(out: Path, origin_port: int, filings: int, rounds: int, report) -> 
             print("  round %d: %.3f s" % (number + 1, latencies[-1]), flush=True)
             time.sleep(0.3)
     finally:
-        stop(gate)
-        stop(serve)
+        stop(gate, 60)
+        stop(serve, 60)
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
     report("approval to unblock: publisher's commit until the edge answers 200 (median / p99 of %d)" % rounds,
