@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -23,6 +24,17 @@ def stop(process: subprocess.Popen, grace: float = 30) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def h2load_rate(command: list[str], url: str, requests: int) -> float:
+    """Run an h2load `command` (everything but the URL; `-n requests` among it) and return its
+    req/s; RuntimeError unless every request was done, so a rate is never read off a broken run."""
+    result = subprocess.run([*command, url], capture_output=True, text=True, timeout=300)
+    rate = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", result.stdout)
+    done = re.search(r"(\d+) done", result.stdout)
+    if not rate or not done or int(done[1]) != requests:
+        raise RuntimeError("h2load did not finish every request:\n%s\n%s" % (result.stdout, result.stderr))
+    return float(rate[1])
 
 
 def free_port() -> int:

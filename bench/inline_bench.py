@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -42,7 +41,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import netnskit  # noqa: E402
-from benchkit import ICPGATE, write_config  # noqa: E402
+from benchkit import ICPGATE, h2load_rate, write_config  # noqa: E402
 from netnskit import CLIENT4, GATE_CLIENT_SIDE4, GATE_SERVER_SIDE4, SERVER4, Topology  # noqa: E402
 from run import BIG_FILE, FILED, GATE_CPU, LOAD_CPU, OUT, nginx_conf  # noqa: E402
 
@@ -84,12 +83,7 @@ class Load:
         command = [*self.prefix, "h2load", "--h1", "-n", str(requests), "--connect-to=%s:%d" % (address, port), *extra]
         if log:
             command.append("--log-file=%s" % log)
-        result = subprocess.run([*command, url], capture_output=True, text=True, timeout=300)
-        rate = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", result.stdout)
-        done = re.search(r"(\d+) done", result.stdout)
-        if not rate or not done or int(done[1]) != requests:
-            raise RuntimeError("h2load did not finish every request:\n%s\n%s" % (result.stdout, result.stderr))
-        return float(rate[1])
+        return h2load_rate(command, url, requests)
 
     def get(self, kind: str, address: str, port: int, path: str) -> str:
         """The body of one GET (check_sources asks who the server saw)."""

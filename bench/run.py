@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import socket
 import statistics
@@ -28,7 +27,7 @@ REPO = HERE.parent
 OUT = HERE / "out"
 sys.path.insert(0, str(HERE))
 
-from benchkit import free_port, stop  # noqa: E402
+from benchkit import free_port, h2load_rate, stop  # noqa: E402
 from gen_filings import domain, record  # noqa: E402
 
 GATE_CPU, LOAD_CPU = "0", "1"
@@ -255,12 +254,7 @@ def _h2load(url: str, port: int, requests: int, extra: tuple[str, ...], log: Pat
     ]
     if log:
         command.append("--log-file=%s" % log)
-    result = subprocess.run([*command, url], capture_output=True, text=True, timeout=300)
-    rate = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", result.stdout)
-    done = re.search(r"(\d+) done", result.stdout)
-    if not rate or not done or int(done[1]) != requests:
-        raise RuntimeError("h2load did not finish every request:\n%s\n%s" % (result.stdout, result.stderr))
-    return float(rate[1])
+    return h2load_rate(command, url, requests)
 
 
 def bulk_mbps(port: int) -> float:
