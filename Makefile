@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(VENV)/bin/icpgate import $(SAMPLES) -c $(CONFIG)
-	$(PY) -m icpgate.demo -c $(CONFIG)
+	$(PY) -m icpgate.cli.demo -c $(CONFIG)
 
 system-deps:
 	bash tests/system-deps.sh

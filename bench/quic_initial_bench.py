@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from mitmproxy.proxy.layers.quic._client_hello_parser import quic_parse_client_hello_from_datagrams
 
-from icpgate.gate.quic_initial import VERSION_1, InitialReassembler, QuicState, initial_keys
+from icpgate.gate.quic.initial import VERSION_1, InitialReassembler, QuicState, initial_keys
 
 SNI = "www.example-filed.cn"
 

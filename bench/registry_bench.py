@@ -15,10 +15,10 @@ import statistics
 import time
 from pathlib import Path
 
-from icpgate.config import load_config
-from icpgate.policy import Policy
-from icpgate.policy_pack import load_pack
-from icpgate.registry import open_registry
+from icpgate.config.settings import load_config
+from icpgate.policy.decide import Policy
+from icpgate.policy.pack import load_pack
+from icpgate.registry.store import open_registry
 
 ROUNDS = 7
 CALLS = 200_000

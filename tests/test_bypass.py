@@ -27,9 +27,9 @@ from gatekit import free_port, gate_config, listener
 
 from conftest import ICPGATE, REPO
 from icpgate.admin.state_metrics import readiness
-from icpgate.bypass import BypassSets, parse_ranges
-from icpgate.bypass_watch import Watcher, WatchSettings, probe
-from icpgate.config import load_config
+from icpgate.config.settings import load_config
+from icpgate.inline.bypass import BypassSets, parse_ranges
+from icpgate.inline.watch import Watcher, WatchSettings, probe
 
 HOSTED = [netnskit.HOSTED4, netnskit.HOSTED6]
 BANNER_PORT = 2222  # steered to the gate like every hosted port; no gate listener serves it in these tests

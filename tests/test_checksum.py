@@ -7,9 +7,9 @@ import sqlite3
 from pathlib import Path
 
 from conftest import SAMPLES, run, sample_records
-from icpgate.filings import Filing
-from icpgate.interchange import parse_filing
-from icpgate.registry import MIGRATIONS, Update, open_registry
+from icpgate.registry.filings import Filing
+from icpgate.registry.interchange import parse_filing
+from icpgate.registry.store import MIGRATIONS, Update, open_registry
 
 
 def parsed(records: list[dict]):

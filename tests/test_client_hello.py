@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mitmproxy.proxy.layers.tls import get_client_hello, parse_client_hello
 
-from icpgate.gate.client_hello import MAX_HELLO_RECORDS, Hello, HelloReassembler, HelloState
-from icpgate.hostname import HostKind, normalize_host
+from icpgate.gate.tls.client_hello import MAX_HELLO_RECORDS, Hello, HelloReassembler, HelloState
+from icpgate.names.hostname import HostKind, normalize_host
 
 CAP = 16384
 

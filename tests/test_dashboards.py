@@ -12,7 +12,7 @@ import yaml
 
 from conftest import REPO
 from icpgate.admin.state_metrics import readiness, ready_family, state_families
-from icpgate.config import load_config
+from icpgate.config.settings import load_config
 
 DASHBOARDS = REPO / "dashboards"
 METRIC_NAME = re.compile(r"\bicpgate_[a-z0-9_]+")

@@ -35,7 +35,7 @@ from gatekit import Gate, free_port, gate_config, handshake_records, listener, s
 from tls13_client import retry_handshake
 
 from conftest import check_json
-from icpgate.hostname import HostKind, normalize_host
+from icpgate.names.hostname import HostKind, normalize_host
 
 SEED = 20261122
 FILED = ("example-filed.cn", "www.example-filed.cn", "example-shop.cn", "example-blog.net")

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from test_gate_http import curl, split_response
 
 from conftest import REPO
-from icpgate.display_time import local_text, parse_zone
+from icpgate.config.display_time import local_text, parse_zone
 
 BEIJING = timezone(timedelta(hours=8))
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from dnskit import SilentResolver, start_dnsmasq
 
-from icpgate.config import DnsConfig
-from icpgate.violations.dns_check import Confirmer
+from icpgate.config.settings import DnsConfig
+from icpgate.reports.dns_check import Confirmer
 from icpgate.violations.store import Filters, open_violations
 
 RANGES = (ipaddress.ip_network("192.0.2.0/24"),)

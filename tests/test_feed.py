@@ -26,7 +26,7 @@ from feedkit import (
 )
 
 from conftest import run_icpgate, sample_records
-from icpgate.registry import open_registry
+from icpgate.registry.store import open_registry
 
 NEW_LICENCE = "京ICP备20990001号-1"
 

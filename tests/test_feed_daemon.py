@@ -17,8 +17,8 @@ from gatekit import free_port, gate_config, listener, start_gate
 from test_gate_process import http_get, status_of, wait_until
 
 from conftest import run_icpgate, sample_records
-from icpgate.gate.worker import Worker
-from icpgate.registry import open_registry
+from icpgate.process.worker import Worker
+from icpgate.registry.store import open_registry
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from icpgate.hostname import HostKind, normalize_host, parent_names
+from icpgate.names.hostname import HostKind, normalize_host, parent_names
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from icpgate.gate.http_framing import ChunkedBody, FramingError
-from icpgate.gate.http_inspector import Body, Head, HttpInspector, Invalid, Tunnel
-from icpgate.gate.http_responses import CONNECT, NO_SWITCH, UPGRADE, ResponseTracker
+from icpgate.gate.http.framing import ChunkedBody, FramingError
+from icpgate.gate.http.inspector import Body, Head, HttpInspector, Invalid, Tunnel
+from icpgate.gate.http.responses import CONNECT, NO_SWITCH, UPGRADE, ResponseTracker
 
 CHUNKED = b"5\r\nhello\r\n1A\r\n" + b"x" * 26 + b"\r\n0\r\nExpires: never\r\n\r\n"
 

@@ -12,7 +12,7 @@ import pytest
 from feedkit import bulk_records
 
 from conftest import REPO, SAMPLE_CSV, SAMPLES, run_icpgate, sample_records, write_ndjson
-from icpgate.registry import MIGRATIONS
+from icpgate.registry.store import MIGRATIONS
 
 
 def registry_path(config: Path) -> Path:
@@ -174,7 +174,7 @@ def test_not_utf8_and_not_json_name_their_line(config_path: Path, tmp_path: Path
 def digest_of_empty(tmp_path: Path) -> str:
     import asyncio
 
-    from icpgate.registry import open_registry
+    from icpgate.registry.store import open_registry
 
     empty = tmp_path / "empty.db"
 

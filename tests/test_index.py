@@ -16,10 +16,10 @@ import pytest
 from gatekit import free_port, gate_config, listener, start_gate
 
 from conftest import SAMPLES, run, run_icpgate, sample_records, write_ndjson
-from icpgate.config import load_config
-from icpgate.hostname import normalize_host
-from icpgate.index_store import SharedIndex, index_path, open_index, read_meta, sync_index
-from icpgate.registry import open_registry
+from icpgate.config.settings import load_config
+from icpgate.names.hostname import normalize_host
+from icpgate.registry.index_store import SharedIndex, index_path, open_index, read_meta, sync_index
+from icpgate.registry.store import open_registry
 
 
 def registry_of(config: Path) -> Path:
@@ -116,7 +116,7 @@ def test_a_commit_in_a_process_that_holds_the_index_patches_it_in_place(sample_r
     added = bulk_records(3)
 
     async def commit() -> None:
-        from icpgate.interchange import parse_filing
+        from icpgate.registry.interchange import parse_filing
 
         async with open_registry(registry, create=False) as opened:
             report = await opened.import_filings([parse_filing(r, n) for n, r in enumerate(added, 1)], source="t",
@@ -296,7 +296,7 @@ def test_concurrent_syncs_in_one_process_do_not_deadlock(sample_registry: Path) 
     import asyncio
     import threading
 
-    from icpgate.interchange import parse_filing
+    from icpgate.registry.interchange import parse_filing
 
     registry = registry_of(sample_registry)
     shared = open_index(registry)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from icpgate.licence import PROVINCE_CODES, LicenceError, LicenceKind, parse_licence
+from icpgate.registry.licence import PROVINCE_CODES, LicenceError, LicenceKind, parse_licence
 
 
 def test_there_are_31_provinces_including_the_icp_specific_ones() -> None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 
 from conftest import REPO, run
-from icpgate.config import load_config
+from icpgate.config.settings import load_config
 from icpgate.gate.connection import Listener, Runtime
-from icpgate.gate.http_gate import HttpConnection
+from icpgate.gate.http.connection import HttpConnection
 from icpgate.gate.upstream import UpstreamResolver
-from icpgate.gate.worker import build_runtime_parts
+from icpgate.process.worker import build_runtime_parts
 
 GATE = ("127.0.0.1", 8080)
 ORIGIN = ("127.0.0.1", 9080)

@@ -27,10 +27,10 @@ from test_gate_process import edit_pack, http_get, status_of, wait_until
 from test_gate_tls import wait_for_record
 
 from conftest import copy_policies
-from icpgate.config import load_config
-from icpgate.index_store import open_index
-from icpgate.policy import Action, Mode, Policy, Reason
-from icpgate.policy_pack import load_pack
+from icpgate.config.settings import load_config
+from icpgate.policy.decide import Action, Mode, Policy, Reason
+from icpgate.policy.pack import load_pack
+from icpgate.registry.index_store import open_index
 
 UNFILED = "example-unfiled.cn"  # no filing in the samples; on the test certificate
 

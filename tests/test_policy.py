@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO, run
-from icpgate.config import load_config
-from icpgate.index_store import open_index
-from icpgate.policy import Action, Policy, Reason
-from icpgate.policy_pack import load_pack
-from icpgate.registry import open_registry
+from icpgate.config.settings import load_config
+from icpgate.policy.decide import Action, Policy, Reason
+from icpgate.policy.pack import load_pack
+from icpgate.registry.index_store import open_index
+from icpgate.registry.store import open_registry
 
 
 @pytest.fixture(params=["shared", "dict"])

@@ -27,8 +27,8 @@ from h3kit import free_udp_port, h3_get, h3_origin, junk_initial
 from test_gate_process import wait_until
 from test_quic_gate import wait_listening
 
-from icpgate.gate.quic_flows import MAX_HELD, MAX_PENDING
-from icpgate.gate.quic_gate import DROP_REASONS
+from icpgate.gate.quic.flows import MAX_HELD, MAX_PENDING
+from icpgate.gate.quic.listener import DROP_REASONS
 
 FLOOD = 100_000
 WAVE = 250  # sockets open at once

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mitmproxy.proxy.layers.quic._client_hello_parser import quic_parse_client_hello_from_datagrams
 
-from icpgate.gate.quic_initial import (
+from icpgate.gate.quic.initial import (
     VERSION_1,
     VERSION_2,
     InitialReassembler,

@@ -24,7 +24,7 @@ from cryptography import x509
 from gatekit import closed_by_peer, free_port, gate_config, listener, start_gate, wait_for_port
 from tls13_client import client_hello, retry_handshake
 
-from icpgate.gate.tls_watch import HRR_RANDOM, HandshakeWatch, RetryViolation, ServerViolation
+from icpgate.gate.tls.watch import HRR_RANDOM, HandshakeWatch, RetryViolation, ServerViolation
 
 FILED = "example-filed.cn"
 FILED_WWW = "www.example-filed.cn"

@@ -17,7 +17,7 @@ from adminkit import TOKEN, admin_request, start_observed_gate
 from test_gate_process import http_get, wait_until
 
 from conftest import run_icpgate, write_ndjson
-from icpgate.config import load_config
+from icpgate.config.settings import load_config
 from icpgate.violations.store import open_violations
 
 NOW = time.time()

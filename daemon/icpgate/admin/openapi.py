@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import __version__
-from ..policy import Mode, Reason
+from ..policy.decide import Mode, Reason
 from ..violations.store import DNS_STATES, HANDLING_STATES, MAX_NOTE, SET_STATES
 
 _ERROR = {"$ref": "#/components/schemas/Error"}

@@ -19,17 +19,17 @@ import time
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from ..config import Config
-from ..explain import explain_with
+from ..config.settings import Config
+from ..config.tomlschema import ConfigError
 from ..feed.client import FeedClient
-from ..feed.commands import feed_status, outcome_json
-from ..hostname import HostKind, normalize_host, parent_names
-from ..policy import Reason
-from ..policy_pack import load_pack
-from ..registry import Registry, open_registry
-from ..tomlschema import ConfigError
+from ..feed.status import feed_status, outcome_json
+from ..names.hostname import HostKind, normalize_host, parent_names
+from ..policy.decide import Reason
+from ..policy.explain import explain_with
+from ..policy.pack import load_pack
+from ..registry.store import Registry, open_registry
+from ..reports.current import annotate
 from ..violations import store as violation_store
-from ..violations.current import annotate
 from ..violations.store import Filters, ViolationStore, open_violations, parse_since
 from .openapi import openapi_document
 from .state_metrics import (

@@ -14,10 +14,10 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from ..config import Config
+from ..config.settings import Config
 from ..feed.protocol import SyncResult
-from ..policy import daemon_mode
-from ..staleness import freshness
+from ..policy.decide import daemon_mode
+from ..policy.freshness import freshness
 from ..telemetry.multiproc import ENV
 from ..violations.store import DNS_STATES
 
@@ -85,7 +85,7 @@ def readiness(config: Config, workers: list[Metric], sync: dict,
     listeners, and the feed is not expired. `enforcement` only reports (monitor mode is a choice,
     not a fault): the daemon's mode, the key that set it and the pack's pilot ranges."""
     bound = sum(value for _, value in sample_values(workers, "icpgate_listeners_bound"))
-    quic = sum(listener.kind == "quic" for listener in config.listeners)  # served by worker 0 alone (quic_gate)
+    quic = sum(listener.kind == "quic" for listener in config.listeners)  # served by worker 0 alone (gate/quic/listener.py)
     expected = config.gate.workers * (len(config.listeners) - quic) + quic
     serials = sample_values(workers, "icpgate_index_serial")
     fresh = freshness(config.feed, sync.get("last_success"), datetime.now(UTC))

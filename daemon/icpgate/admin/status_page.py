@@ -8,10 +8,10 @@ from datetime import tzinfo
 from html import escape
 from typing import Any
 
-from ..config import Config
-from ..display_time import local_text, zone_label
-from ..violations.current import current_en, current_zh
-from ..violations.export import HANDLING_ZH
+from ..config.display_time import local_text, zone_label
+from ..config.settings import Config
+from ..reports.current import current_en, current_zh
+from ..reports.export import HANDLING_ZH
 
 _STYLE = "".join(
     (

@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 
 import aiohttp
 
-from ..config import Config
-from ..registry import Guard, ImportReport, Refusal, Registry, RegistryState, Update, open_registry
+from ..config.settings import Config
+from ..registry.store import Guard, ImportReport, Refusal, Registry, RegistryState, Update, open_registry
 from .protocol import MAX_INFLATION, Body, FeedError, SyncResult, decode
 from .signing import load_public_keys, verify
 from .sources import Answer, Fetched, FileSource, HttpSource

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import BinaryIO
 
-from ..filings import Filing
-from ..interchange import ParsedFiling, RecordError, parse_filing
-from ..licence import LicenceError, parse_licence
+from ..registry.filings import Filing
+from ..registry.interchange import ParsedFiling, RecordError, parse_filing
+from ..registry.licence import LicenceError, parse_licence
 
 FORMAT = "icpgate-feed/2"  # 2: the checksum is a sum of digests (docs/feed-protocol.md)
 MAX_INFLATION = 20  # an inflated body may be this many times `feed.max_body`: refuse gzip bombs

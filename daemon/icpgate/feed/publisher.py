@@ -27,8 +27,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..config import Config
-from ..registry import Registry, RegistryState, open_registry
+from ..config.settings import Config
+from ..registry.store import Registry, RegistryState, open_registry
 from .protocol import Header, encode_changes, write_snapshot
 from .signing import SIGNATURE_HEADER, load_private_key, sign
 from .sources import POLL_HEADER, SERIAL_HEADER

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from ..config import FeedConfig
+from ..config.settings import FeedConfig
 from .protocol import FORMAT, FeedError, SyncResult
 from .signing import SIGNATURE_HEADER
 

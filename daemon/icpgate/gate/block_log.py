@@ -12,7 +12,7 @@ import logging
 import random
 import time
 
-from ..policy import Mode, Verdict
+from ..policy.decide import Mode, Verdict
 
 log = logging.getLogger("icpgate.blocks")
 

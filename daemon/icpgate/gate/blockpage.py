@@ -20,10 +20,10 @@ from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import ClassVar
 
-from ..display_time import BEIJING, zone_label
-from ..policy import Reason, Verdict
-from ..policy_pack import BlockSettings
-from ..tomlschema import ConfigError, Problem
+from ..config.display_time import BEIJING, zone_label
+from ..config.tomlschema import ConfigError, Problem
+from ..policy.decide import Reason, Verdict
+from ..policy.pack import BlockSettings
 
 MESSAGE_KEYS = ("title_zh", "title_en", "why_zh", "why_en", "todo_zh", "todo_en")
 # Fields that differ per request; everything else in a page is filled in once, when it is loaded.

@@ -15,11 +15,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..config import GateConfig, ListenerConfig
-from ..policy import Action, Mode, Policy, Verdict
+from ..config.settings import GateConfig, ListenerConfig
+from ..policy.decide import Action, Mode, Policy, Verdict
+from ..telemetry.latency import LatencyHistogram
 from .block_log import BlockLog
 from .blockpage import BlockPages
-from .latency import LatencyHistogram
 from .upstream import (
     Address,
     SourceError,

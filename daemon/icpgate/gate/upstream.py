@@ -15,8 +15,8 @@ import socket
 import struct
 from functools import lru_cache
 
-from ..config import ListenerConfig, UpstreamConfig, split_host_port
-from .listen import set_transparent
+from ..config.settings import ListenerConfig, UpstreamConfig, split_host_port
+from .sockopts import set_transparent
 
 log = logging.getLogger("icpgate.gate")
 

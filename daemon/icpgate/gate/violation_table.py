@@ -8,7 +8,7 @@ grow past a small slack is a block dropped, and that is counted too.
 
 from __future__ import annotations
 
-from ..policy import Reason
+from ..policy.decide import Reason
 
 JUNK_HOST = "(junk)"
 OVERFLOW_HOST = "(overflow)"

@@ -18,8 +18,8 @@ from collections import Counter as Tally
 from prometheus_client import Counter, Gauge, Histogram
 
 from .. import __version__
-from ..gate.latency import BUCKETS
 from .identity import process_name
+from .latency import BUCKETS
 
 BUILD_INFO = Gauge("icpgate_build_info", "Version of the running daemon (always 1).", ["version", "python"],
                    multiprocess_mode="max")  # fmt: skip

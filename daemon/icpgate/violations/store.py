@@ -17,7 +17,7 @@ from typing import Any
 
 import aiosqlite
 
-from ..suffixes import registrable_domain
+from ..names.suffixes import registrable_domain
 from .customers import Customer, CustomerMap
 
 SCHEMA = """

@@ -1,0 +1,66 @@
+"""What runs beside the gate workers: the feed client, violation upkeep and the admin API.
+
+With one worker they run in its event loop; with several, in one supervised service process (one
+process owns the state and its writers, N workers serve), which restarts them with the new config
+on SIGHUP (process/supervisor.py, docs/gate.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from functools import partial
+
+from ..admin.server import run_admin
+from ..config.settings import Config
+from ..feed.client import run_feed
+from ..policy.pack import load_pack
+from ..reports.dns_check import Confirmer, hosted_ranges
+from ..violations.store import ViolationStore, open_violations
+
+log = logging.getLogger("icpgate.services")
+PRUNE_INTERVAL = 3600.0
+
+
+def services(admin_socket: socket.socket | None) -> Callable:
+    """The daemon's service, as `run_gate` takes it, with the admin API on `admin_socket` (if any)."""
+    return partial(run_services, admin_socket=admin_socket)
+
+
+async def run_services(config: Config, on_applied: Callable[[int], None] | None, *,
+                       admin_socket: socket.socket | None) -> None:  # fmt: skip
+    """The admin API serves on a duplicate of `admin_socket`: stopping it closes that, and the
+    services are started again on the same socket after a reload."""
+    async with asyncio.TaskGroup() as group:
+        if config.feed.urls:
+            group.create_task(run_feed(config, on_applied))
+        group.create_task(upkeep_violations(config))
+        if admin_socket is not None:
+            group.create_task(run_admin(config, admin_socket.dup()))
+
+
+async def upkeep_violations(config: Config) -> None:
+    """Expire old records (and their sample client addresses); confirm new hosts with DNS."""
+    async with open_violations(config.violations.path) as store, asyncio.TaskGroup() as group:
+        if config.dns.enabled:
+            ranges = hosted_ranges(config.dns, load_pack(config.policy_pack).policy.enforce_ranges)
+            group.create_task(Confirmer(config.dns, store, ranges).run())
+        group.create_task(_prune(config, store))
+
+
+async def _prune(config: Config, store: ViolationStore) -> None:
+    """A failed pass (the log locked past its busy timeout) is logged and tried again; it must not
+    take the feed client and the admin API down with it."""
+    while True:
+        try:
+            removed = await store.prune(time.time() - config.violations.retention)
+        except Exception as error:
+            log.error("violation log %s: cannot remove expired records: %s", store.path, error)
+        else:
+            if removed:
+                log.info("violation log: %d records past the %gs retention removed", removed,
+                         config.violations.retention)  # fmt: skip
+        await asyncio.sleep(min(PRUNE_INTERVAL, config.violations.retention / 10))

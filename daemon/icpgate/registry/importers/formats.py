@@ -1,0 +1,127 @@
+"""What `icpgate import` reads: NDJSON, a spreadsheet's CSV, or a download file of the national
+filing system (miit-xml), each possibly gzip-compressed; the format and the text encoding are
+detected from the content when not given."""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import tzinfo
+from pathlib import Path
+from typing import BinaryIO
+
+from ...config.display_time import BEIJING
+from ..interchange import ParsedFiling, RecordError, read_ndjson
+from .miit_lookup import stored_filings
+from .miit_xml import Cancellations, MiitOptions, has_cancellations, read_download, scan_cancellations
+from .spreadsheet import read_spreadsheet
+
+FORMATS = ("ndjson", "csv", "miit-xml")
+_SNIFF = 65536
+
+
+@dataclass(slots=True)
+class ImportOptions:
+    encoding: str | None = None  # for CSV; None: UTF-8 when it decodes as such, else GB18030 (GBK)
+    default_timezone: tzinfo = BEIJING
+    isp_ids: dict[str, str] = field(default_factory=dict)
+    cancellations: Cancellations = field(default_factory=Cancellations)
+    notes: list[str] = field(default_factory=list)  # file-level remarks for the operator
+
+
+def open_input(path: Path) -> BinaryIO:
+    """The file's bytes, inflated when it is gzip (by its magic number, whatever its name)."""
+    stream = path.open("rb")
+    if stream.read(2) == b"\x1f\x8b":
+        stream.close()
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    stream.seek(0)
+    return stream
+
+
+def detect_format(path: Path) -> str:
+    """By content first (an XML document, a JSON object), then by suffix (`.csv`, `.xml`)."""
+    with open_input(path) as stream:
+        head = stream.read(_SNIFF)
+    text = head.lstrip(codecs.BOM_UTF8).lstrip()
+    if text.startswith((b"<?xml", b"<DownloadData")):
+        return "miit-xml"
+    if text.startswith(b"{"):
+        return "ndjson"
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if ".xml" in suffixes:
+        return "miit-xml"
+    if ".csv" in suffixes or ".txt" in suffixes:
+        return "csv"
+    return "ndjson" if ".ndjson" in suffixes or ".jsonl" in suffixes else "csv"
+
+
+def detect_encoding(head: bytes) -> str:
+    """UTF-8 (with or without Excel's byte-order mark) when the text decodes as such, else GB18030,
+    the superset of the GBK that Chinese Excel and WPS write."""
+    if head.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return "gb18030"
+    return "utf-8"
+
+
+async def prepare(path: Path, fmt: str, options: ImportOptions, registry) -> None:
+    """Before a download file is read: its cancellations, and the stored filings they name."""
+    if fmt != "miit-xml":
+        return
+    with open_input(path) as stream:
+        if not has_cancellations(stream):
+            return
+    with open_input(path) as stream:
+        try:
+            options.cancellations.items = scan_cancellations(stream)
+        except RecordError:
+            return  # the reading pass reports it with its line
+    options.cancellations.stored = await stored_filings(registry, options.cancellations.items)
+
+
+def read_any(path: Path, fmt: str, options: ImportOptions) -> Iterator[ParsedFiling | RecordError]:
+    """Each record of the file, parsed, or the error that refuses it (with the file's name)."""
+    if fmt == "csv" and options.encoding is None:
+        with open_input(path) as stream:
+            options.encoding = detect_encoding(stream.read(_SNIFF))
+    with open_input(path) as stream:
+        try:
+            for item in _records(stream, fmt, options):
+                if isinstance(item, RecordError):
+                    item.source = str(path)
+                yield item
+        except RecordError as error:  # unreadable text or XML ends the file: nothing after is trustworthy
+            error.source = str(path)
+            yield error
+        except (OSError, EOFError) as error:  # a truncated or corrupt gzip stream
+            yield RecordError(0, "", "cannot read: %s" % error, str(path))
+
+
+def _records(stream: BinaryIO, fmt: str, options: ImportOptions) -> Iterator[ParsedFiling | RecordError]:
+    if fmt == "miit-xml":
+        miit = MiitOptions(options.default_timezone, options.isp_ids, options.cancellations, notes=options.notes)
+        yield from read_download(stream, miit)
+    elif fmt == "csv":
+        yield from read_spreadsheet(_lines(stream, options.encoding or "utf-8"), options.default_timezone,
+                                    options.notes)  # fmt: skip
+    else:
+        yield from read_ndjson(_lines(stream, options.encoding or "utf-8"))
+
+
+def _lines(stream: BinaryIO, encoding: str) -> Iterator[str]:
+    """Decoded lines; an undecodable one ends the file with its line number."""
+    decode = codecs.getdecoder(encoding)
+    for line, raw in enumerate(stream, start=1):
+        try:
+            text = decode(raw)[0]
+        except UnicodeDecodeError as error:
+            what = "UTF-8" if encoding.startswith("utf") else encoding.upper()
+            raise RecordError(line, "", "not %s (byte %d); give --encoding if it is another one"
+                              % (what, error.start + 1)) from None  # fmt: skip
+        yield text.removeprefix("\ufeff") if line == 1 else text

@@ -1,0 +1,272 @@
+"""Read the filings interchange format (docs/filings-format.md): NDJSON records, checked field by
+field. Spreadsheets (registry/importers/spreadsheet.py) and download files (registry/importers/miit_xml.py) are mapped onto the same
+records and checked here too; registry/importers/formats.py picks the reader.
+
+Every refusal names the line and the field, because operators fix these files by hand.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+
+from ..names.hostname import HostKind, normalize_host
+from ..names.suffixes import is_public_suffix
+from .filings import AccessRecord, AccessStatus, Filing, FilingStatus, SubjectType
+from .licence import LicenceError, is_website_licence, parse_licence
+
+REQUIRED_FIELDS = (
+    "licence", "subject_licence", "subject_name", "subject_type", "site_name",
+    "status", "domains", "access", "updated_at",
+)  # fmt: skip
+KNOWN_FIELDS = frozenset(REQUIRED_FIELDS) | {"limit_access"}
+CSV_COLUMNS = (
+    "licence", "subject_licence", "subject_name", "subject_type", "site_name", "status",
+    "limit_access", "domains", "access_provider", "access_status", "access_ips", "updated_at",
+)  # fmt: skip
+MAX_TEXT_LENGTH = 256
+MAX_DOMAINS = 1000
+MAX_IPS = 1000
+
+
+class RecordError(ValueError):
+    """A record that cannot be imported, with where it is and which field is wrong."""
+
+    def __init__(self, line: int, field: str, message: str, source: str = "") -> None:
+        super().__init__(message)
+        self.line = line
+        self.field = field
+        self.message = message
+        self.source = source
+
+    def __str__(self) -> str:
+        where = "%s:%d" % (self.source, self.line) if self.source else "line %d" % self.line
+        return "%s: %s: %s" % (where, self.field or "record", self.message)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedFiling:
+    line: int
+    filing: Filing
+    warnings: tuple[str, ...]
+
+
+def parse_filing(record: object, line: int) -> ParsedFiling:
+    """Validate one decoded record; raise RecordError naming the first wrong field."""
+    if not isinstance(record, dict):
+        raise RecordError(line, "", "a filing must be a JSON object")
+    for name in REQUIRED_FIELDS:
+        if name not in record:
+            raise RecordError(line, name, "required field is missing")
+    warnings: list[str] = []
+    licence = _website_licence(record["licence"], line, warnings)
+    subject_licence = _subject_licence(record["subject_licence"], licence, line)
+    filing = Filing(
+        licence=licence,
+        subject_licence=subject_licence,
+        subject_name=_text(record, "subject_name", line),
+        subject_type=_enum(SubjectType, record, "subject_type", line),
+        site_name=_text(record, "site_name", line),
+        status=_enum(FilingStatus, record, "status", line),
+        limit_access=_bool(record.get("limit_access", False), "limit_access", line),
+        domains=_domains(record["domains"], line),
+        access=_access_records(record["access"], line),
+        updated_at=_timestamp(record["updated_at"], line),
+        extra={k: v for k, v in record.items() if k not in KNOWN_FIELDS},
+    )
+    return ParsedFiling(line, filing, tuple(warnings))
+
+
+def record_errors(record: dict, line: int) -> list[RecordError]:
+    """Every wrong field of a record, not only the first: for spreadsheets, fixed by hand in one go."""
+    errors = [RecordError(line, name, "required field is missing") for name in REQUIRED_FIELDS if name not in record]
+    checks = {
+        "licence": lambda: _website_licence(record["licence"], line, []),
+        "subject_name": lambda: _text(record, "subject_name", line),
+        "subject_type": lambda: _enum(SubjectType, record, "subject_type", line),
+        "site_name": lambda: _text(record, "site_name", line),
+        "status": lambda: _enum(FilingStatus, record, "status", line),
+        "limit_access": lambda: _bool(record["limit_access"], "limit_access", line),
+        "domains": lambda: _domains(record["domains"], line),
+        "updated_at": lambda: _timestamp(record["updated_at"], line),
+    }
+    for name, check in checks.items():
+        if name in record:
+            try:
+                check()
+            except RecordError as error:
+                errors.append(error)
+    errors.extend(_access_errors(record.get("access", []), line))
+    if "subject_licence" in record and "licence" in record:
+        try:
+            _subject_licence(record["subject_licence"], _website_licence(record["licence"], line, []), line)
+        except RecordError as error:
+            if error.field == "subject_licence":
+                errors.append(error)
+    return errors
+
+
+def _access_errors(value: object, line: int) -> list[RecordError]:
+    """The access records' errors, the status and the addresses of each checked apart."""
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        try:
+            _access_records(value, line)
+        except RecordError as error:
+            return [error]
+        return []
+    errors = []
+    for index, item in enumerate(value):
+        for probe in ({**item, "ips": []}, {**item, "provider": "-", "status": AccessStatus.ACTIVE.value}):
+            try:
+                _access_records([probe], line)
+            except RecordError as error:
+                error.field = error.field.replace("access[0]", "access[%d]" % index, 1)
+                errors.append(error)
+    return errors
+
+
+def _website_licence(value: object, line: int, warnings: list[str]) -> str:
+    if not isinstance(value, str):
+        raise RecordError(line, "licence", "must be a string")
+    try:
+        parsed = parse_licence(value)
+    except LicenceError as error:
+        raise RecordError(line, "licence", str(error)) from None
+    if not is_website_licence(parsed):
+        raise RecordError(line, "licence", "must be a website filing number (…号-N), got %r" % value)
+    warnings.extend("licence: %s" % w for w in parsed.warnings)
+    return parsed.normalized
+
+
+def _subject_licence(value: object, website_licence: str, line: int) -> str:
+    if not isinstance(value, str):
+        raise RecordError(line, "subject_licence", "must be a string")
+    try:
+        parsed = parse_licence(value)
+    except LicenceError as error:
+        raise RecordError(line, "subject_licence", str(error)) from None
+    expected = website_licence.rsplit("-", 1)[0]
+    if parsed.normalized != expected:
+        raise RecordError(line, "subject_licence", "%r is not the subject of %r" % (value, website_licence))
+    return parsed.normalized
+
+
+def _text(record: dict, name: str, line: int) -> str:
+    value = record[name]
+    if not isinstance(value, str) or not value.strip():
+        raise RecordError(line, name, "must be a non-empty string")
+    if len(value) > MAX_TEXT_LENGTH:
+        raise RecordError(line, name, "longer than %d characters" % MAX_TEXT_LENGTH)
+    return value.strip()
+
+
+def _enum(kind, record: dict, name: str, line: int):
+    try:
+        return kind(record[name])
+    except ValueError:
+        allowed = ", ".join(member.value for member in kind)
+        raise RecordError(line, name, "%r is not one of: %s" % (record[name], allowed)) from None
+
+
+def _bool(value: object, name: str, line: int) -> bool:
+    if not isinstance(value, bool):
+        raise RecordError(line, name, "must be true or false")
+    return value
+
+
+def _domains(value: object, line: int) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise RecordError(line, "domains", "must be a non-empty list of domain names")
+    if len(value) > MAX_DOMAINS:
+        raise RecordError(line, "domains", "more than %d domains" % MAX_DOMAINS)
+    names: dict[str, None] = {}
+    for index, raw in enumerate(value):
+        field = "domains[%d]" % index
+        if not isinstance(raw, str):
+            raise RecordError(line, field, "must be a string")
+        host = normalize_host(raw)
+        if host.kind is HostKind.INVALID:
+            raise RecordError(line, field, "%r: %s" % (raw, host.error))
+        if host.kind is not HostKind.NAME:
+            raise RecordError(line, field, "%r is an IP address, not a domain" % raw)
+        if ":" in raw:
+            raise RecordError(line, field, "%r: a filed domain has no port" % raw)
+        if is_public_suffix(host.value):
+            raise RecordError(
+                line, field, "%r is a public suffix; a filing for it would cover every domain below it" % raw
+            )
+        names[host.value] = None
+    return tuple(names)
+
+
+def _access_records(value: object, line: int) -> tuple[AccessRecord, ...]:
+    if not isinstance(value, list):
+        raise RecordError(line, "access", "must be a list of access records")
+    records = []
+    for index, item in enumerate(value):
+        field = "access[%d]" % index
+        if not isinstance(item, dict):
+            raise RecordError(line, field, "must be an object")
+        provider = item.get("provider")
+        if not isinstance(provider, str) or not provider.strip():
+            raise RecordError(line, field + ".provider", "must be a non-empty string")
+        if any(char < " " for char in provider):
+            raise RecordError(line, field + ".provider", "must not contain control characters")
+        try:
+            status = AccessStatus(item.get("status"))
+        except ValueError:
+            allowed = ", ".join(s.value for s in AccessStatus)
+            raise RecordError(line, field + ".status", "%r is not one of: %s" % (item.get("status"), allowed)) from None
+        ips = _networks(item.get("ips", []), line, field + ".ips")
+        records.append(AccessRecord(provider.strip(), status, ips))
+    return tuple(records)
+
+
+def _networks(value: object, line: int, field: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_IPS:
+        raise RecordError(line, field, "must be a list of at most %d addresses or CIDR ranges" % MAX_IPS)
+    networks = []
+    for index, raw in enumerate(value):
+        try:
+            networks.append(_canonical_network(raw))
+        except (TypeError, ValueError) as error:
+            raise RecordError(line, "%s[%d]" % (field, index), "%r: %s" % (raw, error)) from None
+    return tuple(networks)
+
+
+@lru_cache(maxsize=65536)
+def _canonical_network(raw: str) -> str:
+    """A provider's few ranges repeat across all its filings: parse each spelling once."""
+    return str(ipaddress.ip_network(raw, strict=True))
+
+
+def _timestamp(value: object, line: int) -> str:
+    if not isinstance(value, str):
+        raise RecordError(line, "updated_at", "must be an RFC 3339 timestamp string")
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise RecordError(line, "updated_at", "%r is not an RFC 3339 timestamp" % value) from None
+    if moment.tzinfo is None:
+        raise RecordError(line, "updated_at", "%r has no time zone" % value)
+    return value
+
+
+def read_ndjson(lines: Iterable[str]) -> Iterator[ParsedFiling | RecordError]:
+    """Yield each record of NDJSON text, parsed, or the error that refuses it."""
+    for line, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            yield RecordError(line, "", "not valid JSON: %s" % error.msg)
+            continue
+        try:
+            yield parse_filing(record, line)
+        except RecordError as error:
+            yield error
