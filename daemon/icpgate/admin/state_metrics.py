@@ -85,7 +85,8 @@ def readiness(config: Config, workers: list[Metric], sync: dict,
     listeners, and the feed is not expired. `enforcement` only reports (monitor mode is a choice,
     not a fault): the daemon's mode, the key that set it and the pack's pilot ranges."""
     bound = sum(value for _, value in sample_values(workers, "icpgate_listeners_bound"))
-    quic = sum(listener.kind == "quic" for listener in config.listeners)  # served by worker 0 alone (gate/quic/listener.py)
+    # a quic listener is served by worker 0 alone (gate/quic/listener.py)
+    quic = sum(listener.kind == "quic" for listener in config.listeners)
     expected = config.gate.workers * (len(config.listeners) - quic) + quic
     serials = sample_values(workers, "icpgate_index_serial")
     fresh = freshness(config.feed, sync.get("last_success"), datetime.now(UTC))

@@ -1,6 +1,7 @@
 """Read the filings interchange format (docs/filings-format.md): NDJSON records, checked field by
-field. Spreadsheets (registry/importers/spreadsheet.py) and download files (registry/importers/miit_xml.py) are mapped onto the same
-records and checked here too; registry/importers/formats.py picks the reader.
+field. Spreadsheets (registry/importers/spreadsheet.py) and download files
+(registry/importers/miit_xml.py) are mapped onto the same records and checked here too;
+registry/importers/formats.py picks the reader.
 
 Every refusal names the line and the field, because operators fix these files by hand.
 """
