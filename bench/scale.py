@@ -92,10 +92,10 @@ def children(pid: int) -> list[int]:
 DECIDE = """
 import statistics, sys, time
 from pathlib import Path
-from icpgate.config import load_config
-from icpgate.index_store import open_index
-from icpgate.policy import Policy
-from icpgate.policy_pack import load_pack
+from icpgate.config.settings import load_config
+from icpgate.registry.index_store import open_index
+from icpgate.policy.decide import Policy
+from icpgate.policy.pack import load_pack
 config = load_config(Path(sys.argv[1]))
 index = open_index(config.registry_path)
 policy = Policy(load_pack(config.policy_pack).policy, config.provider.id, index)
@@ -114,7 +114,7 @@ def median_us(policy):
 figures = ["%.2f" % median_us(policy)]
 if sys.argv[3] == "dict":  # the in-memory index of before, in the same run, for comparison
     import asyncio
-    from icpgate.registry import open_registry
+    from icpgate.registry.store import open_registry
 
     async def load():
         async with open_registry(config.registry_path, create=False) as registry:
@@ -128,7 +128,7 @@ print(" ".join(figures))
 INDEX = """
 import sys
 from pathlib import Path
-from icpgate.index_store import index_path, sync_index
+from icpgate.registry.index_store import index_path, sync_index
 for stale in index_path(Path(sys.argv[1])).parent.glob("registry.db.index*"):
     stale.unlink()  # a build from nothing (a rebuild in place keeps the old pages until it commits)
 outcome = sync_index(Path(sys.argv[1]), progress=False)

@@ -135,8 +135,8 @@ def test_lists_are_notes_and_gzip_and_detection_work(config_path: Path, tmp_path
 PEAK_RSS = """
 import sys
 from pathlib import Path
-from icpgate.display_time import BEIJING
-from icpgate.miit_xml import MiitOptions, read_download
+from icpgate.config.display_time import BEIJING
+from icpgate.registry.importers.miit_xml import MiitOptions, read_download
 with open(sys.argv[1], "rb") as stream:
     count = sum(1 for _ in read_download(stream, MiitOptions(BEIJING, {})))
 status = Path("/proc/self/status").read_text()

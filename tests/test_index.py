@@ -70,7 +70,7 @@ def test_lookups_match_the_in_memory_index(sample_registry: Path) -> None:
 READER = """
 import sys
 from pathlib import Path
-from icpgate.index_store import SharedIndex
+from icpgate.registry.index_store import SharedIndex
 index = SharedIndex(Path(sys.argv[1]))
 for line in sys.stdin:
     match = index.lookup(line.strip())
