@@ -81,6 +81,84 @@ def test_a_chunk_full_of_line_feeds_costs_what_any_chunk_costs() -> None:
     assert newlines < 3 * letters + 0.05
 
 
+@st.composite
+def chunked_bodies(draw: st.DrawFn) -> bytes:
+    """Well-formed chunked bodies whose chunks straddle the bulk path's reach (1-255 bytes, stepped
+    over in runs by one regular expression) and the chunk-by-chunk one (256 and more), with every
+    size spelling the framer takes: either case, leading zeros up to 16 digits."""
+    body = b""
+    for size in draw(st.lists(st.integers(1, 300) | st.sampled_from([1, 15, 16, 255, 256]), max_size=12)):
+        digits = "%x" % size
+        digits = "0" * draw(st.integers(0, 16 - len(digits))) + digits
+        digits = "".join(c.upper() if draw(st.booleans()) else c for c in digits)
+        body += digits.encode() + b"\r\n" + draw(st.binary(min_size=size, max_size=size)) + b"\r\n"
+    fields = draw(st.lists(st.sampled_from([b"X-A: 1", b"t:", b"Expires:\tnever ", b"a-b: \xff"]), max_size=3))
+    return body + b"0" * draw(st.integers(1, 16)) + b"\r\n" + b"".join(f + b"\r\n" for f in fields) + b"\r\n"
+
+
+def framing_outcome(pieces: list[bytes]) -> int | str:
+    """Where the body ends over all pieces, "refused", or "open" when it has not ended."""
+    try:
+        end = body_end(pieces)
+    except FramingError:
+        return "refused"
+    return "open" if end is None else end
+
+
+@given(chunked_bodies(), st.lists(st.integers(1, 64), max_size=20))
+def test_runs_of_small_chunks_end_where_chunk_by_chunk_reading_ends(body: bytes, cuts: list[int]) -> None:
+    stream = body + b"GET /next HTTP/1.1\r\n"
+    pieces, offset = [], 0
+    for cut in cuts:
+        pieces.append(stream[offset : offset + cut])
+        offset += cut
+    pieces.append(stream[offset:])
+    assert framing_outcome([stream]) == framing_outcome(pieces) == len(body)
+
+
+@given(chunked_bodies(), st.integers(0, 10**6), st.binary(min_size=1, max_size=3), st.integers(0, 3))
+def test_a_damaged_body_is_read_alike_in_runs_and_byte_by_byte(
+    body: bytes, at: int, insert: bytes, remove: int
+) -> None:
+    """One byte at a time, no run can be matched: the framer steps chunk by chunk. Whatever the
+    damage (bytes inserted, removed), reading the whole body at once must come to the same end."""
+    at %= len(body)
+    damaged = body[:at] + insert + body[at + remove :]
+    assert framing_outcome([damaged]) == framing_outcome([bytes([b]) for b in damaged]), damaged
+
+
+@pytest.mark.parametrize("spelling", ["%x", "%X", "0%x", "%016x", "%016X"])
+def test_every_size_the_bulk_path_reads_is_read_exactly(spelling: str) -> None:
+    """Each chunk size of 1-255 bytes is its own branch of a generated regular expression: each
+    one, and its neighbours, is checked here, with one byte too few and one too many."""
+    for size in range(1, 300):
+        line = (spelling % size).encode() + b"\r\n"
+        exact = line + b"\n" * size + b"\r\n" + line + b"a" * size + b"\r\n0\r\n\r\n"
+        assert framing_outcome([exact]) == len(exact), size
+        for wrong in (size - 1, size + 1):
+            assert framing_outcome([line + b"a" * wrong + b"\r\n0\r\n\r\n"]) == "refused", (size, wrong)
+
+
+def test_one_byte_chunks_cost_what_their_bytes_cost() -> None:
+    """The framer alone, 4 MiB in 1-byte chunks against 4 MiB in 16 KiB chunks and in 256-byte
+    chunks (the smallest the framer steps over one by one). Chunk by chunk, the first cost 40
+    times the second."""
+
+    def cost(chunk: int) -> float:
+        one = b"%x\r\n" % chunk + b"a" * chunk + b"\r\n"
+        data = one * ((4 << 20) // len(one)) + b"0\r\n\r\n"
+        started = time.process_time()
+        body = ChunkedBody(1024)
+        for offset in range(0, len(data), 65536):
+            body.advance(data[offset : offset + 65536])
+        assert body.done
+        return time.process_time() - started
+
+    ordinary = cost(16384)
+    assert cost(1) < 10 * ordinary + 0.06
+    assert cost(256) < 10 * ordinary + 0.06
+
+
 # --- responses ----------------------------------------------------------------------------------
 def ok(body: bytes = b"hi", extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
@@ -191,14 +269,15 @@ def refused(data: bytes) -> bool:
 @pytest.mark.parametrize(
     "target",
     [b"ftp://unfiled.example/", b"ws://unfiled.example/", b"x://unfiled.example/", b"HTTPS:unfiled.example/",
-     b"unfiled.example/", b"*", b"http:///path", b"http://user@unfiled.example/"],
+     b"unfiled.example/", b"*", b"http:///path", b"http://user@unfiled.example/",
+     b"https://example-filed.cn/", b"HTTPS://example-filed.cn", b"hTtPs://example-filed.cn/"],
 )  # fmt: skip
 def test_request_targets_other_than_path_or_http_url_are_refused(target: bytes) -> None:
     assert refused(b"GET %s HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n" % target), target
 
 
-def test_http_and_https_absolute_targets_are_decided_on_their_authority() -> None:
-    for target in (b"http://Example-Filed.cn/x", b"HTTPS://example-filed.cn", b"http://example-filed.cn?q"):
+def test_http_absolute_targets_are_decided_on_their_authority() -> None:
+    for target in (b"http://Example-Filed.cn/x", b"HTTP://example-filed.cn", b"http://example-filed.cn?q"):
         (head,) = events(b"GET %s HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n" % target)
         assert not head.request.error and head.request.host.lower() == "example-filed.cn", target
     (head,) = events(b"OPTIONS * HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n")

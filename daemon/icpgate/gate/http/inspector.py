@@ -8,9 +8,10 @@ released before its head has been decided, and llhttp and the framing must agree
 message ends. Body bytes are passed on by length, never looked at one by one: inspection cost is
 linear in the bytes received.
 
-The rule: a request is relayed only when it has been read as a conforming backend reads it. What
-the gate cannot account for (another scheme in the target, a body on an Upgrade, a token it does
-not know, bytes outside ASCII in a name) is refused.
+The rule: a request is relayed only when it has been read as a conforming backend reads it, and
+every backend routes it to the host decided on. What the gate cannot account for (another scheme
+in the target, an absolute-form target without a Host naming it, HTTP/0.9, a body on an Upgrade,
+a token it does not know, bytes outside ASCII in a name) is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from .responses import CONNECT, NO_SWITCH, UPGRADE
 HEAD_END = b"\r\n\r\n"
 MAX_BLANK_RUNS = 2  # runs of empty lines (up to four lines each) tolerated before a request line
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:/[!#$%&'*+.^_`|~0-9A-Za-z-]+)?")
-_HTTP_AUTHORITY = re.compile(rb"https?://([^/?#]*)", re.IGNORECASE)
+_HTTP_AUTHORITY = re.compile(rb"http://([^/?#]*)", re.IGNORECASE)  # a plain listener's own scheme
+_HTTPS = re.compile(rb"https://", re.IGNORECASE)
 _NAME_BYTES = re.compile(rb"[\x21-\x7e]+")  # what a Host or authority may contain: visible ASCII
 
 
@@ -299,18 +301,30 @@ class HttpInspector:
         if self._upgrades:
             request.upgrade, error = _upgrade_tokens(self._upgrades)
             request.error = request.error or error
+        if request.version == "0.9":
+            # llhttp reads header lines after a request line without a version; nginx and Apache
+            # read none (the request is the line alone) and route it to their default server.
+            request.error = "HTTP/0.9 request (a backend reads no Host in it)"
+            return request
         host_header = headers.get(b"host")
         if host_header is not None and not _NAME_BYTES.fullmatch(host_header):
             # Raw bytes outside ASCII would be mapped by UTS-46 (\xaa becomes "a", a soft hyphen
             # vanishes) into a name the backend never saw. Unicode names travel as A-labels.
-            request.error = request.error or "Host with bytes outside visible ASCII"
+            request.error = request.error or ("Host with bytes outside visible ASCII" if host_header else "empty Host")
             return request
         authority, error = _authority(target, method)
         request.error = request.error or error
         if b"host" in self._repeated:
             request.error = request.error or "more than one Host header"
         elif authority is not None:
-            if host_header is not None and host_header.decode("ascii").lower() != authority.lower():
+            if host_header is None:
+                if method != "CONNECT":
+                    # nginx routes on the target's authority; Apache only when the scheme is the
+                    # one it thinks its own (`ServerName https://…` behind a TLS proxy makes that
+                    # https), else on its default virtual host. Only a Host naming the same
+                    # authority leaves one routing host whichever a backend reads.
+                    request.error = request.error or "absolute-form target without Host"
+            elif host_header.decode("ascii").lower() != authority.lower():
                 # RFC 9112 says the target wins; a backend that reads Host instead would be
                 # steered past the check, so a mismatch is refused.
                 request.error = request.error or "Host header differs from the request target's authority"
@@ -396,8 +410,9 @@ def _authority(target: bytes, method: str) -> tuple[str | None, str]:
     """The authority the backend routes on, from the request target's form, and an error.
 
     origin-form (`/path`) has none, nor does `*` (OPTIONS only); authority-form is CONNECT's;
-    absolute-form must be http or https. Backends route absolute-form targets of any scheme on
-    their authority (nginx reads `x://host/`), so any other form is refused rather than guessed.
+    absolute-form must be http, the scheme of the listener. nginx routes absolute-form targets of
+    any scheme on their authority (`x://host/`), Apache only those of its own scheme, so any other
+    form is refused rather than guessed.
     """
     if method == "CONNECT":
         if not _NAME_BYTES.fullmatch(target) or target.startswith(b"/"):
@@ -409,7 +424,11 @@ def _authority(target: bytes, method: str) -> tuple[str | None, str]:
         return None, "" if method == "OPTIONS" else "asterisk target outside OPTIONS"
     absolute = _HTTP_AUTHORITY.match(target)
     if absolute is None:
-        return None, "request target is neither a path nor an http or https URL"
+        if _HTTPS.match(target):
+            # RFC 9110 7.4: an origin must reject an https request that did not come over TLS.
+            # Apache reads such a target's host only on its TLS ports: here it routes on Host.
+            return None, "https request target on plain HTTP"
+        return None, "request target is neither a path nor an http URL"
     if not _NAME_BYTES.fullmatch(absolute.group(1)):
         return None, "request target authority empty or with bytes outside visible ASCII"
     try:
