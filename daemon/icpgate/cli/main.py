@@ -551,8 +551,8 @@ def _print_report(report: ImportReport, notes: list[str], as_json: bool, *, dry_
             print("the mass-change guard refuses this import: %s; --force applies it" % (report.refusal
                                                                                        or report.forced))  # fmt: skip
     elif report.refused:
-        print("refused %s: the mass-change guard: %s (feed.guard_share, for registries of feed.guard_min_filings"
-              " or more); nothing was imported" % (report.source, report.refusal), file=sys.stderr)  # fmt: skip
+        print("refused %s: the mass-change guard: %s (%s; feed.guard_share); nothing was imported"
+              % (report.source, report.refusal, counts), file=sys.stderr)  # fmt: skip
         print("see what it would change with --dry-run, then add --force to apply it", file=sys.stderr)
     elif report.committed:
         print("imported %d filings from %s (%s); serial %d" % (report.records, report.source, counts, report.serial))

@@ -155,7 +155,13 @@ class Update:
 
 @dataclass(frozen=True, slots=True)
 class Guard:
-    """Refuse updates that add or remove more than `share` of a registry of `min_filings` or more."""
+    """The mass-change guard (docs/cli.md): what an update may change of a registry at once.
+
+    Removals are guarded at every size, because a removal blocks a filed site: an update may remove
+    at most `share` of the filings (one filing always, so a small registry can lose a withdrawn
+    filing), and never every filing. Additions only open sites, and a small registry is still
+    being filled: more than `share` is refused once the registry holds `min_filings` or more.
+    """
 
     share: float
     min_filings: int
@@ -639,15 +645,21 @@ def _filing_from_row(row: tuple) -> Filing:
 
 def _guard_breach(guard: Guard, report: ImportReport) -> str:
     """Why the guard refuses this update, or "" when it passes."""
-    size = report.filings_before
-    if size < guard.min_filings:
-        return ""
-    limit = guard.share * size
-    for kind, count in (("add", report.inserted), ("remove", report.removed)):
-        if count > limit:
-            return "it would %s %d of %d filings (%.0f%%), more than the guard's %.0f%%" % (
-                kind, count, size, 100 * count / size, 100 * guard.share)  # fmt: skip
+    size, removed, added = report.filings_before, report.removed, report.inserted
+    if size and removed == size:
+        if added:
+            return "it would remove every filing (%d of %d) and add %d new in their place" % (size, size, added)
+        return "it would remove every filing (%d of %d) and leave the registry empty" % (size, size)
+    if removed > max(1.0, guard.share * size):
+        return _over_share("remove", removed, size, guard)
+    if size and size >= guard.min_filings and added > guard.share * size:
+        return _over_share("add", added, size, guard)
     return ""
+
+
+def _over_share(kind: str, count: int, size: int, guard: Guard) -> str:
+    return "it would %s %d of %d filings (%.0f%%), more than the guard's %.0f%%" % (
+        kind, count, size, 100 * count / size, 100 * guard.share)  # fmt: skip
 
 
 async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
