@@ -718,7 +718,8 @@ class RegistryError(RuntimeError):
 def require_registry(path: Path) -> None:
     """Raise the one clear error for a registry that is not there yet."""
     if not path.is_file():
-        raise RegistryError("registry %s does not exist: import filings first (icpgate import)" % path)
+        raise RegistryError("registry %s does not exist: import filings first (icpgate import), or use the config"
+                            " the daemon runs with" % path)  # fmt: skip
 
 
 @asynccontextmanager
