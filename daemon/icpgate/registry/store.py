@@ -271,8 +271,7 @@ class Registry:
                     await self.db.execute(statement)
             await self.db.executemany("INSERT OR IGNORE INTO stage_removals VALUES (?)",
                                       [(licence,) for licence in update.removals])  # fmt: skip
-            await self._stage(update.items, report, progress)
-            parse_errors = report.error_count  # records that were never staged
+            unparsed = await self._stage(update.items, report, progress)
             conflicts = await self._conflicts(update.replace)
             for error in conflicts:
                 report.add_error(error)
@@ -281,7 +280,7 @@ class Registry:
                 return report
             dropped = await self._drop_lines({error.line for error in conflicts})
             report.records -= dropped
-            report.skipped = parse_errors + dropped
+            report.skipped = unparsed + dropped
             await self._classify(report, update.replace)
             if guard and (message := _guard_breach(guard, report)):
                 if not force:
@@ -327,13 +326,16 @@ class Registry:
         report.refused, report.refusal = refused, message
         return report
 
-    async def _stage(self, items, report: ImportReport, progress) -> None:
-        """Stage parsed records in batches; each batch is written while the next one is parsed."""
+    async def _stage(self, items, report: ImportReport, progress) -> int:
+        """Stage parsed records in batches; each batch is written while the next one is parsed.
+        Returns how many records were refused (a record may have several errors)."""
         filings, domains, access = [], [], []
+        refused_lines: set[int] = set()
         writing: asyncio.Future | None = None
         for item in items:
             if isinstance(item, RecordError):
                 report.add_error(item)
+                refused_lines.add(item.line)
                 continue
             report.records += 1
             report.warnings.extend("line %d: %s" % (item.line, w) for w in item.warnings)
@@ -359,6 +361,7 @@ class Registry:
             progress(len(filings))
         for statement in _STAGING_INDEXES:
             await self.db.execute(statement)
+        return len(refused_lines)
 
     async def _flush_stage(self, filings: list, domains: list, access: list) -> None:
         await self.db.executemany("INSERT INTO stage_filings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", filings)
