@@ -4,7 +4,9 @@
 # 0.0.0.0, and Docker publishes them on the low ones:
 #   docker build -t icpgate .
 #   docker run -d -p 80:8080 -p 443:8443 -v icpgate-state:/var/lib/icpgate -v ./config.toml:/etc/icpgate/config.toml:ro icpgate
-# Import filings into the volume with: docker run ... icpgate import /data/filings.ndjson -c /etc/icpgate/config.toml
+# The config holds the state's paths: registry.path = "/var/lib/icpgate/registry.db", in the volume.
+# Run operator commands with the daemon's own config: docker exec icpgate icpgate violations
+# (docs/deployment.md, "Docker", also imports filings into the volume).
 # Transparent (inline) mode needs --network host and CAP_NET_ADMIN in the process: start as root with
 # only NET_ADMIN, SETUID and SETGID, and let setpriv (util-linux, in the base image) switch to
 # icpgate keeping CAP_NET_ADMIN as an ambient capability (the command is in docs/deployment.md).
@@ -21,7 +23,10 @@ RUN useradd --system --uid 10001 --home-dir /var/lib/icpgate --shell /usr/sbin/n
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 COPY policies /etc/icpgate/policies
-COPY config.example.toml /etc/icpgate/config.toml
+COPY config.example.toml /etc/icpgate/config.example.toml
+# The installed config keeps its state in the volume (the same command as docs/deployment.md's install).
+RUN sed 's|^path = "var/registry.db"$|path = "/var/lib/icpgate/registry.db"|' /etc/icpgate/config.example.toml \
+    > /etc/icpgate/config.toml && grep -q '^path = "/var/lib/icpgate/registry.db"$' /etc/icpgate/config.toml
 USER icpgate
 WORKDIR /var/lib/icpgate
 VOLUME ["/var/lib/icpgate"]
@@ -31,4 +36,4 @@ ENV PYTHONUNBUFFERED=1
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import socket; socket.create_connection(('127.0.0.1', 8080), 3).close()"]
 ENTRYPOINT ["icpgate"]
-CMD ["run", "-c", "/etc/icpgate/config.toml", "--set", "registry.path=\"/var/lib/icpgate/registry.db\""]
+CMD ["run", "-c", "/etc/icpgate/config.toml"]

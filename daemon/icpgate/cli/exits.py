@@ -11,7 +11,7 @@ class Exit(IntEnum):
     USAGE = 2  # wrong arguments (argparse)
     CONFIG = 3  # the config or the policy pack is invalid
     DATA = 4  # an import was refused; nothing was imported
-    REGISTRY = 5  # the registry database cannot be used
+    REGISTRY = 5  # the registry or the violation log cannot be used (missing: the config points elsewhere)
     START = 6  # `run`: the gate could not start (a listener cannot bind, workers do not come up)
     FEED = 7  # `feed sync`/`diff`: no source could be reached (refused feed data is DATA)
     NFT = 8  # `bypass`: nft failed (no inline ruleset loaded, no CAP_NET_ADMIN, a conflicting set element)

@@ -97,7 +97,10 @@ def _signatures(config: Config) -> str:
 
 def _run(config: Config, *, force: bool, dry_run: bool) -> Outcome | None:
     async def once() -> Outcome:
-        async with open_registry(config.registry_path) as registry, FeedClient(config, registry) as client:
+        async with (
+            open_registry(config.registry_path, create=not dry_run) as registry,  # diff only reads
+            FeedClient(config, registry) as client,
+        ):
             return await client.sync(force=force, dry_run=dry_run)
 
     if not config.feed.urls:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
+import ipaddress
 import json
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from .. import __version__
 from ..config.settings import Config, load_config
 from ..config.tomlschema import ConfigError
+from ..policy.decide import Reason
 from ..policy.explain import explain, render_explanation
 from ..policy.pack import load_pack
 from ..registry.importers.formats import FORMATS, ImportOptions, detect_format, prepare, read_any
@@ -88,8 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     violations.add_argument("--confirmed", action="store_true", help="only DNS-confirmed violations")
     violations.add_argument("--since", metavar="T", help="last seen since: ISO 8601 time, or 90s, 15m, 24h, 7d")
     violations.add_argument("--domain", help="registrable domain or host")
-    violations.add_argument("--ip", help="destination IP")
-    violations.add_argument("--reason", help="reason code (unfiled, pending, ...)")
+    violations.add_argument("--ip", type=_ip_address, help="destination IP")
+    reasons = [reason.value for reason in Reason]
+    violations.add_argument("--reason", choices=reasons, metavar="R", help="reason code: %s" % ", ".join(reasons))
     violations.add_argument("--dns", choices=DNS_STATES, help="DNS state")
     violations.add_argument("--state", choices=HANDLING_STATES, help="handling state (open takes reopened in)")
     violations.add_argument("--limit", type=int, default=100, help="records at most; 0 for all (default %(default)s)")
@@ -143,6 +146,14 @@ def _parser() -> argparse.ArgumentParser:
     config_check = config_commands.add_parser("check", parents=[common], help="check the config and policy pack")
     config_check.set_defaults(handler=_cmd_config_check)
     return parser
+
+
+def _ip_address(text: str) -> str:
+    """As the admin API takes it: an address never recorded would only give an empty answer."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not an IP address" % text) from None
 
 
 def _positive(kind: type) -> Callable[[str], float]:
@@ -274,6 +285,11 @@ def _cmd_violations(args: argparse.Namespace) -> Exit:
     if args.include_unconfirmed and not args.isms:
         print("violations: --include-unconfirmed goes with --isms", file=sys.stderr)
         return Exit.USAGE
+    if _no_violation_log(config, "violations"):
+        return Exit.REGISTRY
+    if not config.registry_path.is_file():
+        print("violations: warning: registry %s does not exist: the registry's decision now is left out"
+              % config.registry_path, file=sys.stderr)  # fmt: skip
     confirmed = args.confirmed or (args.isms and not args.include_unconfirmed)
     filters = Filters(confirmed, since, args.domain, args.ip, args.reason, args.dns, args.state)
     total, records = asyncio.run(_violations(config, filters, args.limit or 2**62))
@@ -291,12 +307,20 @@ def _cmd_violations(args: argparse.Namespace) -> Exit:
 async def _violations(config: Config, filters: Filters, limit: int) -> tuple[int, list[dict]]:
     from ..reports.current import annotate_from_file
 
-    if not config.violations.path.is_file():  # nothing blocked yet; do not create files as this user
-        return 0, []
     async with open_violations(config.violations.path) as store:
         total, records = await store.query(filters, limit)
     await annotate_from_file(config, records)
     return total, records
+
+
+def _no_violation_log(config: Config, command: str) -> bool:
+    """Say so when the violation log is not there: an empty answer would hide that this config
+    points somewhere the daemon does not write (docs/deployment.md, "Install")."""
+    if config.violations.path.is_file():
+        return False
+    print("%s: no violation log at %s: the daemon creates it when it starts; is %s the config it runs with?"
+          % (command, config.violations.path, config.source), file=sys.stderr)  # fmt: skip
+    return True
 
 
 def _cmd_handling(args: argparse.Namespace) -> Exit:
@@ -304,10 +328,8 @@ def _cmd_handling(args: argparse.Namespace) -> Exit:
     if len(args.note) > MAX_NOTE:
         print("violations %s: --note: at most %d characters" % (args.violations_command, MAX_NOTE), file=sys.stderr)
         return Exit.USAGE
-    if not config.violations.path.is_file():
-        print("violations %s: no violation log at %s" % (args.violations_command, config.violations.path),
-              file=sys.stderr)  # fmt: skip
-        return Exit.DATA
+    if _no_violation_log(config, "violations %s" % args.violations_command):
+        return Exit.REGISTRY
 
     async def apply() -> list[int]:
         async with open_violations(config.violations.path) as store:
@@ -345,9 +367,8 @@ def _cmd_customers_import(args: argparse.Namespace) -> Exit:
 
 def _cmd_customers_list(args: argparse.Namespace) -> Exit:
     config = load_config(args.config, args.overrides)
-    if not config.violations.path.is_file():
-        print("no customer map imported")
-        return Exit.OK
+    if _no_violation_log(config, "customers list"):
+        return Exit.REGISTRY
 
     async def read() -> list:
         async with open_violations(config.violations.path) as store:
@@ -438,6 +459,8 @@ def _cmd_import(args: argparse.Namespace) -> Exit:
         except LookupError:
             print("import: --encoding: unknown encoding %r" % args.encoding, file=sys.stderr)
             return Exit.USAGE
+    if not config.registry_path.exists():  # the first import; or a config that is not the daemon's
+        print("note: no registry at %s yet: creating it" % config.registry_path, file=sys.stderr)
     guard = Guard(config.feed.guard_share, config.feed.guard_min_filings)
     if args.file.is_dir():
         return _import_folder(config, args, guard)
@@ -551,8 +574,8 @@ def _print_report(report: ImportReport, notes: list[str], as_json: bool, *, dry_
             print("the mass-change guard refuses this import: %s; --force applies it" % (report.refusal
                                                                                        or report.forced))  # fmt: skip
     elif report.refused:
-        print("refused %s: the mass-change guard: %s (feed.guard_share, for registries of feed.guard_min_filings"
-              " or more); nothing was imported" % (report.source, report.refusal), file=sys.stderr)  # fmt: skip
+        print("refused %s: the mass-change guard: %s (%s; feed.guard_share); nothing was imported"
+              % (report.source, report.refusal, counts), file=sys.stderr)  # fmt: skip
         print("see what it would change with --dry-run, then add --force to apply it", file=sys.stderr)
     elif report.committed:
         print("imported %d filings from %s (%s); serial %d" % (report.records, report.source, counts, report.serial))

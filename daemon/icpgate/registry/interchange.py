@@ -3,13 +3,15 @@ field. Spreadsheets (registry/importers/spreadsheet.py) and download files
 (registry/importers/miit_xml.py) are mapped onto the same records and checked here too;
 registry/importers/formats.py picks the reader.
 
-Every refusal names the line and the field, because operators fix these files by hand.
+Every refusal names the line and the field, and every wrong field of a record is reported, because
+operators fix these files by hand. A line cut short (a truncated file) says so, with its column.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -258,16 +260,35 @@ def _timestamp(value: object, line: int) -> str:
 
 
 def read_ndjson(lines: Iterable[str]) -> Iterator[ParsedFiling | RecordError]:
-    """Yield each record of NDJSON text, parsed, or the error that refuses it."""
+    """Yield each record of NDJSON text, parsed, or every error that refuses it."""
     for line, text in enumerate(lines, start=1):
         if not text.strip():
             continue
         try:
             record = json.loads(text)
         except json.JSONDecodeError as error:
-            yield RecordError(line, "", "not valid JSON: %s" % error.msg)
+            yield json_error(error, text, line)
             continue
         try:
             yield parse_filing(record, line)
         except RecordError as error:
-            yield error
+            yield from (record_errors(record, line) if isinstance(record, dict) else ()) or (error,)
+
+
+# What is left of a line where the JSON parser stopped, when the line was cut inside a value: part
+# of a literal or of a number's sign, fraction or exponent; or (after a bad escape) of a \u escape.
+_CUT_VALUE = re.compile(r"t(r(ue?)?)?|f(a(l(se?)?)?)?|n(u(ll?)?)?|-|\.|[eE][+-]?")
+_CUT_ESCAPE = re.compile(r"u[0-9a-fA-F]{0,3}")
+
+
+def json_error(error: json.JSONDecodeError, text: str, line: int) -> RecordError:
+    """The error of a line that is not JSON; a line that ends inside a value is truncated."""
+    body = text.rstrip("\r\n")
+    rest = body[error.pos :].strip()
+    unterminated = error.msg.startswith("Unterminated string")
+    escape = error.msg.startswith("Invalid \\uXXXX escape")
+    if unterminated or not rest or (_CUT_ESCAPE if escape else _CUT_VALUE).fullmatch(rest):
+        inside = ("a string that starts at column %d" % error.colno if unterminated
+                  else "a JSON value (%s at column %d)" % (error.msg, error.colno))  # fmt: skip
+        return RecordError(line, "", "truncated: the line ends at column %d, inside %s" % (len(body) + 1, inside))
+    return RecordError(line, "", "not valid JSON at column %d: %s" % (error.colno, error.msg))

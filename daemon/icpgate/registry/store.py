@@ -155,7 +155,13 @@ class Update:
 
 @dataclass(frozen=True, slots=True)
 class Guard:
-    """Refuse updates that add or remove more than `share` of a registry of `min_filings` or more."""
+    """The mass-change guard (docs/cli.md): what an update may change of a registry at once.
+
+    Removals are guarded at every size, because a removal blocks a filed site: an update may remove
+    at most `share` of the filings (one filing always, so a small registry can lose a withdrawn
+    filing), and never every filing. Additions only open sites, and a small registry is still
+    being filled: more than `share` is refused once the registry holds `min_filings` or more.
+    """
 
     share: float
     min_filings: int
@@ -265,8 +271,7 @@ class Registry:
                     await self.db.execute(statement)
             await self.db.executemany("INSERT OR IGNORE INTO stage_removals VALUES (?)",
                                       [(licence,) for licence in update.removals])  # fmt: skip
-            await self._stage(update.items, report, progress)
-            parse_errors = report.error_count  # records that were never staged
+            unparsed = await self._stage(update.items, report, progress)
             conflicts = await self._conflicts(update.replace)
             for error in conflicts:
                 report.add_error(error)
@@ -275,7 +280,7 @@ class Registry:
                 return report
             dropped = await self._drop_lines({error.line for error in conflicts})
             report.records -= dropped
-            report.skipped = parse_errors + dropped
+            report.skipped = unparsed + dropped
             await self._classify(report, update.replace)
             if guard and (message := _guard_breach(guard, report)):
                 if not force:
@@ -321,13 +326,16 @@ class Registry:
         report.refused, report.refusal = refused, message
         return report
 
-    async def _stage(self, items, report: ImportReport, progress) -> None:
-        """Stage parsed records in batches; each batch is written while the next one is parsed."""
+    async def _stage(self, items, report: ImportReport, progress) -> int:
+        """Stage parsed records in batches; each batch is written while the next one is parsed.
+        Returns how many records were refused (a record may have several errors)."""
         filings, domains, access = [], [], []
+        refused_lines: set[int] = set()
         writing: asyncio.Future | None = None
         for item in items:
             if isinstance(item, RecordError):
                 report.add_error(item)
+                refused_lines.add(item.line)
                 continue
             report.records += 1
             report.warnings.extend("line %d: %s" % (item.line, w) for w in item.warnings)
@@ -353,6 +361,7 @@ class Registry:
             progress(len(filings))
         for statement in _STAGING_INDEXES:
             await self.db.execute(statement)
+        return len(refused_lines)
 
     async def _flush_stage(self, filings: list, domains: list, access: list) -> None:
         await self.db.executemany("INSERT INTO stage_filings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", filings)
@@ -639,15 +648,21 @@ def _filing_from_row(row: tuple) -> Filing:
 
 def _guard_breach(guard: Guard, report: ImportReport) -> str:
     """Why the guard refuses this update, or "" when it passes."""
-    size = report.filings_before
-    if size < guard.min_filings:
-        return ""
-    limit = guard.share * size
-    for kind, count in (("add", report.inserted), ("remove", report.removed)):
-        if count > limit:
-            return "it would %s %d of %d filings (%.0f%%), more than the guard's %.0f%%" % (
-                kind, count, size, 100 * count / size, 100 * guard.share)  # fmt: skip
+    size, removed, added = report.filings_before, report.removed, report.inserted
+    if size and removed == size:
+        if added:
+            return "it would remove every filing (%d of %d) and add %d new in their place" % (size, size, added)
+        return "it would remove every filing (%d of %d) and leave the registry empty" % (size, size)
+    if removed > max(1.0, guard.share * size):
+        return _over_share("remove", removed, size, guard)
+    if size and size >= guard.min_filings and added > guard.share * size:
+        return _over_share("add", added, size, guard)
     return ""
+
+
+def _over_share(kind: str, count: int, size: int, guard: Guard) -> str:
+    return "it would %s %d of %d filings (%.0f%%), more than the guard's %.0f%%" % (
+        kind, count, size, 100 * count / size, 100 * guard.share)  # fmt: skip
 
 
 async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
@@ -706,7 +721,8 @@ class RegistryError(RuntimeError):
 def require_registry(path: Path) -> None:
     """Raise the one clear error for a registry that is not there yet."""
     if not path.is_file():
-        raise RegistryError("registry %s does not exist: import filings first (icpgate import)" % path)
+        raise RegistryError("registry %s does not exist: import filings first (icpgate import), or use the config"
+                            " the daemon runs with" % path)  # fmt: skip
 
 
 @asynccontextmanager

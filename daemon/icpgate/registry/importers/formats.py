@@ -115,13 +115,28 @@ def _records(stream: BinaryIO, fmt: str, options: ImportOptions) -> Iterator[Par
 
 
 def _lines(stream: BinaryIO, encoding: str) -> Iterator[str]:
-    """Decoded lines; an undecodable one ends the file with its line number."""
+    """Decoded lines; an undecodable one ends the file with its line number (and column, when the
+    file was cut inside a character)."""
     decode = codecs.getdecoder(encoding)
     for line, raw in enumerate(stream, start=1):
         try:
             text = decode(raw)[0]
         except UnicodeDecodeError as error:
-            what = "UTF-8" if encoding.startswith("utf") else encoding.upper()
-            raise RecordError(line, "", "not %s (byte %d); give --encoding if it is another one"
-                              % (what, error.start + 1)) from None  # fmt: skip
+            raise _undecodable(raw, encoding, error, line) from None
         yield text.removeprefix("\ufeff") if line == 1 else text
+
+
+def _undecodable(raw: bytes, encoding: str, error: UnicodeDecodeError, line: int) -> RecordError:
+    """A last line (no newline) that decodes but for an incomplete character at its end was cut
+    there: say so, rather than suggest another encoding."""
+    what = "UTF-8" if encoding.startswith("utf") else encoding.upper()
+    if not raw.endswith(b"\n"):
+        try:
+            codecs.getincrementaldecoder(encoding)().decode(raw, final=False)
+        except UnicodeDecodeError:
+            pass
+        else:
+            column = len(raw[: error.start].decode(encoding, errors="replace")) + 1
+            return RecordError(line, "", "truncated: the file ends at column %d, inside a multi-byte %s character"
+                               " (byte %d of the line)" % (column, what, error.start + 1))  # fmt: skip
+    return RecordError(line, "", "not %s (byte %d); give --encoding if it is another one" % (what, error.start + 1))

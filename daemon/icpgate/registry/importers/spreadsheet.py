@@ -77,9 +77,31 @@ _VALUE_OF = {
 }
 
 
+class _Lines:
+    """The lines the csv reader takes, noting when it asked past the last one: a row it returns
+    after that was cut inside a quoted cell (a quoted cell is the only thing it reads on for)."""
+
+    def __init__(self, lines: Iterable[str]) -> None:
+        self.lines = iter(lines)
+        self.last = ""
+        self.ended = False
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            self.last = next(self.lines)
+        except StopIteration:
+            self.ended = True
+            raise
+        return self.last
+
+
 def read_spreadsheet(lines: Iterable[str], zone: tzinfo, notes: list[str]) -> Iterator[ParsedFiling | RecordError]:
     """Yield filings from a spreadsheet's CSV text: one access record per row, rows of a licence merged."""
-    reader = csv.reader(lines)
+    source = _Lines(lines)
+    reader = csv.reader(source)
     header = next(reader, None)
     if header is None:
         yield RecordError(1, "", "the file is empty")
@@ -93,6 +115,10 @@ def read_spreadsheet(lines: Iterable[str], zone: tzinfo, notes: list[str]) -> It
     merged: dict[str, tuple[int, dict]] = {}
     for row in reader:
         line = reader.line_num
+        if source.ended:
+            yield RecordError(line, _column_name(len(row) - 1, header, columns), "truncated: the file ends at column"
+                              " %d, inside this quoted cell" % (len(source.last) + 1))  # fmt: skip
+            break
         if not any(cell.strip() for cell in row):
             continue  # blank rows, and the empty rows Excel leaves at the end
         record, errors = _row_record(row, columns, header, line, zone)
@@ -167,6 +193,14 @@ def _row_record(row: list[str], columns: dict[int, str], header: list[str], line
         error.field = _sheet_field(error.field, header, columns)
     order = {name: rank for rank, name in enumerate(CSV_COLUMNS)}
     return record, sorted(errors, key=lambda error: order.get(re.split(r"[\[ ]", error.field)[0], 99))
+
+
+def _column_name(index: int, header: list[str], columns: dict[int, str]) -> str:
+    """The column at `index` as errors name it: `domains (网站域名)`, or the sheet's own title."""
+    field = columns.get(index, "")
+    if field and not field.startswith("extra:"):
+        return _sheet_field(field, header, columns)
+    return header[index].strip().strip("\ufeff") if index < len(header) else ""
 
 
 def _sheet_field(field: str, header: list[str], columns: dict[int, str]) -> str:
