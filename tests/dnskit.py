@@ -31,15 +31,24 @@ class Dnsmasq:
 
 
 def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free for UDP and for TCP too: dnsmasq listens on both."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            with socket.socket() as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
 
 
 def start_dnsmasq(tmp: Path, *, hosts: dict[str, str], cnames: dict[str, str] | None = None,
-                  nxdomain: tuple[str, ...] = (), ttl: int = 300) -> Dnsmasq:  # fmt: skip
+                  nxdomain: tuple[str, ...] = (), ttl: int = 300, extra: tuple[str, ...] = ()) -> Dnsmasq:  # fmt: skip
     """`hosts` maps a name to an address (A or AAAA), `cnames` an alias to its target; the names
-    in `nxdomain` answer NXDOMAIN. Everything else is refused (no upstream)."""
+    in `nxdomain` answer NXDOMAIN. Everything else is refused (no upstream). `extra`: more
+    dnsmasq options (`--local=/cn/`: unknown names there answer NXDOMAIN; `--server=/d/IP#port`)."""
     port = free_udp_port()
     log_path = tmp / "dnsmasq.log"
     arguments = [
@@ -50,6 +59,7 @@ def start_dnsmasq(tmp: Path, *, hosts: dict[str, str], cnames: dict[str, str] | 
     arguments += ["--host-record=%s,%s" % (name, address) for name, address in hosts.items()]
     arguments += ["--cname=%s,%s" % (alias, target) for alias, target in (cnames or {}).items()]
     arguments += ["--address=/%s/" % name for name in nxdomain]
+    arguments += list(extra)
     process = subprocess.Popen(arguments, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 10
     while not (log_path.exists() and "started" in log_path.read_text()):

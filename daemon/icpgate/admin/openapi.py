@@ -133,6 +133,70 @@ _READY = {
 }
 
 
+_TIME = {"type": "string", "nullable": True, "format": "date-time"}
+_COUNTS = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}}
+_INSPECTION = {
+    "type": "object",
+    "required": ["enabled", "summary", "filings", "new_access"],
+    "properties": {
+        "enabled": {"type": "boolean"},
+        "summary": {
+            "type": "object",
+            "required": ["last_pass", "last_complete", "domains", "filings", "filings_total", "hollow_share"],
+            "properties": {
+                "last_pass": {"type": "object", "nullable": True},
+                "last_complete": _TIME,
+                "domains": _COUNTS,  # by class: hosted, indirect, error, elsewhere, unresolved
+                "filings": _COUNTS,  # by state: live, grace, unknown, hollow
+                "filings_total": {"type": "integer", "minimum": 0},
+                "hollow_share": {"type": "number", "minimum": 0, "maximum": 1},
+                "hollow_alert_share": {"type": "number"},
+                "grace_period": {"type": "number"},
+            },
+        },
+        "filings": {
+            "type": "object",
+            "required": ["total", "limit", "offset", "next_offset", "items"],
+            "properties": {
+                "total": {"type": "integer", "minimum": 0},
+                "limit": {"type": "integer"},
+                "offset": {"type": "integer"},
+                "next_offset": {"type": "integer", "nullable": True},
+                "items": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["licence", "site_name", "subject_name", "access", "state", "since", "domains"],
+                    "properties": {
+                        "licence": {"type": "string"}, "site_name": {"type": "string"},
+                        "subject_name": {"type": "string"}, "access": {"enum": ["active", "first_review"]},
+                        "state": {"enum": ["live", "grace", "unknown", "hollow"]}, "since": _TIME,
+                        "domains": {"type": "array", "items": {
+                            "type": "object",
+                            "required": ["domain", "class", "detail", "addresses", "checked_at"],
+                            "properties": {
+                                "domain": {"type": "string"},
+                                "class": {"enum": ["hosted", "indirect", "error", "elsewhere", "unresolved"]},
+                                "detail": {"type": "string"}, "addresses": {"type": "array", "items": _IP},
+                                "checked_at": _TIME, "class_since": _TIME, "last_live": _TIME,
+                            },
+                        }},
+                    },
+                }},
+            },
+        },
+        "new_access": {
+            "type": "object",
+            "required": ["customers", "hosts", "awaiting_dns"],
+            "properties": {
+                "customers": {"type": "array", "items": {"type": "object", "required": ["customer", "hosts"]}},
+                "hosts": {"type": "integer", "minimum": 0},
+                "awaiting_dns": {"type": "integer", "minimum": 0},
+                "instructions": {"type": "object"},
+            },
+        },
+    },
+}  # fmt: skip
+
+
 def openapi_document() -> dict[str, Any]:
     return {
         "openapi": "3.0.3",
@@ -279,6 +343,31 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "Registry serial, freshness and the last sync outcomes.",
                     "responses": {"200": _json({"type": "object"}, "feed state")},
+                }
+            },
+            "/api/v1/inspection": {
+                "get": {
+                    "summary": "Site inspection: its summary, the filings to review, and the hosts that need a new"
+                    " access filing (新增接入) by customer (docs/inspection.md).",
+                    "parameters": [
+                        {
+                            "name": "state",
+                            "in": "query",
+                            "style": "form",
+                            "explode": True,
+                            "schema": {"type": "array", "items": {"enum": ["live", "grace", "unknown", "hollow"]}},
+                            "description": "filing states to list; repeatable (default: hollow, unknown, grace)",
+                        },
+                        _query(
+                            "limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "page size"
+                        ),
+                        _query(
+                            "offset",
+                            {"type": "integer", "minimum": 0, "maximum": 2**62, "default": 0},
+                            "filings to skip",
+                        ),
+                    ],
+                    "responses": {"200": _json(_INSPECTION, "the inspection report"), "400": _error("bad parameter")},
                 }
             },
             "/api/v1/feed/sync": {

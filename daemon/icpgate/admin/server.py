@@ -9,6 +9,7 @@ Bad parameters get a 400 with a JSON message, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -23,6 +24,11 @@ from ..config.settings import Config
 from ..config.tomlschema import ConfigError
 from ..feed.client import FeedClient
 from ..feed.status import feed_status, outcome_json
+from ..inspection import report as inspection_report
+from ..inspection.classify import STATES as INSPECTION_STATES
+from ..inspection.metrics import inspection_families
+from ..inspection.report import REVIEW_STATES, new_access, report
+from ..inspection.store import InspectionStore, open_inspection
 from ..names.hostname import HostKind, normalize_host, parent_names
 from ..policy.decide import Reason
 from ..policy.explain import explain_with
@@ -56,10 +62,12 @@ class BadRequest(web.HTTPBadRequest):
 
 
 class AdminApi:
-    def __init__(self, config: Config, registry: Registry, store: ViolationStore) -> None:
+    def __init__(self, config: Config, registry: Registry, store: ViolationStore,
+                 inspection: InspectionStore | None = None) -> None:  # fmt: skip
         self.config = config
         self.registry = registry
         self.store = store
+        self.inspection = inspection  # None while inspect.enabled is off
         self.token = _read_token(config)
         self.block_rate = BlockRate()
         self._sync_lock = asyncio.Lock()
@@ -79,6 +87,7 @@ class AdminApi:
             web.post("/api/v1/violations/{id}/handling", self.set_handling),
             web.get("/api/v1/filings/{domain}", self.filing),
             web.get("/api/v1/feed", self.feed),
+            web.get("/api/v1/inspection", self.inspection_report),
             web.post("/api/v1/feed/sync", self.feed_sync),
         ])  # fmt: skip
         return app
@@ -106,7 +115,13 @@ class AdminApi:
         sync = await self.registry.sync_status()
         summary = await self.store.summary()
         ready = ready_family(readiness(self.config, workers, sync, self._monitor_ranges()))
-        return workers + state_families(self.config, sync, state.serial, summary) + [ready]
+        inspected = await inspection_report.summary(self.config, self.inspection, time.time())
+        return (
+            workers
+            + state_families(self.config, sync, state.serial, summary)
+            + [ready]
+            + inspection_families(inspected)
+        )
 
     def _monitor_ranges(self) -> tuple:
         """The pack's enforce.monitor_ranges (a pilot), read again when the file changes; a pack
@@ -228,6 +243,24 @@ class AdminApi:
             for record in records:
                 record["current"] = None
 
+    # --- site inspection ---------------------------------------------------------------------
+    async def inspection_report(self, request: web.Request) -> web.Response:
+        """The inspection's summary, one page of filings to review, and the 新增接入 list by customer."""
+        query = request.query
+        limit = _int_param(query, "limit", 100, 1, MAX_PAGE)
+        offset = _int_param(query, "offset", 0, 0, MAX_OFFSET)
+        states = tuple(query.getall("state", [])) or REVIEW_STATES
+        unknown = sorted(set(states) - set(INSPECTION_STATES))
+        if unknown:
+            raise BadRequest("state: %r is not one of %s" % (unknown[0], ", ".join(INSPECTION_STATES)))
+        document = await report(self.config, self.inspection, time.time(), limit, offset, states)
+        filings = document["filings"]
+        following = offset + len(filings["items"])
+        filings["next_offset"] = following if following < filings["total"] else None
+        document["enabled"] = self.config.inspect.enabled
+        document["new_access"] = await new_access(self.config, self.store, self.registry)
+        return web.json_response(document)
+
     # --- feed ------------------------------------------------------------------------------
     async def feed(self, _request: web.Request) -> web.Response:
         return web.json_response(await feed_status(self.config, self.registry))
@@ -257,7 +290,10 @@ class AdminApi:
         await self._annotate(top)
         summary = await self.store.summary()
         enforcement = enforcement_check(self.config, status["freshness"]["enforcement"], self._monitor_ranges())
-        html = render_status_page(self.config, status, enforcement, self.block_rate.per_second(), top, summary)
+        inspected = await report(self.config, self.inspection, time.time(), 20, states=("hollow",))
+        inspected["new_access"] = await new_access(self.config, self.store, self.registry)
+        html = render_status_page(self.config, status, enforcement, self.block_rate.per_second(), top, summary,
+                                  inspected)  # fmt: skip
         return web.Response(text=html, content_type="text/html", charset="utf-8")
 
 
@@ -342,8 +378,12 @@ logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
 
 async def run_admin(config: Config, sock: socket.socket) -> None:
     """Serve the admin API on a socket bound before the workers started (so a bad port fails early)."""
-    async with open_registry(config.registry_path) as registry, open_violations(config.violations.path) as store:
-        api = AdminApi(config, registry, store)
+    async with contextlib.AsyncExitStack() as stack:
+        registry = await stack.enter_async_context(open_registry(config.registry_path))
+        store = await stack.enter_async_context(open_violations(config.violations.path))
+        inspection = (await stack.enter_async_context(open_inspection(config.inspect.path))
+                      if config.inspect.enabled else None)  # fmt: skip
+        api = AdminApi(config, registry, store, inspection)
         runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
         await runner.setup()
         try:

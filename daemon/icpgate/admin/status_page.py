@@ -12,6 +12,7 @@ from ..config.display_time import local_text, zone_label
 from ..config.settings import Config
 from ..reports.current import current_en, current_zh
 from ..reports.export import HANDLING_ZH
+from .inspection_section import render_inspection
 
 _STYLE = "".join(
     (
@@ -38,7 +39,8 @@ _STYLE = "".join(
 
 
 def render_status_page(config: Config, feed: dict[str, Any], enforcement: dict[str, Any], rates: dict[str, float],
-                       top: list[dict[str, Any]], summary: dict[str, int]) -> str:  # fmt: skip
+                       top: list[dict[str, Any]], summary: dict[str, int],
+                       inspection: dict[str, Any] | None = None) -> str:  # fmt: skip
     """The page in zh-CN and English, side by side; times in `display.timezone`. `enforcement` is
     /readyz's check of that name: the daemon's mode, the key that set it, the pilot ranges."""
     zone = config.display_timezone
@@ -98,10 +100,12 @@ def render_status_page(config: Config, feed: dict[str, Any], enforcement: dict[s
 <section><h2>已确认违规（前 20 条） · Top confirmed violations</h2>%(top)s
 <p class="empty">按 DNS 核实状态统计的记录 · Records by DNS state: %(counts)s.
 全部记录 · All records: <a href="/api/v1/violations">/api/v1/violations</a></p></section>
+%(inspection)s
 </main></body></html>
 """ % {
         "provider": escape(config.provider.name or config.provider.id), "style": _STYLE, "feed": feed_html,
         "rates": rates_html, "top": top_html, "counts": counts,
+        "inspection": render_inspection(inspection, config.inspect.enabled, zone),
     }  # fmt: skip
 
 

@@ -23,6 +23,7 @@ from ..registry.store import Guard, ImportReport, RegistryError, open_registry, 
 from ..telemetry.logs import log_to_stderr
 from ..telemetry.multiproc import use_metrics_dir
 from ..violations.store import DNS_STATES, HANDLING_STATES, MAX_NOTE, Filters, open_violations, parse_since
+from . import inspect_commands
 from .exits import Exit
 
 DEFAULT_CONFIG = Path("/etc/icpgate/config.toml")
@@ -111,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("ids", type=int, nargs="+", metavar="ID", help="record ids (the ID column)")
         command.add_argument("--note", default="", help="what was done, who was called (at most 1000 characters)")
         command.set_defaults(handler=_cmd_handling, state=state)
+
+    inspect_commands.add_parser(commands, common)
 
     customers = commands.add_parser("customers", help="the customer map: address ranges to customers")
     customer_commands = customers.add_subparsers(dest="customers_command", required=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from datetime import tzinfo
 from pathlib import Path
@@ -113,6 +114,16 @@ def _zone(value: str) -> str | None:
     return None
 
 
+_SUFFIX = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)+[a-z0-9-]{1,63}")
+
+
+def _suffixes(value: list) -> str | None:
+    for item in value:
+        if not isinstance(item, str) or not _SUFFIX.fullmatch(item.strip(".").lower()):
+            return '%r is not a domain name suffix, e.g. "w.kunlunsl.com"' % (item,)
+    return None
+
+
 def _isp_ids(value: dict) -> str | None:
     for key, provider in value.items():
         if not key.isdigit() or not isinstance(provider, str) or not provider.strip():
@@ -207,6 +218,21 @@ CONFIG_SPEC = {
         "max_ttl": Field((int, float), 3600.0, _positive),
         "recheck_after": Field((int, float), 86400.0, _positive),
     },
+    "inspect": {
+        "enabled": Field((bool,), False),
+        "path": Field((str,), ""),
+        "interval": Field((int, float), 86400.0, _at_least(60)),
+        "resolvers": Field((list,), [], _resolvers),
+        "rate": Field((int, float), 20.0, _positive),
+        "concurrency": Field((int,), 8, lambda v: None if 1 <= v <= 256 else "must be 1 to 256"),
+        "timeout": Field((int, float), 3.0, _positive),
+        "retries": Field((int,), 2, lambda v: None if 0 <= v <= 10 else "must be 0 to 10"),
+        "max_run_time": Field((int, float), 43200.0, _positive),
+        "grace_period": Field((int, float), 30 * 86400.0, _at_least(0)),
+        "relayed_within": Field((int, float), 7 * 86400.0, _positive),
+        "cdn_suffixes": Field((list,), [], _suffixes),
+        "hollow_alert_share": Field((int, float), 0.2, _share),
+    },
     "admin": {
         "enabled": Field((bool,), True),
         "address": Field((str,), "127.0.0.1", _address),
@@ -243,6 +269,10 @@ def _cross_check(values: dict) -> list[tuple[str, str]]:
         errors.append(("feed.public_keys", "feed.urls is set but no public key is listed, so feed bodies would be"
                        " applied without any signature check: list the publisher's Ed25519 public key (PEM), or"
                        " set feed.allow_unsigned = true to accept unsigned feeds knowingly"))  # fmt: skip
+    if values["inspect"]["enabled"] and not values["dns"]["hosted_ranges"]:
+        errors.append(("inspect.enabled", "site inspection needs our address ranges: list them in"
+                       " dns.hosted_ranges (the policy pack's enforce.ranges may be every address, which would"
+                       " call every site hosted)"))  # fmt: skip
     gate = values["gate"]
     for have, missing in (("tls_certificate", "tls_key"), ("tls_key", "tls_certificate")):
         if gate[have] and not gate[missing]:
@@ -381,6 +411,25 @@ class DnsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class InspectConfig:
+    """Site inspection of the filings that name us as their access provider (docs/inspection.md). Seconds."""
+
+    enabled: bool  # the service process runs a pass every `interval`
+    path: Path  # the inspection history, its own SQLite file
+    interval: float
+    resolvers: tuple[tuple[str, int], ...]  # empty: dns.resolvers (and, when that is empty, the system's)
+    rate: float  # DNS queries per second, at most, retries and CNAME chases included
+    concurrency: int  # names resolved at once
+    timeout: float  # one query, all resolvers together
+    retries: int  # a timeout or SERVFAIL is asked again this many times before the name counts as `error`
+    max_run_time: float  # a pass stops after this long and the next one resumes where it stopped
+    grace_period: float  # no hosted or indirect name for this long before a filing is called hollow
+    relayed_within: float  # the gate relayed filed traffic for the name this recently: `indirect`
+    cdn_suffixes: tuple[str, ...]  # a CNAME chain into one of them: `indirect`
+    hollow_alert_share: float  # the share of hollow filings above which the alert fires
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     enabled: bool
     address: str
@@ -430,6 +479,7 @@ class Config:
     publish: PublishConfig
     violations: ViolationsConfig
     dns: DnsConfig
+    inspect: InspectConfig
     admin: AdminConfig
     log: LogConfig
     imports: ImportConfig
@@ -486,6 +536,7 @@ def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Conf
         ),
         violations=_violations_config(base, values["violations"], values["registry"]["path"]),
         dns=_dns_config(values["dns"]),
+        inspect=_inspect_config(base, values["inspect"], values["registry"]["path"]),
         admin=AdminConfig(
             enabled=values["admin"]["enabled"],
             address=values["admin"]["address"],
@@ -516,6 +567,17 @@ def _dns_config(dns: dict) -> DnsConfig:
         **dns, **floats,
         "resolvers": tuple(resolver_address(item) for item in dns["resolvers"]),
         "hosted_ranges": tuple(ipaddress.ip_network(item, strict=False) for item in dns["hosted_ranges"]),
+    })  # fmt: skip
+
+
+def _inspect_config(base: Path, inspect: dict, registry_path: str) -> InspectConfig:
+    floats = {key: float(value) for key, value in inspect.items() if isinstance(value, int | float)
+              and not isinstance(value, bool) and key not in ("concurrency", "retries")}  # fmt: skip
+    return InspectConfig(**{
+        **inspect, **floats,
+        "path": _resolve_optional(base, inspect["path"]) or _resolve(base, registry_path).with_suffix(".inspection.db"),
+        "resolvers": tuple(resolver_address(item) for item in inspect["resolvers"]),
+        "cdn_suffixes": tuple(item.strip(".").lower() for item in inspect["cdn_suffixes"]),
     })  # fmt: skip
 
 

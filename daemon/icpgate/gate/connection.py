@@ -16,10 +16,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..config.settings import GateConfig, ListenerConfig
-from ..policy.decide import Action, Mode, Policy, Verdict
+from ..policy.decide import Action, Mode, Policy, Reason, Verdict
 from ..telemetry.latency import LatencyHistogram
 from .block_log import BlockLog
 from .blockpage import BlockPages
+from .relayed_table import RelayedTable
 from .upstream import (
     Address,
     SourceError,
@@ -37,6 +38,8 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 DECISION_CACHE_SIZE = 4096
+# Allowed decisions that say the name is filed with our access: site inspection's sign (gate/relayed_table.py).
+RELAYED_REASONS = frozenset({Reason.FILED, Reason.ACCESS_PENDING})
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Runtime:
     tls_pages: object | None = None  # a TlsBlockPages when the pack's TLS action is "page"
     other_protocols: str = "pass"  # policy.other_protocols: `auto` listeners' clients that speak neither TLS nor HTTP
     violations: ViolationTable = field(default_factory=lambda: ViolationTable(100_000, False))
+    relayed: RelayedTable = field(default_factory=lambda: RelayedTable(100_000))
     block_log: BlockLog = field(default_factory=lambda: BlockLog(1.0, 100.0))
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     bytes_to_upstream: int = 0
@@ -103,7 +107,14 @@ class Runtime:
         verdict = policy.decide(host, dst[0], dst[1], kind, path)
         if verdict.action is Action.BLOCK and (policy.monitors or self.stale_mode != "enforce"):
             return policy.applied(verdict, dst[0], self.stale_mode)  # only blocks, only when a mode may lift them
+        if verdict.reason in RELAYED_REASONS and verdict.action is Action.ALLOW:
+            self.relayed.add(verdict.host, dst[0], time.time())
         return verdict
+
+    def forget_decisions(self) -> None:
+        """Empty the decision cache at the next decision, so each name in use is decided, and its
+        relay recorded, once more: the worker calls it when it writes the relayed names out."""
+        self._decisions_for = (None, None, -1, "")
 
     def apply_mode(self, verdict: Verdict, dst: Address) -> Verdict:
         """`Policy.applied` in the mode in force, counting what it lets through, for a block a gate

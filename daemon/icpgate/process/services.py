@@ -1,4 +1,4 @@
-"""What runs beside the gate workers: the feed client, violation upkeep and the admin API.
+"""What runs beside the gate workers: the feed client, violation upkeep, site inspection and the admin API.
 
 With one worker they run in its event loop; with several, in one supervised service process (one
 process owns the state and its writers, N workers serve), which restarts them with the new config
@@ -17,6 +17,7 @@ from functools import partial
 from ..admin.server import run_admin
 from ..config.settings import Config
 from ..feed.client import run_feed
+from ..inspection.schedule import run_scheduled
 from ..policy.pack import load_pack
 from ..reports.dns_check import Confirmer, hosted_ranges
 from ..violations.store import ViolationStore, open_violations
@@ -38,6 +39,8 @@ async def run_services(config: Config, on_applied: Callable[[int], None] | None,
         if config.feed.urls:
             group.create_task(run_feed(config, on_applied))
         group.create_task(upkeep_violations(config))
+        if config.inspect.enabled:
+            group.create_task(run_scheduled(config))
         if admin_socket is not None:
             group.create_task(run_admin(config, admin_socket.dup()))
 

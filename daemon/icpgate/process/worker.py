@@ -212,6 +212,7 @@ class Worker:
         table = self.runtime.violations
         table.max_keys = config.violations.max_keys
         table.sample_client = config.violations.sample_client
+        self.runtime.relayed.max_keys = config.violations.max_keys
         self.runtime.block_log.configure(config.log.block_sample_rate, config.log.block_lines_per_second)
 
     async def _flush_violations(self, violations: ViolationStore) -> None:
@@ -222,6 +223,7 @@ class Worker:
     async def _flush_once(self, violations: ViolationStore) -> None:
         """Write the table out; the gate keeps counting into a fresh one meanwhile. A batch the
         log refuses is dropped and counted: the gate never waits for the log."""
+        await self._flush_relayed(violations)
         records = self.runtime.violations.take()
         if not records:
             return
@@ -230,6 +232,18 @@ class Worker:
         except Exception as error:
             VIOLATIONS_DROPPED.labels("write_failed").inc(sum(record[2] for record in records.values()))
             log.error("violation log %s: cannot write %d records: %s", violations.path, len(records), error)
+
+    async def _flush_relayed(self, violations: ViolationStore) -> None:
+        """The filed names relayed since the last flush (site inspection's sign); then the decision
+        cache starts afresh, so a name still in use is recorded again by the next flush."""
+        relayed = self.runtime.relayed.take()
+        self.runtime.forget_decisions()
+        if not relayed:
+            return
+        try:
+            await violations.write_relayed(relayed)
+        except Exception as error:
+            log.error("violation log %s: cannot write %d relayed names: %s", violations.path, len(relayed), error)
 
     async def _publish_metrics(self) -> None:
         while True:

@@ -614,6 +614,22 @@ class Registry:
             async for row in cursor:
                 yield row
 
+    async def filings_with_access(self, provider: str, after: str, limit: int) -> list[tuple[str, str, str, str, list]]:
+        """(licence, site name, subject name, our access status, domains) of the filings not
+        deregistered whose access record names `provider` as active or in first review, in
+        licence order after `after`: what site inspection resolves (docs/inspection.md)."""
+        query = (
+            "SELECT f.licence, f.site_name, f.subject_name, CASE WHEN max(a.status = 'active') THEN 'active'"
+            " ELSE 'first_review' END, (SELECT group_concat(name, ' ') FROM domains WHERE filing_id = f.id)"
+            " FROM filings f JOIN access a ON a.filing_id = f.id WHERE a.provider = ? AND a.status IN"
+            " ('active', 'first_review') AND f.status != 'deregistered' AND f.licence > ?"
+            " GROUP BY f.id ORDER BY f.licence LIMIT ?"
+        )
+        async with self.db.execute(query, (provider, after, limit)) as cursor:
+            rows = await cursor.fetchall()
+        return [(licence, site, subject, access, sorted((domains or "").split()))
+                for licence, site, subject, access, domains in rows]  # fmt: skip
+
     async def get_filing(self, licence: str) -> Filing | None:
         """The full stored record, for explanations and the admin side."""
         async with self.db.execute(_RECORDS + " WHERE f.licence = ?", (licence,)) as cursor:

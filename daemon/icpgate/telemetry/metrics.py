@@ -51,6 +51,8 @@ VIOLATIONS_FLUSHED = Counter("icpgate_violation_records_flushed", "Violation rec
 VIOLATIONS_OVERFLOW = Counter("icpgate_violation_overflow",
                               "Blocks folded into an (overflow) record because max_keys was reached.")  # fmt: skip
 VIOLATIONS_DROPPED = Counter("icpgate_violation_blocks_dropped", "Blocks the violation log could not keep.", ["why"])
+RELAYED_DROPPED = Counter("icpgate_relayed_names_dropped",
+                          "Relayed filed names not recorded for site inspection: the table was full.")  # fmt: skip
 BLOCK_LOG_SUPPRESSED = Counter("icpgate_block_log_suppressed", "Block log lines not written (rate limit).")
 RELOADS = Counter("icpgate_config_reloads", "Config reloads, by result.", ["result"])
 LAST_RELOAD = Gauge("icpgate_config_last_reload_success_timestamp_seconds", "When the config last loaded.",
@@ -130,6 +132,7 @@ class WorkerMetrics:
         self._add(VIOLATIONS_OVERFLOW, "overflow", violations.overflowed)
         self._add(VIOLATIONS_DROPPED.labels("table_full"), "dropped", violations.dropped)
         self._add(BLOCK_LOG_SUPPRESSED, "suppressed", runtime.block_log.suppressed)
+        self._add(RELAYED_DROPPED, "relayed_dropped", runtime.relayed.dropped)
         ACTIVE_CONNECTIONS.set(len(runtime.connections))
         VIOLATION_KEYS.set(len(violations))
         REGISTRY_FILINGS.set(len(runtime.policy.index))

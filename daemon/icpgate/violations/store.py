@@ -56,6 +56,20 @@ CREATE TABLE IF NOT EXISTS customers (
     contract TEXT NOT NULL,
     line INTEGER NOT NULL
 );
+-- Filed names the gate relayed on our addresses (gate/relayed_table.py): site inspection's sign
+-- that a site whose DNS points elsewhere is still served here.
+CREATE TABLE IF NOT EXISTS relayed (
+    host TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    PRIMARY KEY (host, ip)
+) WITHOUT ROWID;
+"""
+
+UPSERT_RELAYED = """
+INSERT INTO relayed VALUES (?, ?, ?, ?) ON CONFLICT (host, ip) DO UPDATE SET
+    first_seen = min(first_seen, excluded.first_seen), last_seen = max(last_seen, excluded.last_seen)
 """
 
 UPSERT = """
@@ -144,8 +158,25 @@ class ViolationStore:
             await self.db.execute("COMMIT")
         return len(rows)
 
+    async def write_relayed(self, records: Mapping[tuple[str, str], list[float]]) -> None:
+        """Add a batch of relayed names from a worker's table, in one transaction."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            await self.db.executemany(UPSERT_RELAYED, [(host, ip, first, last) for (host, ip), (first, last)
+                                                       in records.items()])  # fmt: skip
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        await self.db.execute("COMMIT")
+
+    async def relayed_since(self, since: float) -> list[tuple[str, str, float]]:
+        """(host, destination IP, last seen) of every name relayed at or after `since`."""
+        async with self.db.execute("SELECT host, ip, last_seen FROM relayed WHERE last_seen >= ?", (since,)) as cursor:
+            return [tuple(row) for row in await cursor.fetchall()]
+
     async def prune(self, before: float) -> int:
         """Delete records last seen before `before` (sample client addresses go with them)."""
+        await self.db.execute("DELETE FROM relayed WHERE last_seen < ?", (before,))
         cursor = await self.db.execute("DELETE FROM violations WHERE last_seen < ?", (before,))
         await self.db.execute("DELETE FROM handling WHERE violation_id NOT IN (SELECT id FROM violations)")
         return cursor.rowcount
