@@ -274,10 +274,11 @@ def _addresses_collide(one: str, other: str) -> bool:
     return a.version == b.version and (a == b or a.is_unspecified or b.is_unspecified)
 
 
-def split_host_port(value: str) -> tuple[str, int]:
-    """`host:port` or `[v6]:port` into its parts; ValueError says what is wrong."""
+def split_host_port(value: str, *, any_port: bool = False) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` into its parts; ValueError says what is wrong. `any_port` (an
+    address to listen on) allows port 0: the kernel picks a free one."""
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not (0 if any_port else 1) <= int(port) < 65536:
         raise ValueError("%r is not host:port" % value)
     return host.strip("[]"), int(port)
 
