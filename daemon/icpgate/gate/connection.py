@@ -241,7 +241,7 @@ class GateConnection(asyncio.Protocol):
         runtime.undecided[self] = None
         self._undecided = True
         gate = runtime.gate
-        if len(runtime.undecided) > gate.max_undecided:
+        while len(runtime.undecided) > gate.max_undecided:  # more than one after a reload lowered it
             runtime.evict_undecided()
         if len(runtime.connections) > gate.max_connections:
             if len(runtime.undecided) > 1:  # an older one has yet to say anything: it gives way
