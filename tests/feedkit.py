@@ -7,6 +7,7 @@ import base64
 import gzip
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from aiohttp import ClientSession, web
 from cryptography.hazmat.primitives import serialization
-from gatekit import free_port, wait_for_port
+from gatekit import child_output, free_port, wait_for_port
 
 from conftest import REPO, SAMPLES, run_icpgate, sample_records, write_ndjson
 
@@ -138,14 +139,31 @@ def start_publisher(tmp: Path, signing_key: Path | None, records: list[dict] | N
     if not (tmp / "registry.db").exists():
         source = write_ndjson(tmp / "initial.ndjson", records) if records is not None else SAMPLES
         assert run_icpgate("import", str(source), "-c", str(config)).returncode == 0
-    port = port or free_port()
     log = tmp / "publisher.log"
-    process = subprocess.Popen([sys.executable, "-m", "icpgate", "feed", "serve", "--listen", "127.0.0.1:%d" % port,
-                                "-c", str(config)], stdout=log.open("w"), stderr=subprocess.STDOUT)  # fmt: skip
-    wait_for_port(port, process=process)
+    # Without a port of its own, the publisher binds port 0 and its log says which port it got: a
+    # port chosen free here could be taken by anything on the machine before the child binds it.
+    process = subprocess.Popen([sys.executable, "-m", "icpgate", "feed", "serve", "--listen",
+                                "127.0.0.1:%d" % (port or 0), "-c", str(config)], stdout=log.open("w"),
+                               stderr=subprocess.STDOUT)  # fmt: skip
+    port = port or listening_port(process, log)
+    wait_for_port(port, process=process, log=log)
     publisher = Publisher(config, port, process, log, tmp / "edge.token")
     publisher.wait_for_snapshot()
     return publisher
+
+
+def listening_port(process: subprocess.Popen, log: Path, timeout: float = 20.0) -> int:
+    """The port a publisher started on port 0 listens on, from its start line."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(r"feed publisher listening on http://127\.0\.0\.1:(\d+)/", log.read_text(errors="replace"))
+        if found:
+            return int(found[1])
+        if process.poll() is not None:
+            raise RuntimeError("%s exited with %s:\n%s" % (" ".join(map(str, process.args)), process.returncode,
+                                                           child_output(process, log)))  # fmt: skip
+        time.sleep(0.05)
+    raise TimeoutError("the publisher did not start within %gs:\n%s" % (timeout, log.read_text(errors="replace")))
 
 
 def edge_config(tmp: Path, urls: list[str], public_keys: list[Path] = (), token: Path | None = None,

@@ -32,17 +32,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen | None = None) -> None:
+def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen | None = None,
+                  log: Path | None = None) -> None:  # fmt: skip
+    """Wait until something listens on `port`; if `process` exits first, raise with what it said:
+    `log`, the file its output went to, or its stderr pipe."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError("process exited with %s: %s" % (process.returncode, process.stderr.read()))
+            raise RuntimeError("%s exited with %s:\n%s" % (" ".join(map(str, process.args)), process.returncode,
+                                                           child_output(process, log)))  # fmt: skip
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
     raise TimeoutError("nothing listening on port %d" % port)
+
+
+def child_output(process: subprocess.Popen, log: Path | None) -> str:
+    """What an exited child wrote: its log file, or its stderr when that is a pipe."""
+    if log is not None:
+        return log.read_text(errors="replace")
+    if process.stderr is not None:
+        output = process.stderr.read()
+        return output.decode(errors="replace") if isinstance(output, bytes) else output
+    return "(its output went elsewhere)"
 
 
 @dataclass

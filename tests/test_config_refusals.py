@@ -149,3 +149,15 @@ def test_listeners_that_can_share_a_port_are_accepted(tmp_path: Path) -> None:
         "one": listener(port, "http"), "two": listener(port, "tls", address="127.0.0.2"),
         "v6": listener(port, "http", address="::1"), "other": listener(free_port(), "http", address="0.0.0.0"),
     }))  # fmt: skip
+
+
+# --- timers that contradict each other ------------------------------------------------------------
+
+
+def test_a_silent_client_budget_shorter_than_the_server_first_wait_is_refused(tmp_path: Path) -> None:
+    config = gate_config(tmp_path, {"auto": listener(free_port(), "auto")},
+                         gate={"server_first_wait": 5.0, "server_first_timeout": 5.0})  # fmt: skip
+    refused_by_both(config, "%s:%d: gate.server_first_timeout:" % (config, line_of(config, "server_first_timeout")),
+                    "longer than gate.server_first_wait (5 s)")  # fmt: skip
+    accepted(gate_config(tmp_path, {"auto": listener(free_port(), "auto")},
+                         gate={"server_first_wait": 5.0, "server_first_timeout": 6.0}))  # fmt: skip

@@ -94,7 +94,7 @@ def test_serve_refuses_to_start_without_tokens_unless_told(tmp_path: Path) -> No
     process = subprocess.Popen([sys.executable, "-m", "icpgate", "feed", "serve", "--no-auth", "--listen",
                                 "127.0.0.1:%d" % port, "-c", str(config)], stderr=log.open("w"))  # fmt: skip
     try:
-        wait_for_port(port, process=process)
+        wait_for_port(port, process=process, log=log)
         wait_until(lambda: "snapshot of serial 1 ready" in log.read_text(), timeout=20)
         with urllib.request.urlopen("http://127.0.0.1:%d/feed/v1/snapshot" % port, timeout=10) as answer:
             assert answer.status == 200 and answer.headers["Cache-Control"].startswith("public")
@@ -103,6 +103,15 @@ def test_serve_refuses_to_start_without_tokens_unless_told(tmp_path: Path) -> No
     finally:
         process.terminate()
         assert process.wait(10) == 0
+
+
+def test_a_publisher_that_cannot_start_says_why(tmp_path: Path, keys) -> None:
+    """The kit shows what the publisher said (here: a tokens file it refuses), not an error of its own."""
+    folder = tmp_path / "publisher"
+    folder.mkdir()
+    (folder / "tokens").write_text("edge not-a-token\n")
+    with pytest.raises(RuntimeError, match=r"exited with 3:\n.*publish\.tokens_file: .*tokens:1: the token for edge"):
+        start_publisher(folder, keys[0])
 
 
 def test_a_port_in_use_is_a_clear_error(publisher, tmp_path: Path) -> None:

@@ -557,8 +557,9 @@ def test_a_client_that_speaks_while_the_server_first_connect_runs(tmp_path) -> N
 
 
 def test_max_connections_counts_each_auto_connection_once(tmp_path, origin) -> None:
-    """A handed-over connection stays counted, once: with max_connections = 2, a third client is
-    refused before and after the first two are classified, and admitted once they have gone."""
+    """A handed-over connection stays counted, once: with max_connections = 2 held by two classified
+    (relayed) connections, a third client is refused, and admitted once they have gone. A slot held
+    by a client that has said nothing is no such slot: a newcomer takes it."""
     port = free_port()
     config = gate_config(tmp_path, {"auto": listener(port, "auto", origin.http)}, gate={"max_connections": 2})
     gate = start_gate(config, {"auto": port})
@@ -569,19 +570,123 @@ def test_max_connections_counts_each_auto_connection_once(tmp_path, origin) -> N
         time.sleep(0.2)  # accepted and counted
         return sock
 
+    def served(sock: socket.socket) -> bool:
+        sock.sendall(request)
+        return sock.recv(65536).startswith(b"HTTP/1.1 200")
+
     try:
         first, second = connect(), connect()
-        assert closed_by_peer(connect(), timeout=5) == "closed"
-        first.sendall(request)
-        assert first.recv(65536).startswith(b"HTTP/1.1 200")
+        assert served(first) and served(second)
         assert closed_by_peer(connect(), timeout=5) == "closed"
         first.close()
+        time.sleep(0.3)
+        silent = connect()  # undecided, in the slot the first left
+        newcomer = connect()  # the silent one gives way
+        assert closed_by_peer(silent, timeout=5) in ("closed", "reset")
+        assert served(newcomer)
+        assert closed_by_peer(connect(), timeout=5) == "closed"  # the second and the newcomer hold both slots
         second.close()
+        newcomer.close()
         time.sleep(0.3)
         third = connect()
-        third.sendall(request)
-        assert third.recv(65536).startswith(b"HTTP/1.1 200")
+        assert served(third)
         third.close()
+    finally:
+        assert gate.stop() == 0
+    assert "Traceback" not in gate.log(), gate.log()
+
+
+# --- silent clients: a budget of their own, and slots that give way -------------------------------
+SILENT_BUDGET = 2.0  # gate.server_first_timeout in these tests
+FILED_REQUEST = b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\nConnection: close\r\n\r\n"
+
+
+def ended_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the gate ends the connection (FIN or reset) within `seconds`, whatever it sent first."""
+    deadline = time.monotonic() + seconds
+    try:
+        while True:
+            sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            if not sock.recv(65536):
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        sock.close()
+
+
+def _silent_gate(tmp_path, origin, banner: BannerServer, kind: str) -> Gate:
+    """One worker, two listeners of `kind` (to the HTTP origin and the banner server), 24 slots of
+    which 8 for undecided connections, and a 2 s budget for silent clients."""
+    ports = {"web": free_port(), "banner": free_port(), "admin": free_port()}
+    listeners = {"web": listener(ports["web"], kind, origin.http),
+                 "banner": listener(ports["banner"], kind, banner.port)}  # fmt: skip
+    settings = {"max_connections": 24, "max_undecided": 8, "server_first_wait": SERVER_FIRST_WAIT,
+                "server_first_timeout": SILENT_BUDGET}  # fmt: skip
+    admin = {"enabled": True, "address": "127.0.0.1", "port": ports["admin"]}
+    return start_gate(gate_config(tmp_path, listeners, gate=settings, tables={"admin": admin}), ports)
+
+
+def _metrics(gate: Gate, *wanted: tuple[str, dict]) -> dict:
+    """The gate's metrics, once every `wanted` (name, labels) has a sample above 0 (they are
+    copied once a second), or after 5 s."""
+    deadline = time.monotonic() + 5
+    while True:
+        metrics = parse_metrics(admin_request(gate.ports["admin"], "/metrics")[2].decode())
+        if all(metric(metrics, name, **labels) for name, labels in wanted) or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.2)
+
+
+def test_silent_clients_cannot_lock_a_worker_out(tmp_path, origin, banner) -> None:
+    """The attack: as many silent clients as the worker has slots, on a server-first port (each
+    gets the banner and never answers). A filed HTTP client and a real server-first exchange still
+    get through (the oldest silent ones give way), the exchange outlives the silent budget, and
+    every silent client is gone within that budget."""
+    gate = _silent_gate(tmp_path, origin, banner, "auto")
+    try:
+        opened = []
+        for _ in range(24):
+            opened.append((time.monotonic(), socket.create_connection(("127.0.0.1", gate.ports["banner"]), timeout=5)))
+        time.sleep(SERVER_FIRST_WAIT * 3)  # their upstreams are connected, the banner is on its way
+
+        assert exchange(gate.ports["web"], FILED_REQUEST).startswith(b"HTTP/1.1 200")
+
+        client = socket.create_connection(("127.0.0.1", gate.ports["banner"]), timeout=5)
+        assert client.recv(len(BANNER)) == BANNER
+        client.sendall(b"EHLO client.example\r\n")
+        assert client.recv(65536) == b"EHLO client.example\r\n"
+
+        silent = [ended_within(sock, at + SILENT_BUDGET + 3 - time.monotonic()) for at, sock in opened]
+        assert all(silent), "%d of 24 silent clients still open" % silent.count(False)
+
+        client.sendall(b"QUIT\r\n")  # the exchange is past the budget: it spoke, so it is no silent client
+        assert client.recv(65536) == b"QUIT\r\n"
+        client.close()
+
+        metrics = _metrics(gate, ("icpgate_timeouts_total", {"kind": "auto", "phase": "silent"}))
+        assert metric(metrics, "icpgate_evicted_connections_total", kind="auto") >= 16
+        assert metric(metrics, "icpgate_timeouts_total", kind="auto", phase="silent") >= 1
+        assert metric(metrics, "icpgate_refused_connections_total", why="full") == 0
+    finally:
+        assert gate.stop() == 0
+    assert "Traceback" not in gate.log(), gate.log()
+
+
+def test_slow_clients_on_an_http_listener_give_way_to_a_new_one(tmp_path, origin, banner) -> None:
+    """The same on an `http` listener: clients that send a byte and stall hold no slot a newcomer needs."""
+    gate = _silent_gate(tmp_path, origin, banner, "http")
+    try:
+        stalled = [send_in_pieces(gate.ports["web"], b"G", []) for _ in range(24)]
+        time.sleep(0.3)
+        assert exchange(gate.ports["web"], FILED_REQUEST).startswith(b"HTTP/1.1 200")
+        for sock in stalled:
+            sock.close()
+        metrics = _metrics(gate, ("icpgate_evicted_connections_total", {"kind": "http"}))
+        assert metric(metrics, "icpgate_evicted_connections_total", kind="http") >= 16
+        assert metric(metrics, "icpgate_refused_connections_total", why="full") == 0
     finally:
         assert gate.stop() == 0
     assert "Traceback" not in gate.log(), gate.log()

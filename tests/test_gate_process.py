@@ -240,8 +240,12 @@ def test_connection_limit_refuses_cleanly(tmp_path: Path, origin) -> None:
         gate_config(tmp_path, one_http_listener(port, origin.http), gate={"max_connections": 5}), {"http": port}
     )
     try:
+        # Five relays, kept alive: decided traffic, which a newcomer never pushes out (a client
+        # that has said nothing would give way to it: test_gate_auto.py).
         held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(5)]
-        time.sleep(0.3)
+        for sock in held:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: example-filed.cn\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
         assert status_of(http_get(port, "example-filed.cn")) == 503
         for sock in held:
             sock.close()

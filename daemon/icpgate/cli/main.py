@@ -243,7 +243,7 @@ def _cmd_feed_serve(args: argparse.Namespace) -> Exit:
     from ..feed.publisher import serve
 
     try:
-        host, port = split_host_port(args.listen)
+        host, port = split_host_port(args.listen, any_port=True)
     except ValueError as error:
         print("feed serve: --listen: %s" % error, file=sys.stderr)
         return Exit.USAGE

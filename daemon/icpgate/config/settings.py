@@ -157,6 +157,7 @@ CONFIG_SPEC = {
     "gate": {
         "workers": Field((int, str), 1, _workers),
         "max_connections": Field((int,), 10000, _positive),
+        "max_undecided": Field((int,), 1024, _positive),
         "inspect_timeout": Field((int, float), 5.0, _positive),
         "max_hello_size": Field((int,), 16384, lambda v: None if 512 <= v <= 65536 else "must be 512 to 65536"),
         "max_header_size": Field((int,), 32768, lambda v: None if 1024 <= v <= 1048576 else "must be 1024 to 1048576"),
@@ -165,6 +166,9 @@ CONFIG_SPEC = {
         "connect_timeout": Field((int, float), 5.0, _positive),
         "drain_timeout": Field((int, float), 10.0, lambda v: None if v >= 0 else "must be 0 or more"),
         "server_first_wait": Field((int, float), 1.0, lambda v: None if 0 < v <= 30 else "must be above 0, at most 30"),
+        "server_first_timeout": Field(
+            (int, float), 10.0, lambda v: None if 0 < v <= 600 else "must be above 0, at most 600"
+        ),
         "enforcement": Field((str,), "enforce", _one_of("enforce", "monitor")),
         "tls_certificate": Field((str,), ""),
         "tls_key": Field((str,), ""),
@@ -274,6 +278,9 @@ def _cross_check(values: dict) -> list[tuple[str, str]]:
                        " dns.hosted_ranges (the policy pack's enforce.ranges may be every address, which would"
                        " call every site hosted)"))  # fmt: skip
     gate = values["gate"]
+    if gate["server_first_timeout"] <= gate["server_first_wait"]:
+        errors.append(("gate.server_first_timeout", "must be longer than gate.server_first_wait (%g s): a silent client"
+                       " must have time to answer the server's banner" % gate["server_first_wait"]))  # fmt: skip
     for have, missing in (("tls_certificate", "tls_key"), ("tls_key", "tls_certificate")):
         if gate[have] and not gate[missing]:
             errors.append(("gate." + missing, "gate.%s is set, so this must be too" % have))
@@ -297,10 +304,11 @@ def _addresses_collide(one: str, other: str) -> bool:
     return a.version == b.version and (a == b or a.is_unspecified or b.is_unspecified)
 
 
-def split_host_port(value: str) -> tuple[str, int]:
-    """`host:port` or `[v6]:port` into its parts; ValueError says what is wrong."""
+def split_host_port(value: str, *, any_port: bool = False) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` into its parts; ValueError says what is wrong. `any_port` (an
+    address to listen on) allows port 0: the kernel picks a free one."""
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not (0 if any_port else 1) <= int(port) < 65536:
         raise ValueError("%r is not host:port" % value)
     return host.strip("[]"), int(port)
 
@@ -331,6 +339,7 @@ class ListenerConfig:
 class GateConfig:
     workers: int
     max_connections: int
+    max_undecided: int  # connections nothing of whose has been relayed yet; the oldest give way beyond it
     inspect_timeout: float
     max_hello_size: int
     max_header_size: int
@@ -339,6 +348,7 @@ class GateConfig:
     connect_timeout: float
     drain_timeout: float
     server_first_wait: float  # an `auto` connection silent this long connects upstream for the server's bytes
+    server_first_timeout: float  # an `auto` connection whose client has sent nothing this long is closed
     enforcement: str  # "enforce", or "monitor": decide, record and count as when enforcing, block nothing
     tls_certificate: Path | None  # the operator's certificate for the TLS block page
     tls_key: Path | None
@@ -508,6 +518,7 @@ def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Conf
         gate=GateConfig(
             workers=(os.cpu_count() or 1) if gate["workers"] == "auto" else gate["workers"],
             max_connections=gate["max_connections"],
+            max_undecided=gate["max_undecided"],
             inspect_timeout=float(gate["inspect_timeout"]),
             max_hello_size=gate["max_hello_size"],
             max_header_size=gate["max_header_size"],
@@ -516,6 +527,7 @@ def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Conf
             connect_timeout=float(gate["connect_timeout"]),
             drain_timeout=float(gate["drain_timeout"]),
             server_first_wait=float(gate["server_first_wait"]),
+            server_first_timeout=float(gate["server_first_timeout"]),
             enforcement=gate["enforcement"],
             tls_certificate=_resolve_optional(base, gate["tls_certificate"]),
             tls_key=_resolve_optional(base, gate["tls_key"]),

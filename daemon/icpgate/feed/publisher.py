@@ -280,8 +280,9 @@ async def _serve(config: Config, host: str, port: int) -> int:
             if publisher.tokens
             else "NO AUTHENTICATION (--no-auth): anyone who can connect gets every filing"
         )
+        bound = sock.getsockname()[1]  # port 0 asks the kernel for a free one: say which
         log.log(logging.INFO if publisher.tokens else logging.WARNING, "feed publisher listening on http://%s/feed/v1"
-                " (%s)", _where(host, port), auth)  # fmt: skip
+                " (%s)", _where(host, bound), auth)  # fmt: skip
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -11,6 +11,10 @@ A client that sends nothing for `gate.server_first_wait` may be waiting for the 
 MySQL): the upstream is connected and the server's bytes reach the client. The client's own
 bytes are still classified whenever they come, and nothing the client sent is relayed before
 that; a request or a hello blocked then closes the upstream too, which never saw a byte of it.
+A server-first client answers the banner; one that has sent nothing within
+`gate.server_first_timeout` of its accept never will, and is closed (with its upstream): a silent
+client costs no more than a slowloris on any other listener. Until its first byte is relayed it is
+also one of the worker's undecided connections (`Runtime.undecided`), which give way to newcomers.
 """
 
 from __future__ import annotations
@@ -87,7 +91,8 @@ class AutoConnection(GateConnection):
     def __init__(self, listener: Listener) -> None:
         super().__init__(listener)
         self._sniffer = Sniffer(self.runtime.gate.max_header_size)
-        self._silence: asyncio.TimerHandle | None = None  # server_first_wait, until the client's first byte
+        # server_first_wait, then server_first_timeout, until the client's first byte
+        self._silence: asyncio.TimerHandle | None = None
         self._handover: type[GateConnection] | None = None  # decided while the server-first connect runs
         self._eof_pending = False  # the client's EOF came with that decision
 
@@ -95,8 +100,9 @@ class AutoConnection(GateConnection):
         super().connection_made(transport)
         if transport.is_closing():  # refused: the loop guard, or max_connections
             return
-        # Nothing to inspect yet: the inspection deadline runs from the first byte, the idle
-        # timeout until then, and a silent client gets the server's bytes after server_first_wait.
+        # Nothing to inspect yet: the inspection deadline runs from the first byte, the silence
+        # timers until then. A silent client gets the server's bytes after server_first_wait, and
+        # is closed after server_first_timeout (the idle timeout stays armed behind them).
         gate = self.runtime.gate
         self._deadline = None
         self._cancel_timer()
@@ -152,10 +158,21 @@ class AutoConnection(GateConnection):
         if self._closing or self.transport is None or self._sniffer.started:
             return
         runtime, destination = self.runtime, self.destination
+        gate = runtime.gate
+        self._silence = self.loop.call_later(gate.server_first_timeout - gate.server_first_wait, self._silent_too_long)
         if (runtime.other_protocols != "pass" and not_enforced(runtime, destination) is None
                 and not runtime.policy.applied(OTHER_BLOCK, destination[0], runtime.stale_mode).passed):  # fmt: skip
             return  # a server-first protocol is another protocol: nothing of the server's may reach the client
         self._connect_task = self.loop.create_task(self._connect_for_server())
+
+    def _silent_too_long(self) -> None:
+        """server_first_timeout without a byte from the client: whatever the server said, the
+        client never answered. Not a violation (it asked for nothing); counted as a timeout."""
+        self._silence = None
+        if self._closing or self.transport is None or self._sniffer.started:
+            return
+        self.runtime.stats["silent_timeouts", self.kind] += 1
+        self.abort()  # nothing of the client's to flush, and a client that reads nothing must not hold it
 
     async def _connect_for_server(self) -> None:
         await self._connect()
@@ -190,6 +207,10 @@ class AutoConnection(GateConnection):
         runtime = self.runtime
         runtime.connections.discard(self)
         runtime.connections.add(target)
+        if self._undecided:  # still undecided: the target takes its place (behind the others: once per connection)
+            self._undecided = False
+            runtime.undecided.pop(self, None)
+            runtime.undecided[target] = None
         if target.upstream is not None:
             target.upstream.get_protocol().owner = target
         transport, data, eof = self.transport, bytes(self._sniffer.buffer), self._eof_pending

@@ -3,7 +3,9 @@
 A block that monitor mode or a stale feed let through gets the same line, saying "passed" and the mode.
 
 Support finds a customer's blocked request from the id on their screenshot. A flood of junk must
-not become a flood of log lines: past `lines_per_second` lines are counted, not written.
+not become a flood of log lines: past `lines_per_second` lines are counted, not written. The host
+is the client's (a refused name as it came): it is written escaped, so that it stays one field of
+one line whatever it holds.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import random
 import time
 
 from ..policy.decide import Mode, Verdict
+from ..telemetry.printable import printable_name
 
 log = logging.getLogger("icpgate.blocks")
 
@@ -43,11 +46,12 @@ class BlockLog:
             return
         self._allowance -= 1.0
         event = "passed" if verdict.passed else "blocked"
+        host = printable_name(verdict.host)
         log.info(
             "%s %s request_id=%s host=%s reason=%s rule=%s mode=%s client=%s:%d dst=%s:%d",
-            _EVENT_TEXT[verdict.mode], kind, request_id, verdict.host or "-", verdict.reason.value, verdict.rule,
+            _EVENT_TEXT[verdict.mode], kind, request_id, host or "-", verdict.reason.value, verdict.rule,
             verdict.mode.value, client[0], client[1], destination[0], destination[1],
-            extra={"event": event, "request_id": request_id, "proto": kind, "host": verdict.host,
+            extra={"event": event, "request_id": request_id, "proto": kind, "host": host,
                    "reason": verdict.reason.value, "rule": verdict.rule, "mode": verdict.mode.value,
                    "client": "%s:%d" % client, "destination": "%s:%d" % destination},
         )  # fmt: skip

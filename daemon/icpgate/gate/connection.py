@@ -12,7 +12,7 @@ import contextlib
 import socket
 import struct
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from ..config.settings import GateConfig, ListenerConfig
@@ -58,6 +58,11 @@ class Runtime:
     bytes_to_upstream: int = 0
     bytes_to_client: int = 0
     connections: set[GateConnection] = field(default_factory=set)
+    # The connections of `connections` nothing of whose has been relayed yet (silent, or still
+    # sending their first request head or hello), oldest first. They give way to newcomers, oldest
+    # first: beyond gate.max_undecided, and when max_connections is reached. So clients that never
+    # say anything can hold neither the slots that decided traffic needs nor a newcomer's.
+    undecided: OrderedDict[GateConnection, None] = field(default_factory=OrderedDict)
     stats: Counter = field(default_factory=Counter)
     # (local, remote) of our own upstream connections. An accepted connection whose (peer, local)
     # is one of them is the gate connecting to itself (original_dst without NAT), refused before
@@ -124,6 +129,13 @@ class Runtime:
             self.stats["relaxed", verdict.mode, verdict.reason] += 1
         return verdict
 
+    def evict_undecided(self) -> None:
+        """Close the oldest undecided connection, to make room for a new one."""
+        connection, _ = self.undecided.popitem(last=False)
+        self.connections.discard(connection)
+        self.stats["evicted", connection.kind] += 1
+        connection.evicted()
+
     def record_violation(self, verdict: Verdict, request_id: str, kind: str, client: Address, destination: Address,
                          *, blocked: bool) -> None:  # fmt: skip
         """Count a block, or a block a mode let through (`verdict.passed`), in the violation table,
@@ -185,6 +197,7 @@ class GateConnection(asyncio.Protocol):
         "_pending",
         "_read_pauses",
         "_timer",
+        "_undecided",
         "_upstream_ends",
         "_upstream_eof",
         "_upstream_write_closed",
@@ -220,6 +233,7 @@ class GateConnection(asyncio.Protocol):
         self._deadline: float | None = None
         self._last_activity = 0.0
         self._upstream_ends: tuple[Address, Address] | None = None
+        self._undecided = False  # in runtime.undecided: accepted, nothing of the client's relayed yet
 
     # --- client transport callbacks ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -235,10 +249,18 @@ class GateConnection(asyncio.Protocol):
             transport.abort()
             return
         runtime.connections.add(self)
-        if len(runtime.connections) > runtime.gate.max_connections:
-            runtime.stats["refused_full"] += 1
-            self.refuse_full()
-            return
+        runtime.undecided[self] = None
+        self._undecided = True
+        gate = runtime.gate
+        while len(runtime.undecided) > gate.max_undecided:  # more than one after a reload lowered it
+            runtime.evict_undecided()
+        if len(runtime.connections) > gate.max_connections:
+            if len(runtime.undecided) > 1:  # an older one has yet to say anything: it gives way
+                runtime.evict_undecided()
+            else:  # every other slot carries decided traffic
+                runtime.stats["refused_full"] += 1
+                self.refuse_full()
+                return
         sock = transport.get_extra_info("socket")
         self.destination = original_destination(sock, sock.family) if sock is not None else None
         self.destination = self.destination or (local[0], local[1])
@@ -263,6 +285,8 @@ class GateConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.runtime.connections.discard(self)
+        if self._undecided:
+            self.runtime.undecided.pop(self, None)
         self._cancel_timer()
         if self._connect_task is not None:
             self._connect_task.cancel()
@@ -322,7 +346,11 @@ class GateConnection(asyncio.Protocol):
         self._deadline = None
 
     def send_upstream(self, data: bytes) -> None:
-        """Forward client bytes, opening the upstream connection on first use."""
+        """Forward client bytes, opening the upstream connection on first use. Only allowed bytes
+        come here: the first makes the connection a decided one."""
+        if self._undecided:
+            self._undecided = False
+            self.runtime.undecided.pop(self, None)
         self.runtime.bytes_to_upstream += len(data)
         if self.upstream is not None:
             self.upstream.write(data)
@@ -456,6 +484,11 @@ class GateConnection(asyncio.Protocol):
             self.transport.close()
         if self.upstream is not None and not self.upstream.is_closing():
             self.upstream.close()
+
+    def evicted(self) -> None:
+        """Closed to make room (Runtime.evict_undecided), which has already forgotten it."""
+        self._undecided = False
+        self.abort()
 
     def abort(self) -> None:
         self._closing = True

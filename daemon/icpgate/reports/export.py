@@ -8,6 +8,11 @@ state is the decision the registry gives now, so a site that has been approved s
 blocked shows as such. Junk and overflow records have no domain and are left out of that report.
 
 People read the table in `display.timezone`; JSON and CSV stay UTC ISO 8601.
+
+Records come from the violation log with client-supplied text already escaped; every cell of the
+table and the CSV files is escaped again here (telemetry/printable.py), whatever handed the
+records in, so that a row stays one row. A CSV cell that a spreadsheet would run as a formula
+(`=`, `+`, `-`, `@` first) gets a leading `'`, as OWASP advises for CSV exports.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from datetime import tzinfo
 from typing import Any
 
 from ..config.display_time import BEIJING, local_text, zone_label
+from ..telemetry.printable import printable
 from .current import current_en, current_zh
 
 ISMS_COLUMNS = (
@@ -29,6 +35,7 @@ ISMS_COLUMNS = (
 )  # fmt: skip
 ISMS_DNS_COLUMN = "DNS核实"  # with --include-unconfirmed only
 ISMS_UNFILED = 1  # 违规类型 1: 未备案
+FORMULA_STARTS = ("=", "+", "-", "@")
 HANDLING_ZH = {"open": "未处理", "acknowledged": "已受理", "resolved": "已解决", "reopened": "再次出现"}
 DNS_ZH = {"confirmed": "已确认", "not_hosted": "未解析到本机房", "error": "解析失败", "unchecked": "未核实"}
 CSV_COLUMNS = ("id", "domain", "host", "ip", "port", "proto", "reason", "first_seen", "last_seen", "count", "blocked",
@@ -47,7 +54,7 @@ def as_csv(records: list[dict[str, Any]]) -> str:
     for record in records:
         dns, customer, handling = record["dns"], record["customer"] or {}, record["handling"]
         current = record.get("current")
-        writer.writerow((record["id"], record["domain"] or "", record["host"], record["ip"], record["port"],
+        _write_row(writer, (record["id"], record["domain"] or "", record["host"], record["ip"], record["port"],
                          record["proto"], record["reason"], record["first_seen"], record["last_seen"], record["count"],
                          int(record["blocked"]), dns["state"], " ".join(dns["addresses"]), dns["checked_at"] or "",
                          record["client"] or "", "%s:%s" % (current["action"], current["reason"]) if current else "",
@@ -71,6 +78,7 @@ def as_table(records: list[dict[str, Any]], total: int, zone: tzinfo = BEIJING) 
                      "%s %s" % (customer["name"], customer["contract"]) if customer else "-",
                      local_text(record["last_seen"], zone),
                      " ".join(dns["addresses"]) or dns["detail"] or "-"))  # fmt: skip
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(_width(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     lines = ["  ".join(cell + " " * (width - _width(cell)) for cell, width in zip(row, widths, strict=False))
              + "  " + row[-1] for row in rows]  # fmt: skip
@@ -101,5 +109,15 @@ def as_isms(records: list[dict[str, Any]], mark_dns: bool = False) -> str:
                customer.get("contract", ""), HANDLING_ZH[handling["state"]], handling["note"] or ""]  # fmt: skip
         if mark_dns:
             row.append(DNS_ZH[record["dns"]["state"]])
-        writer.writerow(row)
+        _write_row(writer, row)
     return out.getvalue()
+
+
+def _write_row(writer: Any, cells: list | tuple) -> None:
+    """A CSV row with its text cells escaped, and kept from being read as formulas."""
+    writer.writerow([_csv_cell(cell) if isinstance(cell, str) else cell for cell in cells])
+
+
+def _csv_cell(text: str) -> str:
+    text = printable(text)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text

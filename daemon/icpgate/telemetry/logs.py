@@ -6,6 +6,10 @@ client, destination...) as top-level keys, so support can search for a request i
 Under `icpgate run` every line also names the process that wrote it, as `worker` (the worker
 number, or `supervisor` / `service`) and `pid`: the workers of one daemon write to the same stream,
 and without it their lines cannot be told apart.
+
+A message, and every text field of a JSON line, is written with its control characters escaped
+(telemetry/printable.py): whatever client-supplied text a message carries, one record is one line.
+A traceback, which is the daemon's own text, keeps its lines.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sys
 from datetime import UTC, datetime
 
 from .identity import process_name
+from .printable import printable
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 TAGGED_TEXT_FORMAT = "%(asctime)s %(levelname)s [worker=%(worker)s pid=%(pid)d] %(name)s: %(message)s"
@@ -36,10 +41,16 @@ class _ProcessTag(logging.Filter):
         return True
 
 
-class TextFormatter(logging.Formatter):
+class _OneLineFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)  # set afresh from msg and args by every format()
+        return super().formatMessage(record)
+
+
+class TextFormatter(_OneLineFormatter):
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
-        self._tagged = logging.Formatter(TAGGED_TEXT_FORMAT)
+        self._tagged = _OneLineFormatter(TAGGED_TEXT_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
         return self._tagged.format(record) if hasattr(record, "worker") else super().format(record)
@@ -51,9 +62,10 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": printable(record.getMessage()),
         }
-        entry.update((key, value) for key, value in vars(record).items() if key not in _STANDARD)
+        entry.update((key, printable(value) if isinstance(value, str) else value)
+                     for key, value in vars(record).items() if key not in _STANDARD)  # fmt: skip
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False, default=str)

@@ -32,6 +32,10 @@ DETECTED = Counter("icpgate_detected_protocols", "What clients of auto listeners
 DECISION_SECONDS = Histogram("icpgate_decision_seconds", "Time to decide one connection or request.",
                              buckets=BUCKETS)  # fmt: skip
 ACTIVE_CONNECTIONS = Gauge("icpgate_active_connections", "Open client connections.", multiprocess_mode="livesum")
+UNDECIDED_CONNECTIONS = Gauge("icpgate_undecided_connections", "Open client connections nothing of whose has been"
+                              " relayed yet.", multiprocess_mode="livesum")  # fmt: skip
+EVICTED = Counter("icpgate_evicted_connections", "Undecided connections closed to make room for new ones, by kind.",
+                  ["kind"])  # fmt: skip
 RELAYED_BYTES = Counter("icpgate_relayed_bytes", "Bytes relayed for allowed traffic.", ["direction"])
 REFUSED = Counter("icpgate_refused_connections", "Connections refused before inspection.", ["why"])
 TIMEOUTS = Counter("icpgate_timeouts", "Connections ended by a timeout, by kind and phase.", ["kind", "phase"])
@@ -78,6 +82,8 @@ _STATS = {
     "relaxed": (RELAXED, lambda mode, reason: (mode.value, reason.value)),
     "inspect_timeouts": (TIMEOUTS, lambda kind: (kind, "inspect")),
     "idle_timeouts": (TIMEOUTS, lambda kind: (kind, "idle")),
+    "silent_timeouts": (TIMEOUTS, lambda kind: (kind, "silent")),
+    "evicted": (EVICTED, lambda kind: (kind,)),
     "upstream_failures": (UPSTREAM_FAILURES, lambda kind: (kind,)),
     "refused_loop": (REFUSED, lambda: ("loop",)),
     "refused_full": (REFUSED, lambda: ("full",)),
@@ -134,6 +140,7 @@ class WorkerMetrics:
         self._add(BLOCK_LOG_SUPPRESSED, "suppressed", runtime.block_log.suppressed)
         self._add(RELAYED_DROPPED, "relayed_dropped", runtime.relayed.dropped)
         ACTIVE_CONNECTIONS.set(len(runtime.connections))
+        UNDECIDED_CONNECTIONS.set(len(runtime.undecided))
         VIOLATION_KEYS.set(len(violations))
         REGISTRY_FILINGS.set(len(runtime.policy.index))
         self._serial.set(serial)

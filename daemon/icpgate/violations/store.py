@@ -3,6 +3,10 @@
 It is a file of its own, not a table in the registry: a feed snapshot holds the registry's write
 lock for a minute, and violation writes must never wait behind it, nor wake the workers that
 follow the registry's changes. Several workers write to it; WAL and a busy timeout serialise them.
+
+Hosts come from clients: they are stored with their control characters escaped
+(telemetry/printable.py), and escaped again as records are read, for a log an older version wrote,
+so that no reader (the CLI's table and exports, the status page, the admin API) gets a raw one.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import aiosqlite
 
 from ..names.suffixes import registrable_domain
+from ..telemetry.printable import printable, printable_name
 from .customers import Customer, CustomerMap
 
 SCHEMA = """
@@ -144,10 +149,7 @@ class ViolationStore:
 
     async def write(self, records: Mapping[tuple, list]) -> int:
         """Add a batch from a worker's violation table in one transaction; returns how many records."""
-        rows = [
-            (_domain_of(host), host, ip, port, proto, reason, first, last, count, passed, client)
-            for (host, ip, port, proto, reason), (first, last, count, passed, client) in records.items()
-        ]
+        rows = [_row(key, record) for key, record in records.items()]
         if rows:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -261,6 +263,14 @@ class ViolationStore:
         )
 
 
+def _row(key: tuple, record: list) -> tuple:
+    """An UPSERT row from a violation table's key and record; the host escaped."""
+    host, ip, port, proto, reason = key
+    first, last, count, passed, client = record
+    name = printable_name(host)
+    return (_domain_of(name), name, ip, port, proto, reason, first, last, count, passed, client)
+
+
 def _domain_of(host: str) -> str:
     if host.startswith("("):  # (junk), (overflow)
         return ""
@@ -276,8 +286,8 @@ def iso(timestamp: float | None) -> str | None:
 def record_json(row: aiosqlite.Row, customers: CustomerMap) -> dict[str, Any]:
     return {
         "id": row["id"],
-        "domain": row["domain"] or None,
-        "host": row["host"],
+        "domain": printable_name(row["domain"]) or None,
+        "host": printable_name(row["host"]),
         "ip": row["ip"],
         "port": row["port"],
         "proto": row["proto"],
@@ -291,13 +301,13 @@ def record_json(row: aiosqlite.Row, customers: CustomerMap) -> dict[str, Any]:
         "dns": {
             "state": row["dns_state"] or "unchecked",
             "addresses": json.loads(row["dns_addresses"]) if row["dns_addresses"] else [],
-            "detail": row["dns_detail"] or None,
+            "detail": printable(row["dns_detail"]) if row["dns_detail"] else None,
             "checked_at": iso(row["dns_checked_at"]),
         },
         "customer": customers.lookup(row["ip"]),
         "handling": {
             "state": row["handling_state"],
-            "note": row["handling_note"] or None,
+            "note": printable(row["handling_note"]) if row["handling_note"] else None,
             "at": iso(row["handling_at"]),
         },
     }
