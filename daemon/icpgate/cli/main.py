@@ -444,6 +444,8 @@ def _cmd_import(args: argparse.Namespace) -> Exit:
     options = ImportOptions(args.encoding, config.imports.default_timezone, config.imports.isp_ids)
     report = asyncio.run(_import(config, args, args.file, args.format, options, guard, replace=args.replace))
     _print_report(report, options.notes, args.json, dry_run=args.dry_run)
+    if report.index_note and report.committed:
+        print("warning: the running gate does not enforce this import: %s" % report.index_note, file=sys.stderr)
     if report.forced and report.committed:
         print("warning: --force: the mass-change guard was overridden (%s); recorded with the import in %s"
               % (report.forced, config.registry_path), file=sys.stderr)  # fmt: skip
@@ -512,7 +514,7 @@ def _report_json(report: ImportReport, notes: list[str], dry_run: bool = False) 
         "inserted": report.inserted, "updated": report.updated, "unchanged": report.unchanged,
         "removed": report.removed, "skipped": report.skipped, "serial": report.serial,
         "filings_before": report.filings_before, "refused": report.refused, "refusal": report.refusal,
-        "forced": report.forced, "listed": report.listed,
+        "forced": report.forced, "listed": report.listed, "index_note": report.index_note,
         "errors": [{"line": e.line, "field": e.field, "message": e.message} for e in report.errors],
         "error_count": report.error_count, "warnings": report.warnings, "notes": notes,
     }  # fmt: skip
