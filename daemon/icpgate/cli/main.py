@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     run.set_defaults(handler=_cmd_run)
 
+    registry = commands.add_parser("registry", help="the registry the gate enforces")
+    registry_commands = registry.add_subparsers(dest="registry_command", required=True)
+    adopt = registry_commands.add_parser("adopt", parents=[common], help="make the gate enforce the registry at"
+                                         " registry.path, although it is another one or behind")  # fmt: skip
+    adopt.add_argument("--json", action="store_true", help="print what was adopted as JSON")
+    adopt.set_defaults(handler=_cmd_registry_adopt)
+
     feed = commands.add_parser("feed", help="the approved-filings feed")
     feed_commands = feed.add_subparsers(dest="feed_command", required=True)
     sync = feed_commands.add_parser("sync", parents=[common], help="sync the registry from feed.urls once")
@@ -216,6 +223,12 @@ def _cmd_feed_diff(args: argparse.Namespace) -> Exit:
     from .feed_commands import diff
 
     return diff(load_config(args.config, args.overrides), as_json=args.json)
+
+
+def _cmd_registry_adopt(args: argparse.Namespace) -> Exit:
+    from .registry_commands import adopt
+
+    return adopt(load_config(args.config, args.overrides), as_json=args.json)
 
 
 def _cmd_feed_status(args: argparse.Namespace) -> Exit:
