@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from conftest import REPO
-from icpgate.admin.state_metrics import readiness, ready_family, state_families
+from icpgate.admin.state_metrics import readiness, ready_family, registry_family, state_families
 from icpgate.config.settings import load_config
 from icpgate.inspection.metrics import inspection_families
 
@@ -52,6 +52,7 @@ def exported_metric_names(tmp_path: Path) -> set[str]:
     names |= {sample for family in state_families(config, {}, 0, {}) for sample in _sample_names(family)}
     names |= _sample_names(ready_family(readiness(config, [], {})))
     names |= {sample for family in inspection_families(None) for sample in _sample_names(family)}
+    names |= _sample_names(registry_family([]))
     return names
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import time
@@ -32,6 +33,7 @@ def edge_gate_config(tmp: Path, port: int, backend: int, feed: dict, gate: dict 
     config = gate_config(tmp, {"http": listener(port, "http", backend)}, gate=gate)
     for suffix in ("", "-wal", "-shm"):
         (tmp / ("registry.db" + suffix)).unlink(missing_ok=True)
+    shutil.rmtree(tmp / "registry.db.index")  # a new edge: an index left behind is another registry's
     with config.open("a", encoding="utf-8") as out:
         out.write("[feed]\n" + "".join("%s = %s\n" % (key, json.dumps(value)) for key, value in feed.items()))
     return config

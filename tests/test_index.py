@@ -4,6 +4,7 @@ process, damaged or stale files detected and repaired, and `kill -9` in the midd
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -18,7 +19,14 @@ from gatekit import free_port, gate_config, listener, start_gate
 from conftest import SAMPLES, run, run_icpgate, sample_records, write_ndjson
 from icpgate.config.settings import load_config
 from icpgate.names.hostname import normalize_host
-from icpgate.registry.index_store import SharedIndex, index_path, open_index, read_meta, sync_index
+from icpgate.registry.index_store import (
+    SharedIndex,
+    current_generation,
+    index_path,
+    open_index,
+    read_meta,
+    sync_index,
+)
 from icpgate.registry.store import open_registry
 
 
@@ -55,7 +63,7 @@ def assert_same_answers(shared: SharedIndex, registry: Path) -> None:
 
 def test_lookups_match_the_in_memory_index(sample_registry: Path) -> None:
     registry = registry_of(sample_registry)
-    assert index_path(registry).is_file()  # the import built it
+    assert (current_generation(index_path(registry)) / "data.mdb").is_file()  # the import built it
     shared = open_index(registry)
     try:
         assert_same_answers(shared, registry)
@@ -112,7 +120,7 @@ def test_a_commit_in_a_process_that_holds_the_index_patches_it_in_place(sample_r
     """A one-process daemon looks up and commits (feed client) through the same file."""
     registry = registry_of(sample_registry)
     shared = open_index(registry)
-    inode = index_path(registry).stat().st_ino
+    generation = current_generation(index_path(registry))
     added = bulk_records(3)
 
     async def commit() -> None:
@@ -128,7 +136,7 @@ def test_a_commit_in_a_process_that_holds_the_index_patches_it_in_place(sample_r
         assert shared.lookup("bulk-1.example-bulk.cn") is None
         run(commit())
         assert shared.lookup("www.bulk-1.example-bulk.cn").filing.licence == added[1]["licence"]
-        assert index_path(registry).stat().st_ino == inode and not shared.replaced()
+        assert current_generation(index_path(registry)) == generation and not shared.replaced()
         assert_same_answers(shared, registry)
     finally:
         shared.close()
@@ -165,7 +173,7 @@ def corrupt_empty(path: Path) -> None:
 
 
 def corrupt_other_format(path: Path) -> None:
-    env = lmdb.open(str(path), subdir=False, max_dbs=4)
+    env = lmdb.open(str(path.parent), max_dbs=4)
     meta = env.open_db(b"meta")
     with env.begin(write=True) as txn:
         txn.put(b"format", b"icpgate-index/0", db=meta)
@@ -175,7 +183,7 @@ def corrupt_other_format(path: Path) -> None:
 @pytest.mark.parametrize("damage", [corrupt_truncated, corrupt_garbage, corrupt_empty, corrupt_other_format])
 def test_a_damaged_index_is_detected_and_rebuilt(sample_registry: Path, damage, caplog) -> None:
     registry = registry_of(sample_registry)
-    damage(index_path(registry))
+    damage(current_generation(index_path(registry)) / "data.mdb")
     outcome = sync_index(registry)
     assert outcome.how == "rebuilt"
     shared = SharedIndex(index_path(registry))
@@ -187,7 +195,7 @@ def test_a_damaged_index_is_detected_and_rebuilt(sample_registry: Path, damage, 
 
 def test_an_index_at_an_older_serial_is_patched_forward(sample_registry: Path, tmp_path: Path) -> None:
     registry = registry_of(sample_registry)
-    old = index_path(registry).read_bytes()  # the index at the sample import's serial
+    old = shutil.copytree(current_generation(index_path(registry)), tmp_path / "old")  # at the sample's serial
     records = sample_records()
     moved = next(r for r in records if r["licence"] == "京ICP备20240001号-1")
     taker = next(r for r in records if r is not moved and r["domains"])
@@ -197,8 +205,9 @@ def test_an_index_at_an_older_serial_is_patched_forward(sample_registry: Path, t
     result = run_icpgate("import", str(write_ndjson(tmp_path / "n.ndjson", records)), "--replace", "-c",
                          str(sample_registry))  # fmt: skip
     assert result.returncode == 0, result.stderr
-    index_path(registry).write_bytes(old)  # as if the writer had died before its index commit
-    index_path(registry).with_name(index_path(registry).name + "-lock").unlink()
+    shutil.copytree(old, index_path(registry) / "old")  # as if the writer had died before its index commit
+    os.symlink("old", index_path(registry) / "moving")
+    os.replace(index_path(registry) / "moving", index_path(registry) / "current")
     with sqlite3.connect(registry) as db:
         (serial,) = db.execute("SELECT serial FROM state").fetchone()
     assert read_meta(registry).serial == serial - 1

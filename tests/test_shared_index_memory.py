@@ -17,6 +17,7 @@ from test_gate_process import wait_until
 from test_gate_workers import started
 
 from conftest import REPO
+from icpgate.registry.index_store import current_generation
 
 sys.path.insert(0, str(REPO / "bench"))
 from gen_filings import record
@@ -60,7 +61,7 @@ def test_workers_share_one_index_and_stay_small(tmp_path: Path, origin) -> None:
     imported = subprocess.run([sys.executable, "-m", "icpgate", "import", str(filings), "-c", str(config)],
                               capture_output=True, text=True, timeout=600)  # fmt: skip
     assert imported.returncode == 0, imported.stderr
-    index = tmp_path / "registry.db.index"
+    index = current_generation(tmp_path / "registry.db.index") / "data.mdb"
     assert index.is_file()
     gate = start_gate(config, {"http": http})
     try:

@@ -129,6 +129,16 @@ _READY = {
             "type": "object",
             "properties": {"registry": _CHECK, "listeners": _CHECK, "feed": _CHECK, "enforcement": _CHECK},
         },
+        "warnings": {
+            "type": "array",
+            "description": "What needs the operator without making the gate unready: a registry at registry.path"
+            " that the gate does not enforce until it is adopted.",
+            "items": {
+                "type": "object",
+                "required": ["check", "message"],
+                "properties": {"check": {"type": "string", "enum": ["registry"]}, "message": {"type": "string"}},
+            },
+        },
     },
 }
 

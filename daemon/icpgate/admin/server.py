@@ -33,6 +33,7 @@ from ..names.hostname import HostKind, normalize_host, parent_names
 from ..policy.decide import Reason
 from ..policy.explain import explain_with
 from ..policy.pack import load_pack
+from ..registry.index_store import read_meta
 from ..registry.store import Registry, open_registry
 from ..reports.current import annotate
 from ..violations import store as violation_store
@@ -44,6 +45,8 @@ from .state_metrics import (
     exposition,
     readiness,
     ready_family,
+    registry_family,
+    registry_warnings,
     state_families,
     worker_families,
 )
@@ -97,12 +100,23 @@ class AdminApi:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, _request: web.Request) -> web.Response:
-        """Ready when every worker has its index and its listeners, and the feed is not expired."""
+        """Ready when every worker has its index and its listeners, and the feed is not expired.
+        `warnings` says what needs the operator without making the gate unready (which, inline,
+        would route the hosted ranges around it): a registry at the path that is not adopted."""
+        warnings = await self._registry_warnings()
         families = await asyncio.to_thread(worker_families)
         checks = readiness(self.config, families, await self.registry.sync_status(), self._monitor_ranges())
         ready = all(check["ok"] for check in checks.values())
-        body = {"ready": ready, "mode": checks["enforcement"]["mode"], "checks": checks}
+        body = {"ready": ready, "mode": checks["enforcement"]["mode"], "checks": checks, "warnings": warnings}
         return web.json_response(body, status=200 if ready else 503)
+
+    async def _registry_warnings(self) -> list[dict[str, str]]:
+        """Compare the registry at the path (reopened if another file is there now) with the index
+        the gate enforces."""
+        await self.registry.follow()
+        meta = await asyncio.to_thread(read_meta, self.config.registry_path)
+        state = None if self.registry.replaced() else await self.registry.state()
+        return registry_warnings(self.config.registry_path, meta, state)
 
     async def metrics(self, _request: web.Request) -> web.Response:
         families = await self._families()
@@ -110,6 +124,7 @@ class AdminApi:
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def _families(self) -> list:
+        warnings = await self._registry_warnings()
         workers = await asyncio.to_thread(worker_families)
         state = await self.registry.state()
         sync = await self.registry.sync_status()
@@ -119,7 +134,7 @@ class AdminApi:
         return (
             workers
             + state_families(self.config, sync, state.serial, summary)
-            + [ready]
+            + [ready, registry_family(warnings)]
             + inspection_families(inspected)
         )
 
@@ -263,6 +278,7 @@ class AdminApi:
 
     # --- feed ------------------------------------------------------------------------------
     async def feed(self, _request: web.Request) -> web.Response:
+        await self.registry.follow()
         return web.json_response(await feed_status(self.config, self.registry))
 
     async def feed_sync(self, request: web.Request) -> web.Response:
@@ -285,6 +301,7 @@ class AdminApi:
 
     # --- status page -------------------------------------------------------------------------
     async def status_page(self, _request: web.Request) -> web.Response:
+        warnings = await self._registry_warnings()
         status = await feed_status(self.config, self.registry)
         _, top = await self.store.query(Filters(confirmed=True), 20, 0)
         await self._annotate(top)
@@ -293,7 +310,7 @@ class AdminApi:
         inspected = await report(self.config, self.inspection, time.time(), 20, states=("hollow",))
         inspected["new_access"] = await new_access(self.config, self.store, self.registry)
         html = render_status_page(self.config, status, enforcement, self.block_rate.per_second(), top, summary,
-                                  inspected)  # fmt: skip
+                                  inspected, warnings)  # fmt: skip
         return web.Response(text=html, content_type="text/html", charset="utf-8")
 
 

@@ -9,6 +9,7 @@ import os
 import time
 from collections import deque
 from datetime import UTC, datetime
+from pathlib import Path
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -18,6 +19,8 @@ from ..config.settings import Config
 from ..feed.protocol import SyncResult
 from ..policy.decide import daemon_mode
 from ..policy.freshness import freshness
+from ..registry.index_store import IndexMeta, RegistryIdentity, kept_because
+from ..registry.store import RegistryState
 from ..telemetry.multiproc import ENV
 from ..violations.store import DNS_STATES
 
@@ -103,6 +106,31 @@ def enforcement_check(config: Config, stale: str, monitor_ranges: tuple | list) 
     """The daemon's mode (policy.daemon_mode), the key that set it and the pilot ranges."""
     mode, rule = daemon_mode(config.gate.enforcement, stale)
     return {"ok": True, "mode": mode.value, "rule": rule or None, "monitor_ranges": [str(n) for n in monitor_ranges]}
+
+
+def registry_warnings(path: Path, meta: IndexMeta | None, state: RegistryState | None) -> list[dict[str, str]]:
+    """/readyz's `warnings`: the registry at `path` (`state`, None when there is none) is not the one
+    the index served (`meta`) follows, so its changes are not enforced until the operator adopts it.
+    A warning, not a failed check: the gate enforces its last good index, and in inline mode a failed
+    /readyz would route the hosted ranges around it."""
+    if meta is None:
+        return []
+    if state is None:
+        reason = "there is no registry at %s" % path
+    else:
+        reason = kept_because(meta, RegistryIdentity(path, state.registry_id, state.serial, state.checksum))
+    if not reason:
+        return []
+    return [{"check": "registry", "message": "%s: the gate keeps enforcing its index (registry %s, serial %d) until"
+             " the registry is adopted with `icpgate registry adopt` or a reload" % (reason, meta.registry,
+                                                                                   meta.serial)}]  # fmt: skip
+
+
+def registry_family(warnings: list[dict[str, str]]) -> GaugeMetricFamily:
+    """1 while the registry at registry.path is not the one the gate enforces (the warning above)."""
+    return GaugeMetricFamily("icpgate_registry_not_adopted", "1 while the registry at registry.path is another"
+                             " one than the index enforced, or behind it.",
+                             value=int(any(w["check"] == "registry" for w in warnings)))  # fmt: skip
 
 
 def ready_family(checks: dict[str, dict]) -> GaugeMetricFamily:

@@ -34,15 +34,18 @@ _STYLE = "".join(
         "dt{color:#5b6475}",
         "dd{margin:0}",
         ".empty{color:#5b6475}",
+        ".warning{background:#fdecea;border-color:#e4a29b;color:#a1261b}",
     )
 )
 
 
 def render_status_page(config: Config, feed: dict[str, Any], enforcement: dict[str, Any], rates: dict[str, float],
                        top: list[dict[str, Any]], summary: dict[str, int],
-                       inspection: dict[str, Any] | None = None) -> str:  # fmt: skip
+                       inspection: dict[str, Any] | None = None,
+                       warnings: list[dict[str, str]] = ()) -> str:  # fmt: skip
     """The page in zh-CN and English, side by side; times in `display.timezone`. `enforcement` is
-    /readyz's check of that name: the daemon's mode, the key that set it, the pilot ranges."""
+    /readyz's check of that name: the daemon's mode, the key that set it, the pilot ranges.
+    `warnings` are /readyz's, shown first as a banner."""
     zone = config.display_timezone
     fresh = feed["freshness"]
     sync = feed["sync"]
@@ -95,7 +98,7 @@ def render_status_page(config: Config, feed: dict[str, Any], enforcement: dict[s
 <meta http-equiv="refresh" content="30"><title>icpgate 状态 · status — %(provider)s</title>
 <style>%(style)s</style></head>
 <body><main><h1>icpgate — %(provider)s</h1>
-<section><h2>备案数据与执行 · Feed and enforcement</h2>%(feed)s</section>
+%(warnings)s<section><h2>备案数据与执行 · Feed and enforcement</h2>%(feed)s</section>
 <section><h2>各原因阻断速率 · Block rate by reason</h2>%(rates)s</section>
 <section><h2>已确认违规（前 20 条） · Top confirmed violations</h2>%(top)s
 <p class="empty">按 DNS 核实状态统计的记录 · Records by DNS state: %(counts)s.
@@ -104,9 +107,18 @@ def render_status_page(config: Config, feed: dict[str, Any], enforcement: dict[s
 </main></body></html>
 """ % {
         "provider": escape(config.provider.name or config.provider.id), "style": _STYLE, "feed": feed_html,
-        "rates": rates_html, "top": top_html, "counts": counts,
+        "rates": rates_html, "top": top_html, "counts": counts, "warnings": _banner(warnings),
         "inspection": render_inspection(inspection, config.inspect.enabled, zone),
     }  # fmt: skip
+
+
+def _banner(warnings: list[dict[str, str]]) -> str:
+    if not warnings:
+        return ""
+    items = "".join("<li>%s</li>" % escape(warning["message"]) for warning in warnings)
+    return ('<section class="warning" role="alert"><h2>需要处理 · Needs attention</h2>'
+            "<p>注册库未被采用：网关仍按上一份有效索引执行。 · The registry is not adopted: the gate"
+            " enforces its last good index.</p><ul>%s</ul></section>\n" % items)  # fmt: skip
 
 
 # What the mode means for the operator, after its name, by the key that set it.

@@ -68,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     run.set_defaults(handler=_cmd_run)
 
+    registry = commands.add_parser("registry", help="the registry the gate enforces")
+    registry_commands = registry.add_subparsers(dest="registry_command", required=True)
+    adopt = registry_commands.add_parser("adopt", parents=[common], help="make the gate enforce the registry at"
+                                         " registry.path, although it is another one or behind")  # fmt: skip
+    adopt.add_argument("--json", action="store_true", help="print what was adopted as JSON")
+    adopt.set_defaults(handler=_cmd_registry_adopt)
+
     feed = commands.add_parser("feed", help="the approved-filings feed")
     feed_commands = feed.add_subparsers(dest="feed_command", required=True)
     sync = feed_commands.add_parser("sync", parents=[common], help="sync the registry from feed.urls once")
@@ -230,6 +237,12 @@ def _cmd_feed_diff(args: argparse.Namespace) -> Exit:
     from .feed_commands import diff
 
     return diff(load_config(args.config, args.overrides), as_json=args.json)
+
+
+def _cmd_registry_adopt(args: argparse.Namespace) -> Exit:
+    from .registry_commands import adopt
+
+    return adopt(load_config(args.config, args.overrides), as_json=args.json)
 
 
 def _cmd_feed_status(args: argparse.Namespace) -> Exit:
@@ -470,6 +483,8 @@ def _cmd_import(args: argparse.Namespace) -> Exit:
     options = ImportOptions(args.encoding, config.imports.default_timezone, config.imports.isp_ids)
     report = asyncio.run(_import(config, args, args.file, args.format, options, guard, replace=args.replace))
     _print_report(report, options.notes, args.json, dry_run=args.dry_run)
+    if report.index_note and report.committed:
+        print("warning: the running gate does not enforce this import: %s" % report.index_note, file=sys.stderr)
     if report.forced and report.committed:
         print("warning: --force: the mass-change guard was overridden (%s); recorded with the import in %s"
               % (report.forced, config.registry_path), file=sys.stderr)  # fmt: skip
@@ -538,7 +553,7 @@ def _report_json(report: ImportReport, notes: list[str], dry_run: bool = False) 
         "inserted": report.inserted, "updated": report.updated, "unchanged": report.unchanged,
         "removed": report.removed, "skipped": report.skipped, "serial": report.serial,
         "filings_before": report.filings_before, "refused": report.refused, "refusal": report.refusal,
-        "forced": report.forced, "listed": report.listed,
+        "forced": report.forced, "listed": report.listed, "index_note": report.index_note,
         "errors": [{"line": e.line, "field": e.field, "message": e.message} for e in report.errors],
         "error_count": report.error_count, "warnings": report.warnings, "notes": notes,
     }  # fmt: skip

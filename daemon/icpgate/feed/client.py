@@ -95,7 +95,14 @@ class FeedClient:
 
     async def sync(self, *, wait: float = 0.0, force: bool = False, dry_run: bool = False) -> Outcome:
         """One sync from the first source that works. `force` skips the guards (after a human
-        looked at `icpgate feed diff`); `dry_run` stops before the commit and reports."""
+        looked at `icpgate feed diff`); `dry_run` stops before the commit and reports.
+
+        A registry deleted or replaced at the path is followed (created if missing): the sync goes
+        into the file there, not into one nobody else reads. The gate keeps enforcing its index until
+        the operator adopts that registry (registry/index_store.py)."""
+        if await self.registry.follow(create=not dry_run):
+            log.warning("feed: %s is another file now: syncing into it; the gate keeps enforcing its index until"
+                        " it is adopted (icpgate registry adopt, or a reload)", self.registry.path)  # fmt: skip
         state = await self.registry.state()
         status = await self.registry.sync_status()
         failed: list[Outcome] = []

@@ -10,7 +10,10 @@ updated in place by whichever process commits to the registry, so a commit is se
 lookup. The worker still follows the registry's serial (every `registry.reload_interval` seconds,
 or at once when the feed client runs in this process and says so): if the writer died between its
 registry commit and its index commit, or the file was damaged, it brings the index forward or
-rebuilds it. It also sets the enforcement mode from how fresh the feed is.
+rebuilds it. It never follows a registry at the path that is another one than its index's, or one
+that went back in time, except when told: SIGHUP (or `icpgate registry adopt`, which it sees as an
+index rebuilt by an adoption). A restart is not told: it keeps the index `current` names.
+It also sets the enforcement mode from how fresh the feed is.
 
 Every `violations.flush_interval` it hands its violation table to the violation log, and every
 second it copies its counters into the Prometheus metrics (docs/metrics.md).
@@ -42,7 +45,7 @@ from ..policy.decide import Policy
 from ..policy.freshness import freshness
 from ..policy.pack import load_pack
 from ..registry.index import EMPTY_INDEX
-from ..registry.index_store import SharedIndex, index_path, open_index
+from ..registry.index_store import IndexError_, SharedIndex, current_generation, index_path, open_index
 from ..registry.store import Registry, open_registry
 from ..telemetry.metrics import VIOLATIONS_DROPPED, VIOLATIONS_FLUSHED, WorkerMetrics
 from ..violations.store import ViolationStore, open_violations
@@ -98,6 +101,8 @@ class Worker:
         self.metrics: WorkerMetrics | None = None
         self._reload_ok = True
         self._loaded_at = time.time()
+        self._kept = ""  # why the index served does not follow the registry at the path, as last logged
+        self._refused: Path | None = None  # a generation of another registry, not followed
 
     async def run(self) -> None:
         self.config = self.config or load_config(self.config_path, self.overrides)
@@ -193,13 +198,14 @@ class Worker:
             listener.resolver = UpstreamResolver(config.upstream, listener.config)
         policy.index = self.runtime.policy.index
         self.config = config
+        await self.registry.follow()
         self.runtime.gate = config.gate
         self.runtime.other_protocols = config.other_protocols
         self.runtime.pages = pages
         self.runtime.tls_pages = tls_pages
         self.runtime.policy = policy
         self._apply_reporting(config)
-        await self.catch_up(full=True)
+        await self.catch_up(full=True, adopt=True)  # a reload is the operator's word: adopt the registry at the path
         self.runtime.stats["reloads", "ok"] += 1
         self._reload_ok, self._loaded_at = True, time.time()
         self._services_stale.set()
@@ -289,33 +295,51 @@ class Worker:
             await asyncio.sleep(interval or 1.0)
             try:
                 if interval:
+                    reopened = await self.registry.follow()  # another file at the path: read that one
                     version = await self._registry_version()
-                    if version != self._data_version or self.runtime.policy.index.errors:
+                    index = self.runtime.policy.index
+                    moved = index.replaced() and current_generation(index.path) != self._refused
+                    if reopened or version != self._data_version or index.errors or moved:
                         self._data_version = version
                         await self.catch_up()
                 await self._update_enforcement()
             except Exception:  # a broken reload must not stop the gate: it keeps the last index
                 log.exception("registry reload failed; keeping the last index")
 
-    async def catch_up(self, *, full: bool = False) -> None:
+    async def catch_up(self, *, full: bool = False, adopt: bool = False) -> None:
         """Make sure the shared index reflects the registry's serial. Normally the committing
         process has done it already; this repairs the cases where it could not (it died between
-        the two commits, the file was damaged or replaced). `full` (a reload) reopens the file."""
+        the two commits, the index was damaged or deleted). `full` (a reload) reopens the index;
+        `adopt` (a reload) follows the registry at the path even if it is another one, or behind."""
         async with self._index_lock:
             index: SharedIndex = self.runtime.policy.index
-            state = await self.registry.state()
             damaged = index.errors > 0
-            meta = index.meta()
-            if meta.serial != state.serial or meta.checksum != state.checksum or damaged or index.replaced():
-                outcome = await self.registry.sync_index(rebuild=damaged)
+            outcome = await self.registry.sync_index(rebuild=damaged, adopt=adopt)
+            if outcome.how == "kept" and outcome.kept != self._kept:
+                log.warning("keeping the index at serial %d: %s. `icpgate registry adopt` or a reload (SIGHUP)"
+                            " switches to it", outcome.serial, outcome.kept)  # fmt: skip
+            elif outcome.how not in ("kept", "current"):
                 log.info("index %s to serial %d: %d filings, in %.3f s", outcome.how, outcome.serial,
                          outcome.changed, outcome.seconds)  # fmt: skip
+            self._kept = outcome.kept
             if full or damaged or index.replaced():
                 # a mapping, no load; in a thread, as it may wait for another process's index commit
-                fresh = await asyncio.to_thread(SharedIndex, index_path(self.config.registry_path))
-                self.runtime.policy.index = fresh  # one reference swap: lookups see the old file or the new
-                index.close()
-                index = fresh
+                try:
+                    fresh = await asyncio.to_thread(SharedIndex, index_path(self.config.registry_path))
+                except IndexError_ as error:  # deleted again meanwhile: the next round rebuilds it
+                    log.warning("cannot open the index (%s): keeping the one mapped here", error)
+                    self.serial = index.serial
+                    return
+                if adopt or damaged or fresh.succeeds(index):
+                    self.runtime.policy.index = fresh  # one reference swap: lookups see the old file or the new
+                    index.close()
+                    index = fresh
+                else:
+                    if fresh.folder != self._refused:
+                        log.warning("%s was rebuilt from another registry, not by an adoption: keeping the index"
+                                    " mapped here (%s)", fresh.path, index.folder.name)  # fmt: skip
+                    self._refused = fresh.folder
+                    fresh.close()
             self.serial = index.serial
 
     async def _update_enforcement(self) -> None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ import aiosqlite
 
 from .filings import AccessRecord, AccessStatus, Filing, FilingStatus, SubjectType
 from .index import DictIndex, IndexBuilder
-from .index_store import SyncOutcome, sync_index
+from .index_store import IndexError_, SyncOutcome, sync_index
 from .interchange import ParsedFiling, RecordError
 
 MIGRATIONS: Sequence[str] = (
@@ -110,6 +112,10 @@ MIGRATIONS: Sequence[str] = (
     # 4: the number of filings, kept by each change: counting 10M rows on every commit costs a second.
     "ALTER TABLE state ADD COLUMN filings INTEGER NOT NULL DEFAULT 0; UPDATE state SET filings = (SELECT COUNT(*)"
     " FROM filings)",
+    # 5: the registry's identity, random, made once (`_give_identity`): the shared index names the
+    # registry it was built from, so a registry deleted and re-created, or another one copied in, is
+    # told from the one the gate serves (registry/index_store.py).
+    "ALTER TABLE state ADD COLUMN registry_id TEXT NOT NULL DEFAULT ''",
 )
 CHECKSUM_MODULUS = 1 << 256
 
@@ -195,6 +201,7 @@ class ImportReport:
     checksum: str = ""
     filings_before: int = 0
     listed: dict[str, list[str]] = field(default_factory=dict)  # added/changed/removed licences (capped)
+    index_note: str = ""  # committed, but the index the gate serves was not brought to it (why)
 
     def add_error(self, error: RecordError) -> None:
         self.error_count += 1
@@ -209,6 +216,7 @@ class RegistryState:
     checksum: str
     changed_at: str
     filings: int
+    registry_id: str  # made when the registry was created (schema 5): which registry this is
 
 
 class Registry:
@@ -217,6 +225,23 @@ class Registry:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self.db = db
         self.path = path
+        self.inode = _inode(path)  # of the file opened: `follow` notices another one at the path
+        self._following = asyncio.Lock()
+
+    def replaced(self) -> bool:
+        """True when the file at the path is not the one open here (deleted, or another moved in)."""
+        return _inode(self.path) != self.inode
+
+    async def follow(self, *, create: bool = False) -> bool:
+        """Reopen the registry at the path when the file there is not the one open here; without
+        `create`, a path with nothing at it keeps the open one. True when it reopened."""
+        async with self._following:
+            if not self.replaced() or (not create and _inode(self.path) is None):
+                return False
+            db = await _connect(self.path)
+            old, self.db, self.inode = self.db, db, _inode(self.path)
+            await old.close()
+            return True
 
     async def import_filings(
         self,
@@ -313,13 +338,16 @@ class Registry:
             raise
         report.committed = True
         if report.serial != state.serial:
-            await self.sync_index()
+            try:
+                report.index_note = (await self.sync_index()).kept
+            except IndexError_ as error:  # the workers bring it forward within registry.reload_interval
+                report.index_note = "the index could not be written: %s" % error
         return report
 
-    async def sync_index(self, *, rebuild: bool = False) -> SyncOutcome:
-        """Bring the shared index file to the registry's serial (in a thread: it may wait for
-        another writer, and a rebuild takes a while)."""
-        return await asyncio.to_thread(sync_index, self.path, rebuild=rebuild)
+    async def sync_index(self, *, rebuild: bool = False, adopt: bool = False) -> SyncOutcome:
+        """Bring the shared index to the registry's serial (in a thread: it may wait for another
+        writer, and a rebuild takes a while). `adopt`: even from another registry, or backwards."""
+        return await asyncio.to_thread(sync_index, self.path, rebuild=rebuild, adopt=adopt)
 
     async def _refuse(self, report: ImportReport, refused: Refusal, message: str) -> ImportReport:
         await self.db.execute("ROLLBACK")
@@ -497,7 +525,8 @@ class Registry:
         return _checksum_hex(await self._digest_sum("SELECT digest FROM filings"))
 
     async def _state(self) -> RegistryState:
-        async with self.db.execute("SELECT serial, floor, checksum, changed_at, filings FROM state") as cursor:
+        query = "SELECT serial, floor, checksum, changed_at, filings, registry_id FROM state"
+        async with self.db.execute(query) as cursor:
             return RegistryState(*await cursor.fetchone())
 
     async def state(self) -> RegistryState:
@@ -700,6 +729,8 @@ async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
             await _start_change_log(Registry(db, path))
         if number == 2:
             await _rebase_checksum(Registry(db, path))
+        if number == 4:
+            await db.execute("UPDATE state SET registry_id = ?", (secrets.token_hex(16),))
         await db.execute("PRAGMA user_version = %d" % (number + 1))
         await db.execute("COMMIT")
 
@@ -747,6 +778,15 @@ async def open_registry(path: Path, *, create: bool = True) -> AsyncIterator[Reg
     if not create:
         require_registry(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    registry = Registry(await _connect(path), path)
+    try:
+        yield registry
+    finally:
+        await registry.db.close()  # the one open now: `follow` may have replaced the first
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    """A connection to the registry at `path`, created and migrated as needed."""
     try:
         db = await aiosqlite.connect(path, isolation_level=None)
     except Exception as error:  # sqlite3 raises OperationalError for unopenable paths
@@ -760,9 +800,18 @@ async def open_registry(path: Path, *, create: bool = True) -> AsyncIterator[Reg
         # into four B-trees, and with the default 2 MiB each insert goes back to the file.
         await db.execute("PRAGMA cache_size = -524288")
         await _migrate(db, path)
-        yield Registry(db, path)
-    finally:
+    except BaseException:
         await db.close()
+        raise
+    return db
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _now() -> str:
