@@ -36,7 +36,7 @@ from netnskit import CLIENT4, CLIENT6, SERVER4, SERVER6
 from test_quic_initial import DCID, crypto_frame, protect
 
 from conftest import REPO, SAMPLES, check_json, copy_policies, run_icpgate
-from icpgate.gate import quic_socket
+from icpgate.gate.quic import sockets as quic_socket
 from icpgate.gate.quic.initial import VERSION_1, VERSION_2
 
 INLINE_CONFIG = REPO / "config.inline.example.toml"

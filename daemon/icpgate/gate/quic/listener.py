@@ -106,7 +106,7 @@ class QuicListener(Listener):
         self.table = FlowTable(quic.max_flows, runtime.stats)
         self.local: Address = sock.getsockname()[:2]
         self.replies = ReplySockets(self.loop, self._read) if config.transparent else None
-        # a wildcard-bound listener names each reply's source address (see quic_socket.source_option)
+        # a wildcard-bound listener names each reply's source address (see sockets.source_option)
         self.wildcard = not config.transparent and ipaddress.ip_address(self.local[0]).is_unspecified
         # bound to one address, not transparent: every datagram it reads was sent to `local`
         self.fixed = not config.transparent and not self.wildcard
