@@ -35,22 +35,24 @@ class RecentIds:
     and the one before it, swapped every `period`. No key is ever forgotten early; a key never
     added is reported with probability (1 - e^(-HASHES * n / FILTER_BITS))^HASHES after n adds."""
 
-    __slots__ = ("_current", "_mask", "_older", "_period", "_salt", "_since")
+    __slots__ = ("_added", "_current", "_older", "_period", "_salt", "_shift", "_since")
 
     def __init__(self, period: float, bits: int = FILTER_BITS) -> None:
         self._period = period
-        self._mask = bits - 1
+        self._shift = bits.bit_length() - 1  # bits is a power of two: each index takes this many bits
         self._current = bytearray(bits // 8)  # zero pages: memory is taken only as bits are set
         self._older = bytearray(bits // 8)
+        self._added = 0  # keys in the two filters: none, and a lookup costs nothing
         self._since: float | None = None
         self._salt = os.urandom(16)  # keyed, so that no one can choose IDs that fill the same bits
 
     def _bits(self, key: CidKey) -> list[int]:
         cid, (host, port) = key
         message = bytes([len(cid)]) + cid + port.to_bytes(2, "big") + host.encode()
-        digest = blake2b(message, digest_size=4 * HASHES, key=self._salt).digest()
-        mask = self._mask
-        return [int.from_bytes(digest[index : index + 4], "big") & mask for index in range(0, 4 * HASHES, 4)]
+        shift = self._shift
+        value = int.from_bytes(blake2b(message, digest_size=(shift * HASHES + 7) // 8, key=self._salt).digest())
+        mask = (1 << shift) - 1
+        return [value >> (shift * index) & mask for index in range(HASHES)]
 
     def _rotate(self, now: float) -> None:
         if self._since is None:
@@ -63,14 +65,23 @@ class RecentIds:
 
     def add(self, key: CidKey, now: float) -> None:
         self._rotate(now)
+        self._added += 1
         current = self._current
         for bit in self._bits(key):
             current[bit >> 3] |= 1 << (bit & 7)
 
     def seen(self, key: CidKey, now: float) -> bool:
+        if not self._added:
+            return False
         self._rotate(now)
         bits = self._bits(key)
-        return any(all(table[bit >> 3] >> (bit & 7) & 1 for bit in bits) for table in (self._current, self._older))
+        for table in (self._current, self._older):
+            for bit in bits:
+                if not table[bit >> 3] >> (bit & 7) & 1:
+                    break
+            else:
+                return True
+        return False
 
 
 class ConnectionIds:
