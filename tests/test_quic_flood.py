@@ -5,7 +5,8 @@ filed HTTP/3 client still gets its page during and after the flood.
 Two kinds of junk, from alternate sockets, so both the cheap and the dear way to fail are flooded:
 - garbage: a valid-looking Initial long header, random DCID, random payload (fails at the AEAD tag);
 - incomplete: a genuine Initial whose ClientHello needs seven more datagrams that never come, sent
-  twice from the same port (the gate must hold it while it waits: the memory attack).
+  twice from the same port (the gate must hold it while it waits: the memory attack), each under a
+  connection ID of its own (the gate drops a replay of one under another's ID before any state).
 Sockets come in waves of a few hundred, each wave on fresh ephemeral ports: 50,000 4-tuples, and
 more incomplete flows at once than the table lets wait. The flood paces itself on the backlog of
 the gate's socket, so the gate, not the kernel's buffer, meets it.
@@ -13,6 +14,7 @@ the gate's socket, so the gate, not the kernel's buffer, meets it.
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import threading
@@ -26,6 +28,7 @@ from gatekit import Gate, free_port, gate_config, listener, start_gate
 from h3kit import free_udp_port, h3_get, h3_origin, junk_initial
 from test_gate_process import wait_until
 from test_quic_gate import wait_listening
+from test_quic_splice import crypto, crypto_of, seal
 
 from icpgate.gate.quic.flows import MAX_HELD, MAX_PENDING
 from icpgate.gate.quic.listener import DROP_REASONS
@@ -43,17 +46,17 @@ assert MAX_FLOWS > MAX_PENDING
 
 
 def incomplete_initials(count: int) -> list[bytes]:
-    """First datagrams of real eight-datagram first flights (a ~8.5 KB ClientHello, as aioquic
-    sends with forty 200-byte ALPN names): each needs the other seven to complete."""
-    first = []
-    for _ in range(count):
-        configuration = QuicConfiguration(is_client=True, server_name=FILED, alpn_protocols=["x" * 200] * 40)
-        client = QuicConnection(configuration=configuration)
-        client.connect(("127.0.0.1", 443), now=0.0)
-        flight = [data for data, _ in client.datagrams_to_send(now=0.0)]
-        assert len(flight) == 8
-        first.append(flight[0])
-    return first
+    """First datagrams of a real eight-datagram first flight (a ~8.5 KB ClientHello, as aioquic
+    sends with forty 200-byte ALPN names), each needing the other seven to complete: its frames
+    sealed again under `count` connection IDs of their own, as `count` clients would send them."""
+    configuration = QuicConfiguration(is_client=True, server_name=FILED, alpn_protocols=["x" * 200] * 40)
+    client = QuicConnection(configuration=configuration)
+    client.connect(("127.0.0.1", 443), now=0.0)
+    flight = [data for data, _ in client.datagrams_to_send(now=0.0)]
+    assert len(flight) == 8
+    dcid = flight[0][6 : 6 + flight[0][5]]
+    frames = crypto(0, crypto_of(flight[0], dcid))
+    return [seal(frames, dcid=os.urandom(8), scid=b"\x05" * 8, number=0) for _ in range(count)]
 
 
 def client_port() -> int:
@@ -102,18 +105,20 @@ def rss_kb(pid: int) -> int:
 
 def flood(port: int, total: int, incomplete: list[bytes], seed: int = 13) -> int:
     """Send `total` junk datagrams at up to RATE per second, slower when the gate's socket has a
-    backlog (on a shared machine the gate may get less than a core); returns how many were sent."""
+    backlog (on a shared machine the gate may get less than a core); returns how many were sent.
+    Takes the incomplete Initials it sends from `incomplete`: each goes to one socket only."""
     rng = random.Random(seed)
     sent = 0
     started = time.monotonic()
     while sent < total:
         sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(WAVE)]
+        wave = {number: incomplete.pop() for number in range(1, WAVE, 2)}  # a connection ID per socket
         try:
             for _ in range(PER_SOCKET):
                 for number, sock in enumerate(sockets):
                     if sent >= total:
                         break
-                    datagram = incomplete[number % len(incomplete)] if number % 2 else junk_initial(rng)
+                    datagram = wave[number] if number % 2 else junk_initial(rng)
                     sock.sendto(datagram, ("127.0.0.1", port))
                     sent += 1
                     if sent % BURST:
@@ -186,7 +191,7 @@ def memory_cap_kb() -> int:
 
 
 def test_a_flood_of_junk_initials_keeps_memory_bounded_and_filed_flows_working(tmp_path: Path, origin, certs) -> None:
-    incomplete = incomplete_initials(32)
+    incomplete = incomplete_initials((5000 + FLOOD) // PER_SOCKET // 2 + WAVE)
     with h3_origin(certs["server"], certs["key"]) as h3:
         gate, port = start_quic_gate(tmp_path, origin, h3.port)
         try:

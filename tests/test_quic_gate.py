@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import socket
 import sqlite3
 import sys
@@ -260,24 +261,33 @@ def zero_rtt_type(version: int) -> int:
     return 1 if version == VERSION_1 else 2  # RFC 9369 renumbers the long-header types
 
 
-def flights(version: int, sni: str) -> dict[str, list[bytes]]:
-    """The same ClientHello cut the ways a gate reading only one packet would get wrong."""
+def flights(version: int, sni: str, dcid: bytes | None = None) -> dict[str, list[bytes]]:
+    """The same ClientHello cut the ways a gate reading only one packet would get wrong, under
+    `dcid` or, as a real client's, a connection ID of its own: the gate keeps each ID to one flow."""
+    dcid = dcid or os.urandom(8)
     hello = hello_for(sni)
     cut = 700
     first, second = crypto_frame(0, hello[:cut]), crypto_frame(cut, hello[cut:])
-    one_packet = protect(version, crypto_frame(0, hello), size=0)
-    two_packets = protect(version, first, size=0) + protect(version, second, packet_number=1, size=0)
-    datagram_1 = protect(version, first, size=1250)
-    datagram_2 = protect(version, second, packet_number=1, size=1250)
-    zero_rtt = protect(version, b"\x01" * 60, size=0, kind=zero_rtt_type(version))
+    one_packet = protect(version, crypto_frame(0, hello), size=0, dcid=dcid)
+    two_packets = protect(version, first, size=0, dcid=dcid) + protect(version, second, packet_number=1, size=0,
+                                                                       dcid=dcid)  # fmt: skip
+    datagram_1 = protect(version, first, size=1250, dcid=dcid)
+    datagram_2 = protect(version, second, packet_number=1, size=1250, dcid=dcid)
+    zero_rtt = protect(version, b"\x01" * 60, size=0, kind=zero_rtt_type(version), dcid=dcid)
     return {
         "one-packet": [one_packet],
         "two-packets-one-datagram": [two_packets],
         "two-datagrams": [datagram_1, datagram_2],
         "reordered": [datagram_2, datagram_1],
-        "coalesced-0rtt": [protect(version, crypto_frame(0, hello), size=0) + zero_rtt],
+        "coalesced-0rtt": [protect(version, crypto_frame(0, hello), size=0, dcid=dcid) + zero_rtt],
         "padded": [one_packet + bytes(300)],
     }
+
+
+def one_initial(sni: str, version: int = VERSION_1) -> bytes:
+    """A one-datagram first flight for `sni` under a connection ID of its own."""
+    (datagram,) = flights(version, sni)["one-packet"]
+    return datagram
 
 
 SHAPES = ["one-packet", "two-packets-one-datagram", "two-datagrams", "reordered", "coalesced-0rtt", "padded"]
@@ -321,6 +331,28 @@ def short_header(dcid: bytes = b"\x11" * 8) -> bytes:
     return b"\x41" + dcid + bytes(range(200))
 
 
+SERVER_CID = b"\x5e" * 8
+
+
+def server_handshake(scid: bytes) -> bytes:
+    """A server's v1 Handshake packet: the gate reads its connection IDs in the clear, not its payload."""
+    return b"\xe0" + VERSION_1.to_bytes(4, "big") + b"\x08" + b"\x05" * 8 + bytes([len(scid)]) + scid + b"\x40\x20" + \
+        bytes(32)  # fmt: skip
+
+
+def prove(sock: socket.socket, recorder: Recorder, port: int, first: bytes, scid: bytes = b"") -> bytes:
+    """Answer the flow whose first datagram was `first` as its server would, and have its client
+    send a 1-RTT packet to the server's connection ID: the gate then knows the client receives at
+    its address, and never pushes the flow out to make room. Returns that 1-RTT packet."""
+    with recorder._lock:
+        sender = next(sender for sender, data in recorder.received if data == first)
+    scid = scid or os.urandom(8)
+    recorder.sock.sendto(server_handshake(scid), sender)
+    assert sock.recvfrom(200)[0] == server_handshake(scid)
+    send(port, short_header(scid), sock=sock)
+    return short_header(scid)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_junk_and_strangers_are_dropped_by_reason(recorded_gate: Gate, recorder: Recorder, version: int) -> None:
     port = recorded_gate.ports["quic"]
@@ -350,8 +382,9 @@ def test_an_allowed_flow_cannot_carry_another_connection(recorded_gate: Gate, re
     """Servers tell connections apart by connection ID: after the decision, an Initial that opens
     another connection on the same 4-tuple, or repeats the hello differently, must not pass."""
     port = recorded_gate.ports["quic"]
-    datagram_1, datagram_2 = flights(VERSION_1, FILED)["two-datagrams"]
-    unfiled_1, _ = flights(VERSION_1, UNFILED)["two-datagrams"]
+    dcid = os.urandom(8)
+    datagram_1, datagram_2 = flights(VERSION_1, FILED, dcid)["two-datagrams"]
+    unfiled_1, _ = flights(VERSION_1, UNFILED, dcid)["two-datagrams"]
     other_dcid = protect(VERSION_1, crypto_frame(0, hello_for(UNFILED)), dcid=b"\x42" * 8, size=1250)
     mark = recorder.mark()
     sock = send(port, datagram_1, datagram_2)
@@ -369,15 +402,21 @@ def test_a_second_hello_must_name_the_same_host(recorded_gate: Gate, recorder: R
     naming another spoils the flow: nothing of it passes from then on."""
     port = recorded_gate.ports["quic"]
     first = hello_for(FILED)
-    (initial,) = flights(VERSION_1, FILED)["one-packet"]
-    same = protect(VERSION_1, crypto_frame(len(first), hello_for(FILED.upper())), packet_number=1, size=1250)
+    dcid = os.urandom(8)
+    (initial,) = flights(VERSION_1, FILED, dcid)["one-packet"]
+    same = protect(VERSION_1, crypto_frame(len(first), hello_for(FILED.upper())), packet_number=1, size=1250,
+                   dcid=dcid)  # fmt: skip
     mark = recorder.mark()
     send(port, initial, same).close()
     recorder.expect(mark, [initial, same])  # the same name (in another case) goes on
     other = hello_for(UNFILED)
     cut = 600
-    part_1 = protect(VERSION_1, crypto_frame(len(first), other[:cut]), packet_number=1, size=1250)
-    part_2 = protect(VERSION_1, crypto_frame(len(first) + cut, other[cut:]), packet_number=2, size=1250)
+    dcid = os.urandom(8)  # another client: a connection ID of its own
+    (initial,) = flights(VERSION_1, FILED, dcid)["one-packet"]
+    same = protect(VERSION_1, crypto_frame(len(first), hello_for(FILED.upper())), packet_number=3, size=1250,
+                   dcid=dcid)  # fmt: skip
+    part_1 = protect(VERSION_1, crypto_frame(len(first), other[:cut]), packet_number=1, size=1250, dcid=dcid)
+    part_2 = protect(VERSION_1, crypto_frame(len(first) + cut, other[cut:]), packet_number=2, size=1250, dcid=dcid)
     mark = recorder.mark()
     sock = send(port, initial, part_1, part_2, same, short_header())
     # the first part cannot name anything yet: a server cannot read a hello without its end
@@ -500,21 +539,24 @@ def test_an_incomplete_hello_times_out(timed_gate: Gate, recorder: Recorder) -> 
 
 def test_the_table_is_bounded(timed_gate: Gate, recorder: Recorder) -> None:
     port = timed_gate.ports["quic"]
-    (filed,) = flights(VERSION_1, FILED)["one-packet"]
-    (unfiled,) = flights(VERSION_1, UNFILED)["one-packet"]
-    blocked = [send(port, unfiled) for _ in range(4)]
+    blocked = [send(port, one_initial(UNFILED)) for _ in range(4)]
     mark = recorder.mark()
-    relayed = [send(port, filed) for _ in range(16)]  # blocked flows make room; relayed ones never do
-    recorder.expect(mark, [filed] * 16)
-    late = send(port, filed)
-    recorder.expect(mark, [filed] * 16)
+    filed = [one_initial(FILED) for _ in range(16)]
+    relayed = [send(port, datagram) for datagram in filed]  # blocked flows make room
+    recorder.expect(mark, filed)
+    # answered flows (their clients use the server's connection ID) are never pushed out
+    answers = [prove(sock, recorder, port, datagram) for sock, datagram in zip(relayed, filed, strict=True)]
+    recorder.expect(mark, filed + answers)
+    late_datagram = one_initial(FILED)
+    late = send(port, late_datagram)
+    recorder.expect(mark, filed + answers)
     assert drops(timed_gate)["table_full"] == 1
     _, _, body = admin_request(timed_gate.ports["admin"], "/metrics")
     samples = parse_metrics(body.decode())
     assert metric(samples, "icpgate_quic_initial_seconds_count") == 20  # each decided flow's hello, once
     time.sleep(0.5)  # the relayed flows idle out
-    send(port, filed, sock=late)
-    recorder.expect(mark, [filed] * 17)
+    send(port, late_datagram, sock=late)
+    recorder.expect(mark, [*filed, *answers, late_datagram])
     for sock in blocked + relayed + [late]:
         sock.close()
 
@@ -525,18 +567,19 @@ def test_a_flood_of_hellos_leaves_room_for_new_flows(tmp_path: Path, recorder: R
     running = start_quic_gate(tmp_path, recorder.port, admin=True, tables={"quic": {"max_flows": 16}})
     port = running.ports["quic"]
     try:
-        (filed,) = flights(VERSION_1, FILED)["one-packet"]
-        incomplete, _ = flights(VERSION_1, FILED)["two-datagrams"]
+        filed, filed_late = one_initial(FILED), one_initial(FILED)
+        incomplete = [flights(VERSION_1, FILED)["two-datagrams"][0] for _ in range(40)]
         mark = recorder.mark()
         relayed = send(port, filed)
         recorder.expect(mark, [filed])
+        prove(relayed, recorder, port, filed, SERVER_CID)
         flood = []
-        for _ in range(4):  # in bursts the socket's receive buffer holds
-            flood += [send(port, incomplete) for _ in range(10)]
+        for burst in range(4):  # in bursts the socket's receive buffer holds
+            flood += [send(port, datagram) for datagram in incomplete[10 * burst : 10 * burst + 10]]
             time.sleep(0.05)
-        late = send(port, filed)
+        late = send(port, filed_late)
         send(port, short_header(), sock=relayed)  # the relayed flow was not pushed out
-        recorder.expect(mark, [filed, filed, short_header()])
+        recorder.expect(mark, [filed, short_header(SERVER_CID), filed_late, short_header()])
         counted = drops(running)
         assert counted.get("table_full", 0) == 0
         assert counted["pending_full"] == 40 - 8 + 1  # pending flows past half the table, oldest first
@@ -761,11 +804,11 @@ def test_several_workers_one_reader(tmp_path: Path, recorder: Recorder) -> None:
         while "/quic is served by worker 0" not in running.log():  # said by worker 1
             assert time.monotonic() < deadline, running.log()
             time.sleep(0.05)
-        flight = flights(VERSION_1, FILED)["two-datagrams"]
+        sent = [flights(VERSION_1, FILED)["two-datagrams"] for _ in range(10)]
         mark = recorder.mark()
-        for _ in range(10):
+        for flight in sent:
             send(port, *flight).close()
-        recorder.expect(mark, flight * 10)
+        recorder.expect(mark, [datagram for flight in sent for datagram in flight])
     finally:
         stop(running)
 

@@ -37,6 +37,7 @@ from ..gate.auto import AutoConnection
 from ..gate.blockpage import BlockPages, Operator
 from ..gate.connection import Listener, Runtime
 from ..gate.http.connection import HttpConnection
+from ..gate.quic.cids import ConnectionIds
 from ..gate.quic.listener import QuicListener, serves_quic
 from ..gate.tls.connection import TlsConnection
 from ..gate.tls.page import TlsBlockPages
@@ -148,6 +149,8 @@ class Worker:
         if self.sockets is None:
             self.sockets = bind_listeners(listeners)
         loop = asyncio.get_running_loop()
+        quic = [item for item in listeners if item.kind == "quic" and item.name in self.sockets]
+        cids = ConnectionIds(self.config.quic.idle_timeout)  # one per worker: its quic listeners may share servers
         for listener_config in listeners:
             sock = self.sockets.get(listener_config.name)
             if sock is None:
@@ -155,7 +158,7 @@ class Worker:
                 continue
             resolver = UpstreamResolver(self.config.upstream, listener_config)
             if listener_config.kind == "quic":
-                self._serve_quic(listener_config, resolver, sock)
+                self._serve_quic(listener_config, resolver, sock, cids, len(quic))
                 continue
             listener = Listener(self.runtime, listener_config, resolver)
             self.listeners.append(listener)
@@ -171,11 +174,13 @@ class Worker:
             self.servers.append(server)
             log.info("listening on %s", listener_config.name)
 
-    def _serve_quic(self, listener_config: ListenerConfig, resolver: UpstreamResolver, sock: socket.socket) -> None:
+    def _serve_quic(self, listener_config: ListenerConfig, resolver: UpstreamResolver, sock: socket.socket,
+                    cids: ConnectionIds, listeners: int) -> None:  # fmt: skip
         if not serves_quic():
             log.info("%s is served by worker 0", listener_config.name)
             return
-        listener = QuicListener(self.runtime, listener_config, resolver, sock, self.config.quic)
+        listener = QuicListener(self.runtime, listener_config, resolver, sock, self.config.quic, cids=cids,
+                                listeners=listeners)  # fmt: skip
         listener.start()
         self.listeners.append(listener)
         self.servers.append(listener)  # closed with the servers when the worker stops

@@ -65,6 +65,9 @@ RELOAD_OK = Gauge("icpgate_config_last_reload_successful", "1 when the worker's 
                   multiprocess_mode="livemin")  # fmt: skip
 QUIC_FLOWS = Gauge("icpgate_quic_flows", "QUIC flows held, by state (pending, relay, blocked).", ["state"],
                    multiprocess_mode="livesum")  # fmt: skip
+QUIC_UNPROVEN = Gauge("icpgate_quic_unproven_flows", "Relayed QUIC flows whose client has not answered from its"
+                      " address: the ones pushed out to make room.", multiprocess_mode="livesum")  # fmt: skip
+QUIC_EVICTED = Counter("icpgate_quic_evicted_flows", "Relayed QUIC flows pushed out, unproven, to make room.")
 QUIC_DATAGRAMS = Counter("icpgate_quic_datagrams", "QUIC datagrams received or sent, by direction.", ["direction"])
 QUIC_DROPS = Counter("icpgate_quic_dropped_datagrams", "QUIC datagrams dropped, by reason.", ["reason"])
 QUIC_UNKNOWN_VERSION = Counter("icpgate_quic_unknown_version_flows", "QUIC flows of a version the gate cannot"
@@ -91,6 +94,7 @@ _STATS = {
     "quic_datagrams": (QUIC_DATAGRAMS, lambda direction: (direction,)),
     "quic_drops": (QUIC_DROPS, lambda reason: (reason,)),
     "quic_unknown_version": (QUIC_UNKNOWN_VERSION, None),
+    "quic_evicted_flows": (QUIC_EVICTED, None),
 }
 
 
@@ -118,6 +122,9 @@ class WorkerMetrics:
                 key = (key,)
             if key[0] == "quic_flows":  # a gauge: flows held now
                 QUIC_FLOWS.labels(key[1]).set(value)
+                continue
+            if key[0] == "quic_unproven_flows":
+                QUIC_UNPROVEN.set(value)
                 continue
             delta = value - self._stats[key]
             if delta <= 0:

@@ -12,6 +12,14 @@ an Initial may not carry, CRYPTO data that disagrees with itself, more data or d
 caps allow) is an ERROR, never a guess. Cost is linear in the bytes fed: each packet is decrypted
 once, each CRYPTO byte is copied once and compared at most once per overlapping retransmission.
 
+What it decides on must be what the server reads, whichever of the packets the server drops (loss,
+a full buffer, a size limit of its own, a packet number it decodes otherwise): so every CRYPTO byte
+must have one value across all the packets fed, and then any subset of them a server keeps holds
+those values or none. A server cannot read other bytes from a packet than the gate did: both open it
+with the same key and header, and AES-GCM authenticates a ciphertext under one nonce (one packet
+number) at most. The flow table keeps each connection ID to one flow (cids.py), so that the packets
+fed here are all that reach that connection.
+
 Crypto uses aioquic's C `HeaderProtection` and `AEAD` (one call each per packet, no Python byte
 shuffling) and the standard library's HMAC for the key schedule. aioquic's AEAD refuses ciphertexts
 over 1500 bytes (PACKET_LENGTH_MAX in its _crypto.c), which a client on a large-MTU path may send:
@@ -205,6 +213,19 @@ def long_headers(datagram: bytes, version: int) -> list[tuple[str, bytes, bytes]
     return found
 
 
+def decode_packet_number(truncated: int, bits: int, expected: int) -> int:
+    """A packet number from its `bits` low bits, as a receiver decodes it: the value nearest to
+    `expected`, one past the largest it has received (RFC 9000 §17.1, Appendix A.3)."""
+    window = 1 << bits
+    half = window >> 1
+    candidate = (expected & ~(window - 1)) | truncated
+    if candidate <= expected - half and candidate < (1 << 62) - window:
+        return candidate + window
+    if candidate > expected + half and candidate >= window:
+        return candidate - window
+    return candidate
+
+
 def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
     """A QUIC variable-length integer (RFC 9000 §16) at `pos`: its value and the position after it."""
     if pos >= end:
@@ -234,8 +255,10 @@ class InitialReassembler:
         "_dcid",
         "_gcm",
         "_hp",
+        "_hp_key",
         "_iv",
         "_key",
+        "_largest",
         "_max_crypto",
         "_max_datagrams",
         "_max_packets",
@@ -272,8 +295,10 @@ class InitialReassembler:
         self._types: tuple[str, ...] = ()
         self._aead: AEAD | None = None
         self._hp: HeaderProtection | None = None
-        self._key = b""  # AEAD key and iv, for `_gcm`
+        self._key = b""  # AEAD key and iv, header protection key: the ciphers are made from them when needed
         self._iv = b""
+        self._hp_key = b""
+        self._largest = -1  # the largest packet number read, which the next ones are decoded against
         self._gcm: AESGCM | None = None  # made for the first packet too large for `_aead`
         self._crypto = bytearray()  # CRYPTO stream bytes, valid where `_ranges` says
         self._ranges: list[list[int]] = []  # sorted, disjoint, non-adjacent [start, end) received
@@ -317,7 +342,14 @@ class InitialReassembler:
             self._check_second()
         except QuicError as error:
             return str(error)
+        finally:
+            self._drop_ciphers()
         return ""
+
+    def _drop_ciphers(self) -> None:
+        """Free the cipher contexts (some 6 KB with aioquic's buffers) of a decided flow: its client
+        sends a few more Initials at most, and making them again for each costs microseconds."""
+        self._aead = self._hp = self._gcm = None
 
     def _check_second(self) -> None:
         """A server that answers with a HelloRetryRequest gets a second ClientHello in the CRYPTO
@@ -424,24 +456,23 @@ class InitialReassembler:
         return packet_end, kind
 
     def _set_keys(self, dcid: bytes) -> None:
-        key, iv, hp = initial_keys(self.version, dcid)
         self._dcid = dcid
-        self._key, self._iv = key, iv
-        self._aead = AEAD(b"aes-128-gcm", key, iv)
-        self._hp = HeaderProtection(b"aes-128-ecb", hp)
+        self._key, self._iv, self._hp_key = initial_keys(self.version, dcid)
 
     def _initial(self, data: bytes, start: int, pn_offset: int, end: int) -> None:
         """Remove header protection (RFC 9001 §5.4), decrypt, and read the frames of one Initial."""
         if pn_offset + 4 + SAMPLE > end:
             raise QuicError("Initial packet too short to sample for header protection")
-        assert self._hp is not None
+        if self._hp is None:
+            self._hp = HeaderProtection(b"aes-128-ecb", self._hp_key)
         packet = data[start:end] if start or end != len(data) else data
         # the header with its first byte and packet number unmasked, and that (truncated) number
-        header, packet_number = self._hp.remove(packet, pn_offset - start)
+        header, truncated = self._hp.remove(packet, pn_offset - start)
         if len(header) + TAG > end - start:
             raise QuicError("Initial packet shorter than its packet number and tag")
-        # A client's first flight numbers its Initials from 0, so the truncated number is the full one.
+        packet_number = decode_packet_number(truncated, 8 * ((header[0] & 3) + 1), self._largest + 1)
         payload = self._decrypt(packet, header, packet_number)
+        self._largest = max(self._largest, packet_number)
         if header[0] & 0x0C:
             raise QuicError("reserved header bits set in an Initial packet")
         if not payload:
@@ -451,9 +482,10 @@ class InitialReassembler:
     def _decrypt(self, packet: bytes, header: bytes, packet_number: int) -> bytes:
         """The packet's payload, opened with aioquic's AEAD, or with `cryptography`'s when it is
         longer than aioquic's accepts."""
-        assert self._aead is not None
         try:
             if len(packet) - len(header) <= AIOQUIC_MAX_CIPHERTEXT:
+                if self._aead is None:
+                    self._aead = AEAD(b"aes-128-gcm", self._key, self._iv)
                 return self._aead.decrypt(packet[len(header) :], header, packet_number)
             if self._gcm is None:
                 self._gcm = AESGCM(self._key)
@@ -574,4 +606,5 @@ class InitialReassembler:
         parsed = self._parse_hello(0, self._needed)
         if parsed.state is not HelloState.COMPLETE:
             return QuicHello(QuicState.ERROR, version=self.version, error="ClientHello: " + parsed.error)
+        self._drop_ciphers()
         return QuicHello(QuicState.COMPLETE, parsed.sni, self.version, parsed.ech)

@@ -16,6 +16,17 @@ for this connection, and may not be an Initial, except as the first packet of a 
 and the new one is decided as any first flow is. After a server's Retry the client's next hello is
 held and decided afresh (the server read nothing of the first); a Version Negotiation ends the flow,
 so the client's next attempt is decided afresh too.
+
+A server reassembles a hello from every Initial that reaches its connection, from any address; the
+gate decides on the bytes the server will read only if those Initials all come through one flow.
+So each connection ID, at its server, belongs to one flow (cids.py): an Initial of another flow
+that names it is dropped (`cid_in_use`). Within the flow, `InitialReassembler` holds every CRYPTO
+byte to one value and every packet number to the one any receiver would decode.
+
+Descriptors: each relayed flow holds an upstream socket. A listener may hold at most its share of
+what the open-file limit leaves beside the TCP listeners' `gate.max_connections` (`upstream_share`);
+past it, and past its share of `quic.max_flows`, the oldest flow whose client has not answered from
+its address is pushed out (flows.py), so spoofed Initials cannot take what real clients need.
 """
 
 from __future__ import annotations
@@ -35,8 +46,10 @@ from ...telemetry.latency import BUCKETS
 from ..blockpage import new_request_id
 from ..connection import Listener, Runtime
 from ..upstream import Address, UpstreamResolver
+from .cids import ConnectionIds
 from .flows import BLOCKED, MAX_CIDS, PENDING, RELAY, Flow, FlowKey, FlowTable, TableFull
 from .initial import (
+    HANDSHAKE_PACKET,
     INITIAL,
     MIN_INITIAL_DATAGRAM,
     PACKET_TYPES,
@@ -52,6 +65,7 @@ from .initial import (
 from .sockets import (
     ANCILLARY_SPACE,
     MAX_DATAGRAM,
+    MAX_REPLY_SOCKETS,
     ReplySockets,
     ask_destination,
     destination_of,
@@ -64,6 +78,7 @@ log = logging.getLogger("icpgate.gate")
 KIND = "quic"
 MAX_LITERALS = 65536
 BATCH = 64  # datagrams read per wakeup of a socket, so one busy socket cannot starve the others
+OTHER_DESCRIPTORS = 256  # listening sockets, admin connections, logs, metric files, databases, DNS
 
 # Runtime.stats keys (telemetry/metrics.py turns them into icpgate_quic_* metrics)
 FROM_CLIENT = ("quic_datagrams", "from_client")
@@ -81,10 +96,24 @@ DROP_REASONS = (
     "pending_full",  # held by a pending flow pushed out, or past the bytes a flow may hold
     "upstream_error",  # the backend cannot be reached or its socket refused the datagram
     "client_error",  # the socket towards the client refused the datagram
+    "cid_in_use",  # an Initial of a new flow to a connection ID another flow holds (cids.py)
 )
 DROPS = {reason: ("quic_drops", reason) for reason in DROP_REASONS}
 INITIAL_SECONDS = "quic_initial_seconds"
+EVICTED = ("quic_evicted_flows",)  # relayed flows whose client had not answered, pushed out to make room
 NEW_CONNECTION = "an Initial of a new connection"  # (key, bucket index) counts; (key,) the sum
+
+
+def upstream_share(max_connections: int, listeners: int) -> int:
+    """The upstream sockets one of `listeners` quic listeners may hold: what the open-file limit
+    leaves beside two descriptors per TCP connection (`gate.max_connections`) and OTHER_DESCRIPTORS,
+    split evenly, so that no listener, TCP or QUIC, is left without the descriptors it needs. When
+    the limit cannot even cover the TCP side (the supervisor warns at start), QUIC still gets an
+    eighth of it rather than nothing."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(soft // 8, soft - 2 * max_connections - OTHER_DESCRIPTORS) // max(1, listeners)
 
 
 def serves_quic() -> bool:
@@ -98,15 +127,25 @@ class QuicListener(Listener):
     """One `kind = "quic"` UDP socket and its flows. `resolver` is replaced on reload, as for TCP."""
 
     def __init__(self, runtime: Runtime, config: ListenerConfig, resolver: UpstreamResolver, sock: socket.socket,
-                 quic: QuicConfig) -> None:  # fmt: skip
+                 quic: QuicConfig, *, cids: ConnectionIds | None = None, listeners: int = 1) -> None:  # fmt: skip
+        """`cids` is the worker's, shared by its `listeners` quic listeners, which split `quic.max_flows`
+        and the descriptors `upstream_share` leaves evenly."""
         super().__init__(runtime, config, resolver)
         self.sock = sock
         self.quic = quic
         self.loop = asyncio.get_running_loop()
-        self.table = FlowTable(quic.max_flows, runtime.stats)
+        self.table = FlowTable(max(16, quic.max_flows // listeners), runtime.stats)
+        self.cids = cids or ConnectionIds(quic.idle_timeout)
         self.local: Address = sock.getsockname()[:2]
-        self.replies = ReplySockets(self.loop, self._read) if config.transparent else None
-        # a wildcard-bound listener names each reply's source address (see quic_socket.source_option)
+        share = upstream_share(runtime.gate.max_connections, listeners)  # max_connections as at start: a reload
+        # may change it, but descriptors taken cannot be given back
+        self.replies = None
+        if config.transparent:  # its reply sockets come out of the same share
+            self.replies = ReplySockets(self.loop, self._read, max(1, min(MAX_REPLY_SOCKETS, share // 8)))
+            share -= self.replies.limit
+        self.max_upstreams = share  # upstream sockets held at once
+        self.upstreams = 0
+        # a wildcard-bound listener names each reply's source address (see sockets.source_option)
         self.wildcard = not config.transparent and ipaddress.ip_address(self.local[0]).is_unspecified
         # bound to one address, not transparent: every datagram it reads was sent to `local`
         self.fixed = not config.transparent and not self.wildcard
@@ -119,10 +158,10 @@ class QuicListener(Listener):
         self.closed = False
 
     def start(self) -> None:
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY and soft < self.quic.max_flows:
-            log.warning("open-file limit %d is below quic.max_flows = %d: each relayed flow holds a socket", soft,
-                        self.quic.max_flows)  # fmt: skip
+        if self.max_upstreams < self.table.max_flows:
+            log.warning("%s: the open-file limit leaves it %d upstream sockets, below its %d of quic.max_flows: "
+                        "past them, relayed flows whose client has not answered are pushed out",
+                        self.config.name, self.max_upstreams, self.table.max_flows)  # fmt: skip
         if self.config.proxy_protocol:
             log.warning("%s: proxy_protocol does not apply to QUIC (the backend reads QUIC datagrams); not sent",
                         self.config.name)  # fmt: skip
@@ -218,10 +257,18 @@ class QuicListener(Listener):
         if len(data) < MIN_INITIAL_DATAGRAM:
             self._drop("invalid")
             return
+        dcid = data[6 : 6 + data[5]]
+        server = self.resolver.backend_for((key[2], key[3])) or (key[2], key[3])
+        if self.cids.taken((dcid, server), None, now):
+            self._drop("cid_in_use")
+            return
         flow = self._admit(key, InitialReassembler(self.runtime.gate.max_hello_size), now)
         if flow is None:
             return
         flow.version = version
+        flow.dcid, flow.server = dcid, server
+        flow.cids.add(dcid)
+        self.cids.claim((dcid, server), flow)
         flow.timer = self.loop.call_at(now + self.runtime.gate.inspect_timeout, self._on_timer, flow)
         self._inspect(flow, data, now)
 
@@ -229,7 +276,10 @@ class QuicListener(Listener):
         table = self.table
         try:
             while (victim := table.victim()) is not None:
-                self._remove(victim, "pending_full")
+                if victim.state == RELAY:
+                    self._evict(victim)
+                else:
+                    self._remove(victim, "pending_full")
         except TableFull:
             self._drop("table_full")
             return None
@@ -303,9 +353,10 @@ class QuicListener(Listener):
         """Connect the flow's own upstream socket (unless it has one: a hello read again after a
         Retry) and replay what the client sent so far."""
         held = flow.held
-        if flow.upstream is None and not self._connect(flow):
+        if flow.upstream is None and not (self._make_room(flow) and self._connect(flow)):
             return
         self.table.set_state(flow, RELAY)
+        flow.relayed = True
         flow.held = []
         reader = flow.reader
         if reader is not None:
@@ -314,6 +365,24 @@ class QuicListener(Listener):
         self._rearm(flow, flow.last_seen + self.quic.idle_timeout)
         for datagram in held:
             self._send_upstream(flow, datagram)
+
+    def _make_room(self, flow: Flow) -> bool:
+        """A descriptor for the flow's upstream socket, within the listener's share: the oldest
+        unproven flows are pushed out for it. False (the flow is forgotten, counted) when every
+        socket is a proven flow's."""
+        while self.upstreams >= self.max_upstreams:
+            victim = self.table.oldest_unproven()
+            if victim is None:
+                self._remove(flow, "table_full")
+                return False
+            self._evict(victim)
+        return True
+
+    def _evict(self, flow: Flow) -> None:
+        """Push out a relayed flow whose client has not answered from its address: its later
+        datagrams find no flow. Its connection IDs stay barred to other flows (cids.py)."""
+        self.runtime.stats[EVICTED] += 1
+        self._remove(flow)
 
     def _connect(self, flow: Flow) -> bool:
         """Open the flow's upstream socket and its way back to the client; False (the flow is
@@ -334,6 +403,7 @@ class QuicListener(Listener):
         if upstream is None:
             self._remove(flow, "upstream_error")
             return False
+        self.upstreams += 1
         flow.ends = (upstream.getsockname()[:2], upstream.getpeername()[:2])
         self.own.add(flow.ends)
         self.loop.add_reader(upstream.fileno(), self._from_upstream, flow)
@@ -396,8 +466,21 @@ class QuicListener(Listener):
                 log.debug("quic %s:%d: dropped: %s", flow.client[0], flow.client[1], problem)
                 self._drop("invalid")
                 return
+        if not flow.proven and self._answers(flow, data):
+            self.table.prove(flow)
         flow.last_seen = now
         self._send_upstream(flow, data)
+
+    @staticmethod
+    def _answers(flow: Flow, data: bytes) -> bool:
+        """Whether the client sends to a connection ID the server chose (a Retry's, or its own in
+        its first packets): it learnt it from a datagram sent to its address, so it is there."""
+        if data[0] & 0x80:
+            if len(data) < 6:
+                return False
+            dcid = data[6 : 6 + data[5]]
+            return dcid != flow.dcid and dcid in flow.cids
+        return any(data[1 : 1 + len(cid)] == cid for cid in flow.cids if cid != flow.dcid)
 
     def _client_problem(self, flow: Flow, data: bytes) -> str:
         """Why a relayed flow's client may not send this datagram, or ''. `NEW_CONNECTION`: past its
@@ -461,14 +544,17 @@ class QuicListener(Listener):
         except QuicError:
             return True  # the client's stack judges the server's packets
         for kind, _, scid in packets:
+            if kind == HANDSHAKE_PACKET:
+                flow.settled = True  # the server has read the whole hello: no other bytes can change its name
             if kind == VERSION_NEGOTIATION:
                 self._to_client(flow, data)
                 self._remove(flow)  # the client's next Initial, in another version, is decided anew
                 return False
             if kind == RETRY and flow.state == RELAY and flow.reader is not None:
                 self._retry(flow)
-            if len(flow.cids) < MAX_CIDS:
+            if len(flow.cids) < MAX_CIDS and scid not in flow.cids:
                 flow.cids.add(scid)
+                self.cids.claim((scid, flow.server), flow)
         return True
 
     def _retry(self, flow: Flow) -> None:
@@ -523,6 +609,9 @@ class QuicListener(Listener):
         """Forget a flow; its held datagrams, if any, are dropped and counted under `drop_reason`."""
         if not self.table.remove(flow):
             return
+        if flow.cids:
+            keys = [(cid, flow.server) for cid in flow.cids]
+            self.cids.release(keys, flow, flow.relayed and not flow.settled, self.loop.time())
         if drop_reason and flow.held:
             self._drop(drop_reason, len(flow.held))
         flow.held = []
@@ -540,6 +629,7 @@ class QuicListener(Listener):
             self.loop.remove_reader(flow.upstream.fileno())
             flow.upstream.close()
             flow.upstream = None
+            self.upstreams -= 1
             self.own.discard(flow.ends)
 
     def _drop(self, reason: str, count: int = 1) -> None:

@@ -103,15 +103,17 @@ class ReplySockets:
     Bound to a hosted address and port, such a socket is also the most specific match for datagrams
     sent there, so the kernel may deliver clients' datagrams to it instead of the listener: each
     one is read too, and what it receives is handed to `deliver` as if the listener had read it.
-    Flows take and release them; at `MAX_REPLY_SOCKETS` the oldest one no flow uses is closed, and
-    when every one is in use a new destination is refused (ReplySocketsFull).
+    Flows take and release them; at `limit` (MAX_REPLY_SOCKETS, or less: the listener's share of
+    descriptors) the oldest one no flow uses is closed, and when every one is in use a new
+    destination is refused (ReplySocketsFull).
     """
 
-    __slots__ = ("_deliver", "_loop", "_sockets", "_users")
+    __slots__ = ("_deliver", "_loop", "_sockets", "_users", "limit")
 
-    def __init__(self, loop, deliver: Callable[[socket.socket, Address], None]) -> None:
+    def __init__(self, loop, deliver: Callable[[socket.socket, Address], None], limit: int | None = None) -> None:
         self._loop = loop
         self._deliver = deliver
+        self.limit = limit or MAX_REPLY_SOCKETS
         self._sockets: dict[Address, socket.socket] = {}  # in order of creation
         self._users: dict[Address, int] = {}
 
@@ -119,10 +121,10 @@ class ReplySockets:
         """The socket answering from `destination`, for one more flow; OSError when it cannot be had."""
         sock = self._sockets.get(destination)
         if sock is None:
-            if len(self._sockets) >= MAX_REPLY_SOCKETS:
+            if len(self._sockets) >= self.limit:
                 idle = next((kept for kept in self._sockets if not self._users[kept]), None)
                 if idle is None:
-                    raise ReplySocketsFull("%d reply sockets, all in use" % MAX_REPLY_SOCKETS)
+                    raise ReplySocketsFull("%d reply sockets, all in use" % self.limit)
                 self._close(idle)
             sock = self._open(destination)
         self._users[destination] += 1
