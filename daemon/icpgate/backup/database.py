@@ -13,7 +13,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..registry.store import CHECKSUM_MODULUS
+from ..registry.store import recompute
 
 _BUSY_TIMEOUT = 60.0  # seconds a restore waits for a writer's transaction (a feed snapshot) to end
 
@@ -123,11 +123,10 @@ def _check_registry(db: sqlite3.Connection, name: str, described: Described) -> 
     if recorded not in (-1, described.counts["filings"]):
         described.problems.append("%s records %d filings but holds %d" % (name, recorded, described.counts["filings"]))
     if described.schema >= 3:  # since migration 3 the checksum is the sum of the digests
-        total = 0
-        cursor = db.execute("SELECT digest FROM filings")
-        while rows := cursor.fetchmany(20000):
-            total += sum(int.from_bytes(digest) for (digest,) in rows if digest is not None)
-        recomputed = "%064x" % (total % CHECKSUM_MODULUS)
+        recomputed, differing = recompute(db)
+        if differing:
+            described.problems.append("%s: %d filing(s) whose record does not give its stored digest, first %s"
+                                      % (name, len(differing), differing[0]))  # fmt: skip
         if recomputed != checksum:
             described.problems.append("%s: the checksum recomputed from its filings, %s, is not the recorded %s"
                                       % (name, recomputed, checksum))  # fmt: skip
