@@ -7,8 +7,11 @@ adopts the restored registry. A damaged backup is refused and changes nothing.""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from contextlib import closing
@@ -18,10 +21,11 @@ from adminkit import ObservedGate, metric, start_observed_gate
 from feedkit import bulk_records, config_text, make_key, start_publisher
 from test_gate_process import http_get, status_of, wait_until
 
-from conftest import SAMPLES, run_icpgate
+from conftest import REPO, SAMPLES, run_icpgate
 
 NEW_HOST = "bulk-900.example-feed.cn"  # filed after the backup
 CHECKSUM_MODULUS = 1 << 256
+ICPGATE_PROGRAM = Path(sys.executable).with_name("icpgate")  # the venv's console script
 
 
 def backup(dest: Path, config: Path, *extra: str) -> dict:
@@ -262,3 +266,18 @@ def test_a_restore_on_a_stopped_edge_without_an_index_needs_no_adoption(tmp_path
     facts = registry_facts(tmp_path / "state" / "registry.db")
     assert (facts["serial"], facts["checksum"]) == (made["registry"]["serial"], made["registry"]["checksum"])
     assert rows(tmp_path / "state" / "registry.violations.db", "customers") == 2
+
+
+def test_the_documented_timer_and_its_service_verify(tmp_path: Path) -> None:
+    """docs/deployment.md's icpgate-backup.service and .timer, as an operator copies them."""
+    text = (REPO / "docs" / "deployment.md").read_text(encoding="utf-8")
+    units = {block.splitlines()[0].split()[1].rstrip(":"): block for block in re.findall(r"```ini\n(.*?)```", text,
+                                                                                          re.S)}  # fmt: skip
+    for name in ("icpgate-backup.service", "icpgate-backup.timer"):
+        # systemd-analyze checks that ExecStart's program exists: the test's icpgate stands in for /usr/local/bin's.
+        (tmp_path / name).write_text(units[name].replace("/usr/local/bin/icpgate", str(ICPGATE_PROGRAM)))
+    assert "backup /var/lib/icpgate-backups --keep 14" in units["icpgate-backup.service"]
+    result = subprocess.run(["systemd-analyze", "verify", *(str(tmp_path / name) for name in sorted(units)
+                                                            if name.startswith("icpgate-backup"))],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
