@@ -281,3 +281,20 @@ def test_the_documented_timer_and_its_service_verify(tmp_path: Path) -> None:
                                                             if name.startswith("icpgate-backup"))],
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_restore_over_a_damaged_registry_keeps_it_aside(tmp_path: Path) -> None:
+    """The disk lost part of the registry: it is renamed aside, with its WAL files, never overwritten."""
+    config = small_edge(tmp_path)
+    made = backup(tmp_path / "backups", config)
+    live = tmp_path / "state" / "registry.db"
+    live.write_bytes(b"not a database, or no longer" * 1000)
+    result = run_icpgate("restore", made["folder"], "-c", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    restored = json.loads(result.stdout)
+    assert [Path(path).name.split(".damaged-")[0] for path in restored["moved_aside"]] == ["registry.db"]
+    assert Path(restored["moved_aside"][0]).read_bytes().startswith(b"not a database")
+    facts = registry_facts(live)
+    assert (facts["serial"], facts["checksum"]) == (made["registry"]["serial"], made["registry"]["checksum"])
+    saved = json.loads(Path(restored["saved"], "manifest.json").read_text())
+    assert set(saved["files"]) == {"violations"} and saved["problems"], saved  # the damaged one was left out

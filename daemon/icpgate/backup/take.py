@@ -34,15 +34,19 @@ def take(config: Config, dest: Path, *, kinds: Iterable[str] = tuple(FILES), str
 
     Each copy is checked as a restore would check it; with `strict` a damaged live file fails the
     backup (a backup that restore would refuse is no backup), without it the problems go into the
-    manifest and unusable files are left out (the copy restore takes of what it replaces)."""
-    require_registry(config.registry_path)
+    manifest and missing or unusable files are left out, the registry too: the copy restore takes
+    of what it replaces, which is kept to be looked at (restore refuses it without a registry)."""
+    if strict:
+        require_registry(config.registry_path)
     dest.mkdir(parents=True, exist_ok=True)
     partial = dest / (_PARTIAL + secrets.token_hex(4))
     partial.mkdir()
     try:
         manifest = _fill(config, partial, kinds, strict)
         created = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        final = _free_name(dest, "%s%s-serial-%d" % (PREFIX, created, manifest.registry["serial"]))
+        registry = manifest.document["registry"]
+        final = _free_name(dest, "%s%s-%s" % (PREFIX, created, "serial-%d" % registry["serial"] if registry
+                                              else "no-registry"))  # fmt: skip
         _sync_folder(partial)
         partial.rename(final)
         _sync_folder(dest)
@@ -73,7 +77,7 @@ def _fill(config: Config, folder: Path, kinds: Iterable[str], strict: bool) -> M
                        "schema": described.schema, "counts": described.counts}  # fmt: skip
         if kind == "registry":
             registry = described.state
-    if registry is None:
+    if registry is None and strict:
         raise BackupError("%s is not an icpgate registry" % config.registry_path, problems)
     document = {"format": FORMAT, "version": __version__, "created_at": _now(), "host": socket.gethostname(),
                 "registry": registry, "files": files}  # fmt: skip
