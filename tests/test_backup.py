@@ -87,7 +87,11 @@ def test_a_backup_under_load_restores_equal_and_is_enforced_only_once_adopted(tm
     feed = {"urls": [publisher.url], "public_keys": [str(public)], "token_file": str(publisher.edge_token),
             "start_delay": 0, "wait": 5, "min_interval": 0.05, "guard_min_filings": 1_000_000}  # fmt: skip
     (tmp_path / "edge").mkdir()
-    edge = start_observed_gate(tmp_path / "edge", origin.http, origin.tls, workers=2, tables={"feed": feed})
+    try:
+        edge = start_observed_gate(tmp_path / "edge", origin.http, origin.tls, workers=2, tables={"feed": feed})
+    except BaseException:
+        publisher.stop()
+        raise
     registry = tmp_path / "edge" / "registry.db"
     violations = registry.with_suffix(".violations.db")
     try:
