@@ -152,7 +152,10 @@ def test_publisher_answers_ahead_gone_etag_and_bad_requests(publisher) -> None:
         etag = answer.headers["ETag"]
         assert answer.headers["Icpgate-Signature"].startswith("ed25519 ")
         # Behind tokens, a shared cache must not keep a snapshot and hand it to others.
-        assert answer.headers["Cache-Control"].startswith("private") and answer.headers["Vary"] == "Authorization"
+        assert (
+            answer.headers["Cache-Control"].startswith("private")
+            and answer.headers["Vary"] == "Authorization, Icpgate-Feed-Formats"
+        )
     with pytest.raises(urllib.error.HTTPError) as error:
         publisher.get("/snapshot", {"If-None-Match": etag})
     assert error.value.code == 304  # HTTP caching still works for an authorised edge

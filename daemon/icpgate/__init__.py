@@ -5,4 +5,4 @@ cli -> process -> admin -> feed | inline | reports -> gate -> violations -> poli
 -> config | names | telemetry.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # docs/changelog.md: 0.1.0 is commit 78e0bab; this is what follows it

@@ -124,6 +124,7 @@ _READY = {
     "required": ["ready", "checks"],
     "properties": {
         "ready": {"type": "boolean"},
+        "version": {"type": "string", "description": "The running daemon's version (docs/changelog.md)."},
         "mode": {"type": "string", "enum": [mode.value for mode in Mode]},
         "checks": {
             "type": "object",

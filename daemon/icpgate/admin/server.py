@@ -20,6 +20,7 @@ import time
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from .. import __version__
 from ..config.settings import Config
 from ..config.tomlschema import ConfigError
 from ..feed.client import FeedClient
@@ -107,7 +108,13 @@ class AdminApi:
         families = await asyncio.to_thread(worker_families)
         checks = readiness(self.config, families, await self.registry.sync_status(), self._monitor_ranges())
         ready = all(check["ok"] for check in checks.values())
-        body = {"ready": ready, "mode": checks["enforcement"]["mode"], "checks": checks, "warnings": warnings}
+        body = {
+            "ready": ready,
+            "mode": checks["enforcement"]["mode"],
+            "checks": checks,
+            "warnings": warnings,
+            "version": __version__,
+        }
         return web.json_response(body, status=200 if ready else 503)
 
     async def _registry_warnings(self) -> list[dict[str, str]]:

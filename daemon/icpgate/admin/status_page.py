@@ -8,6 +8,7 @@ from datetime import tzinfo
 from html import escape
 from typing import Any
 
+from .. import __version__
 from ..config.display_time import local_text, zone_label
 from ..config.settings import Config
 from ..reports.current import current_en, current_zh
@@ -104,11 +105,12 @@ def render_status_page(config: Config, feed: dict[str, Any], enforcement: dict[s
 <p class="empty">按 DNS 核实状态统计的记录 · Records by DNS state: %(counts)s.
 全部记录 · All records: <a href="/api/v1/violations">/api/v1/violations</a></p></section>
 %(inspection)s
+<p class="empty">icpgate %(version)s</p>
 </main></body></html>
 """ % {
         "provider": escape(config.provider.name or config.provider.id), "style": _STYLE, "feed": feed_html,
         "rates": rates_html, "top": top_html, "counts": counts, "warnings": _banner(warnings),
-        "inspection": render_inspection(inspection, config.inspect.enabled, zone),
+        "inspection": render_inspection(inspection, config.inspect.enabled, zone), "version": escape(__version__),
     }  # fmt: skip
 
 

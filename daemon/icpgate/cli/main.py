@@ -23,7 +23,7 @@ from ..registry.store import Guard, ImportReport, RegistryError, open_registry, 
 from ..telemetry.logs import log_to_stderr
 from ..telemetry.multiproc import use_metrics_dir
 from ..violations.store import DNS_STATES, HANDLING_STATES, MAX_NOTE, Filters, open_violations, parse_since
-from . import inspect_commands
+from . import backup_commands, inspect_commands
 from .exits import Exit
 
 DEFAULT_CONFIG = Path("/etc/icpgate/config.toml")
@@ -121,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         command.set_defaults(handler=_cmd_handling, state=state)
 
     inspect_commands.add_parser(commands, common)
+    backup_commands.add_parsers(commands, common)
 
     customers = commands.add_parser("customers", help="the customer map: address ranges to customers")
     customer_commands = customers.add_subparsers(dest="customers_command", required=True)

@@ -21,6 +21,13 @@ from ..registry.interchange import ParsedFiling, RecordError, parse_filing
 from ..registry.licence import LicenceError, parse_licence
 
 FORMAT = "icpgate-feed/2"  # 2: the checksum is a sum of digests (docs/feed-protocol.md)
+# Formats and releases (docs/feed-protocol.md): what this release reads and writes, newest first; what
+# a publisher sends an edge that names none (every release since 0.1.0 reads it); and the headers
+# an edge names its formats in, and a publisher the format of its answer (or, refusing, its own).
+FORMATS = (FORMAT,)
+BASELINE = "icpgate-feed/2"
+FORMATS_HEADER = "Icpgate-Feed-Formats"
+FORMAT_HEADER = "Icpgate-Feed-Format"
 MAX_INFLATION = 20  # an inflated body may be this many times `feed.max_body`: refuse gzip bombs
 _INFLATE_STEP = 1 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -63,6 +70,15 @@ class Header:
         if self.since is not None:
             header["since"] = self.since
         return json.dumps(header)
+
+
+def choose(accepted: str | None) -> str | None:
+    """The format to answer an edge with: the newest that both know, the baseline for an edge that
+    names none (0.1.0), None when there is none in common."""
+    if accepted is None:
+        return BASELINE
+    theirs = {item.strip() for item in accepted.split(",")}
+    return next((name for name in FORMATS if name in theirs), None)
 
 
 # --- writing (the publisher) --------------------------------------------------------------------
@@ -169,8 +185,8 @@ def _header(raw: bytes, expect: str) -> Header:
         raise refuse("header", "not a JSON object") from None
     if not isinstance(header, dict):
         raise refuse("header", "not a JSON object")
-    if header.get("format") != FORMAT:
-        raise refuse("format", "%r is not %r" % (header.get("format"), FORMAT))
+    if header.get("format") not in FORMATS:
+        raise refuse("format", "%r is not one this release reads (%s)" % (header.get("format"), ", ".join(FORMATS)))
     if header.get("kind") != expect:
         raise refuse("kind", "expected %r, got %r" % (expect, header.get("kind")))
     for field in ("serial", "records") + (("since",) if expect == "changes" else ()):

@@ -29,7 +29,7 @@ from aiohttp import web
 
 from ..config.settings import Config
 from ..registry.store import Registry, RegistryState, open_registry
-from .protocol import Header, encode_changes, write_snapshot
+from .protocol import FORMAT_HEADER, FORMATS, FORMATS_HEADER, Header, choose, encode_changes, write_snapshot
 from .signing import SIGNATURE_HEADER, load_private_key, sign
 from .sources import POLL_HEADER, SERIAL_HEADER
 from .tokens import TokenFileError, authorise, load_tokens
@@ -178,11 +178,21 @@ class Publisher:
         return {SERIAL_HEADER: str(self.state.serial), POLL_HEADER: "%g" % self.publish.poll_interval}
 
     def _cacheable(self) -> dict[str, str]:
-        """Snapshots are static per ETag. Behind tokens only the edge's own cache may keep one."""
+        """Snapshots are static per ETag and format. Behind tokens only the edge's own cache may keep one."""
         age = max(1, int(self.publish.poll_interval))
         if self.tokens:
-            return {"Cache-Control": "private, max-age=%d" % age, "Vary": "Authorization"}
-        return {"Cache-Control": "public, max-age=%d" % age}
+            return {"Cache-Control": "private, max-age=%d" % age, "Vary": "Authorization, " + FORMATS_HEADER}
+        return {"Cache-Control": "public, max-age=%d" % age, "Vary": FORMATS_HEADER}
+
+    def _format(self, request: web.Request) -> dict[str, str]:
+        """The answer's format header: the newest format the edge and this release share, or 406
+        naming ours, so an edge of another release says why instead of refusing a body it cannot read."""
+        chosen = choose(request.headers.get(FORMATS_HEADER))
+        if chosen is None:
+            raise web.HTTPNotAcceptable(headers={**self._headers(), FORMATS_HEADER: ", ".join(FORMATS)},
+                                        text="this publisher writes %s; the edge reads %s\n"
+                                        % (", ".join(FORMATS), request.headers[FORMATS_HEADER]))  # fmt: skip
+        return {FORMAT_HEADER: chosen}
 
     async def get_snapshot(self, request: web.Request) -> web.StreamResponse:
         snapshot = self.snapshot
@@ -190,7 +200,7 @@ class Publisher:
             raise web.HTTPServiceUnavailable(headers={"Retry-After": "5", **self._headers()},
                                              text="the first snapshot is being built\n")  # fmt: skip
         headers = {**self._headers(), SERIAL_HEADER: str(snapshot.serial), "ETag": snapshot.etag,
-                   **self._cacheable()}  # fmt: skip
+                   **self._cacheable(), **self._format(request)}  # fmt: skip
         if snapshot.signature:
             headers[SIGNATURE_HEADER] = snapshot.signature
         if snapshot.etag in request.headers.get("If-None-Match", ""):
@@ -207,6 +217,7 @@ class Publisher:
                 raise ValueError
         except (KeyError, ValueError):
             raise web.HTTPBadRequest(text="expected ?since=<serial>[&wait=<seconds>]\n") from None
+        chosen = self._format(request)
         if since == self.state.serial and wait > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._moved), wait)
@@ -221,7 +232,7 @@ class Publisher:
             return web.Response(status=204, headers={**self._headers(), "Cache-Control": "no-store"})
         body, signature, serial = await self._change_set(since, state.serial)
         headers = {**self._headers(), SERIAL_HEADER: str(serial), "Cache-Control": "no-store",
-                   "Content-Type": "application/gzip"}  # fmt: skip
+                   "Content-Type": "application/gzip", **chosen}  # fmt: skip
         if signature:
             headers[SIGNATURE_HEADER] = signature
         return web.Response(body=body, headers=headers)
@@ -253,6 +264,7 @@ class Publisher:
             "serial": state.serial, "floor": state.floor, "checksum": state.checksum, "filings": state.filings,
             "changed_at": state.changed_at, "signed": self.key is not None, "tokens": self.tokens is not None,
             "snapshot": {"serial": snapshot.serial, "etag": snapshot.etag} if snapshot else None,
+            "formats": list(FORMATS),
         }, headers=self._headers())  # fmt: skip
 
 

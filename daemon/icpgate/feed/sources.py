@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 
 from ..config.settings import FeedConfig
-from .protocol import FORMAT, FeedError, SyncResult
+from .protocol import FORMATS, FORMATS_HEADER, FeedError, SyncResult
 from .signing import SIGNATURE_HEADER
 
 SERIAL_HEADER = "Icpgate-Serial"  # the publisher's serial, on every answer
@@ -59,6 +59,7 @@ class HttpSource:
 
     async def _get(self, url: str, params: dict, headers: dict, wait: float) -> Fetched:
         config = self.config
+        headers = {FORMATS_HEADER: ", ".join(FORMATS)} | headers  # the publisher answers in one of them
         timeout = aiohttp.ClientTimeout(total=config.total_timeout + wait, connect=config.connect_timeout,
                                         sock_read=config.read_timeout + wait)  # fmt: skip
         try:
@@ -76,6 +77,10 @@ class HttpSource:
                     return Fetched(Answer.GONE, serial=serial, poll_interval=hint)
                 if response.status == 409:
                     return Fetched(Answer.BEHIND, serial=serial, poll_interval=hint)
+                if response.status == 406:
+                    raise FeedError(SyncResult.ERROR, "%s speaks feed formats %s, this edge reads %s: upgrade the"
+                                    " older of the two (docs/upgrading.md)" % (url, response.headers.get(
+                                        FORMATS_HEADER, "?"), ", ".join(FORMATS)))  # fmt: skip
                 raise FeedError(SyncResult.ERROR, "%s answered %d %s" % (url, response.status, response.reason))
         except TimeoutError:
             raise FeedError(SyncResult.ERROR, "%s: timed out" % url) from None
@@ -192,7 +197,7 @@ def _first_line(path: Path) -> dict:
             header = json.loads(text)
         except (zlib.error, ValueError):
             return {}
-    return header if isinstance(header, dict) and header.get("format") == FORMAT else {}
+    return header if isinstance(header, dict) and header.get("format") in FORMATS else {}
 
 
 def _float(value: str | None) -> float:

@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -689,6 +690,21 @@ def _filing_from_row(row: tuple) -> Filing:
         domains=tuple(sorted((row[10] or "").split())), access=tuple(access), updated_at=row[8],
         extra=json.loads(row[9]),
     )  # fmt: skip
+
+
+def recompute(db: sqlite3.Connection) -> tuple[str, list[str]]:
+    """The checksum recomputed from the filings themselves, each digest made afresh from its
+    record, and the licences whose stored digest differs: what a backup and a restore check a
+    registry file with (backup/database.py), in a read transaction the caller holds."""
+    total, differing = 0, []
+    cursor = db.execute(_RECORDS.replace(" FROM filings f", ", f.digest FROM filings f"))
+    while rows := cursor.fetchmany(5000):
+        for row in rows:
+            digest = _filing_from_row(row).digest()  # the stored digest is the row's last column
+            total += int.from_bytes(digest)
+            if digest != row[-1]:
+                differing.append(row[1])
+    return _checksum_hex(total), differing
 
 
 def _guard_breach(guard: Guard, report: ImportReport) -> str:
