@@ -17,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -68,7 +69,9 @@ def test_every_unit_verifies_together(tmp_path: Path) -> None:
 def test_every_service_is_hardened_like_the_gate_and_runs_as_its_user() -> None:
     gate = settings("icpgate.service")
     assert all(gate.get(key) for key in HARDENING), [key for key in HARDENING if not gate.get(key)]
-    for unit in SERVICES:
+    every = sorted(path.name for path in SYSTEMD.glob("*.service"))  # a unit added later is held to it too
+    assert set(SERVICES) <= set(every), every
+    for unit in every:
         found = settings(unit)
         assert {key: found.get(key) for key in HARDENING} == {key: gate[key] for key in HARDENING}, unit
         assert set(" ".join(found["AmbientCapabilities"]).split()) <= set(
@@ -212,8 +215,15 @@ def test_the_feed_unit_serves_with_its_credentials_on_its_address(tmp_path: Path
         assert refused.value.code == 401
         token = tokens["edge-1"].read_text().strip()
         request = urllib.request.Request(url, headers={"Authorization": "Bearer " + token})
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            assert answer.status == 200 and answer.headers["Icpgate-Signature"].startswith("ed25519 ")
+        deadline = time.monotonic() + 30
+        while True:  # 503 until the first snapshot is written, a moment after the port opens
+            try:
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    assert answer.status == 200 and answer.headers["Icpgate-Signature"].startswith("ed25519 ")
+                    break
+            except urllib.error.HTTPError as error:
+                assert error.code == 503 and time.monotonic() < deadline, error
+                time.sleep(0.1)
     finally:
         publisher.terminate()
         publisher.wait(30)
