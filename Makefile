@@ -1,14 +1,26 @@
 # make run  — install what is needed, then run the gate on the built-in example.
 # make test — install what is needed (Python packages and Debian tools), then run the whole suite.
+# make image — build the container image from the Dockerfile (docs/deployment.md, "The image").
 
 PYTHON ?= python3
+, := ,
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 CONFIG := config.example.toml
 SAMPLES := daemon/icpgate/samples/filings.ndjson
 
-.PHONY: run test lint system-deps bench bench-scale clean
+# The image: podman, else buildah. BASE= another base image (empty: the Dockerfile's, from Docker
+# Hub; `make debian-base` prints one made from Debian's packages); CA_BUNDLE= the certificates pip
+# trusts while building (this machine's, for a TLS-inspecting proxy; not kept in the image);
+# ISOLATION=chroot runs the RUN steps without an OCI runtime (cgroups v1 or hybrid hosts, containers).
+IMAGE ?= localhost/icpgate:latest
+BASE ?=
+BUILDER ?= $(firstword $(shell command -v podman buildah 2>/dev/null))
+CA_BUNDLE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+ISOLATION ?= chroot
+
+.PHONY: run test lint system-deps image debian-base bench bench-scale clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +38,14 @@ system-deps:
 test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check daemon tests bench
 	$(PY) -m pytest
+
+image:
+	@test -n "$(BUILDER)" || { echo "make image needs podman or buildah (apt-get install podman)" >&2; exit 1; }
+	$(BUILDER) build --format docker --isolation=$(ISOLATION) $(if $(BASE),--build-arg BASE=$(BASE)) \
+		$(if $(CA_BUNDLE),--secret id=ca-bundle$(,)src=$(CA_BUNDLE)) --tag $(IMAGE) .
+
+debian-base:
+	@bash packaging/debian-base.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check daemon tests bench

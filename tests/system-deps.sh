@@ -18,6 +18,9 @@ checks=(
   "command -v iptables && command -v ip6tables|iptables"
   "test -x /usr/sbin/dnsmasq|dnsmasq-base"
   "command -v promtool|prometheus"
+  "command -v podman|podman"
+  "command -v runc|runc"
+  "command -v mmdebstrap|mmdebstrap"
 )
 missing=()
 for entry in "${checks[@]}"; do

@@ -52,4 +52,6 @@ def test_dockerfile_copies_what_exists_and_runs_unprivileged() -> None:
     assert len(re.findall(r"^FROM ", text, re.M)) >= 2  # multi-stage
     assert re.search(r"^USER icpgate$", text, re.M)
     assert "HEALTHCHECK" in text
-    assert re.search(r"^FROM python:3\.(1[1-9])", text, re.M)
+    # Every stage on the one base, a build argument; the default is a Python >= 3.11 on Debian bookworm.
+    assert re.search(r"^ARG BASE=docker\.io/library/python:3\.(1[1-9])-slim-bookworm$", text, re.M)
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["${BASE}", "${BASE}"]

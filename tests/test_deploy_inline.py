@@ -1,10 +1,10 @@
 """Deployment files of inline mode, and the Docker story the guide tells.
 
 The bypass unit and the transparent drop-in pass `systemd-analyze verify` and grant what the guide
-says. Docker cannot run on the test machines (no daemon), so the image is checked against the
-guide statically: the user, the ports it publishes and the ones the image exposes, the
-capabilities. The one part of the transparent-mode command that is not Docker's, setpriv keeping
-CAP_NET_ADMIN across the switch to an unprivileged user, runs for real in a namespace.
+says. The guide's Docker commands are checked against the image statically here: the user, the
+ports it publishes and the ones the image exposes, the capabilities; the setpriv part of the
+transparent-mode command, keeping CAP_NET_ADMIN across the switch to an unprivileged user, runs for
+real in a namespace. tests/test_image.py builds the image and runs the transparent-mode command in it.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ listener is a UDP socket; a transparent one also asks for each datagram's origin
 
 from __future__ import annotations
 
+import errno
 import socket
 
 from ..config.settings import ListenerConfig
@@ -36,8 +37,19 @@ def bind_listeners(listeners: tuple[ListenerConfig, ...]) -> dict[str, socket.so
             bound[listener.name] = _bind(listener)
     except OSError as error:
         close_all(bound)
-        raise GateStartError("cannot listen on %s: %s" % (listener.name, error.strerror or error)) from None
+        raise GateStartError(
+            "cannot listen on %s: %s%s" % (listener.name, error.strerror or error, _missing_capability(listener, error))
+        ) from None
     return bound
+
+
+def _missing_capability(listener: ListenerConfig, error: OSError) -> str:
+    """The capability a refused bind lacks, named for the operator (docs/deployment.md, "Capabilities")."""
+    if error.errno == errno.EPERM and listener.transparent:
+        return " (a transparent listener needs CAP_NET_ADMIN)"
+    if error.errno == errno.EACCES and 0 < listener.port < 1024:
+        return " (a port below 1024 needs CAP_NET_BIND_SERVICE)"
+    return ""
 
 
 def _bind(listener: ListenerConfig) -> socket.socket:
