@@ -18,6 +18,8 @@ checks=(
   "command -v iptables && command -v ip6tables|iptables"
   "test -x /usr/sbin/dnsmasq|dnsmasq-base"
   "command -v promtool|prometheus"
+  "ls /usr/lib/postgresql/*/bin/initdb|postgresql"
+  "test -x /usr/sbin/pgbouncer|pgbouncer"
 )
 missing=()
 for entry in "${checks[@]}"; do
