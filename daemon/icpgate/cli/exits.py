@@ -15,3 +15,4 @@ class Exit(IntEnum):
     START = 6  # `run`: the gate could not start (a listener cannot bind, workers do not come up)
     FEED = 7  # `feed sync`/`diff`: no source could be reached (refused feed data is DATA)
     NFT = 8  # `bypass`: nft failed (no inline ruleset loaded, no CAP_NET_ADMIN, a conflicting set element)
+    FLEET = 9  # `fleet`: the central store cannot be reached, or refuses (roles, schema)

@@ -1,4 +1,4 @@
-"""What runs beside the gate workers: the feed client, violation upkeep and the admin API.
+"""What runs beside the gate workers: the feed client, violation upkeep, the fleet's shipper and the admin API.
 
 With one worker they run in its event loop; with several, in one supervised service process (one
 process owns the state and its writers, N workers serve), which restarts them with the new config
@@ -17,8 +17,10 @@ from functools import partial
 from ..admin.server import run_admin
 from ..config.settings import Config
 from ..feed.client import run_feed
+from ..fleet.service import run_fleet
 from ..policy.pack import load_pack
 from ..reports.dns_check import Confirmer, hosted_ranges
+from ..telemetry.metrics import FLEET_DROPPED
 from ..violations.store import ViolationStore, open_violations
 
 log = logging.getLogger("icpgate.services")
@@ -38,6 +40,8 @@ async def run_services(config: Config, on_applied: Callable[[int], None] | None,
         if config.feed.urls:
             group.create_task(run_feed(config, on_applied))
         group.create_task(upkeep_violations(config))
+        if config.fleet.enabled:
+            group.create_task(run_fleet(config))
         if admin_socket is not None:
             group.create_task(run_admin(config, admin_socket.dup()))
 
@@ -55,8 +59,14 @@ async def _prune(config: Config, store: ViolationStore) -> None:
     """A failed pass (the log locked past its busy timeout) is logged and tried again; it must not
     take the feed client and the admin API down with it."""
     while True:
+        before = time.time() - config.violations.retention
         try:
-            removed = await store.prune(time.time() - config.violations.retention)
+            removed = await store.prune(before, hold_unshipped=config.fleet.enabled)
+            if config.fleet.enabled and (dropped := await store.drop_held(before, config.fleet.max_backlog)):
+                FLEET_DROPPED.inc(dropped)
+                log.error("violation log: %d unshipped records dropped: past the retention and beyond"
+                          " fleet.max_backlog = %d while the central store is away", dropped,
+                          config.fleet.max_backlog)  # fmt: skip
         except Exception as error:
             log.error("violation log %s: cannot remove expired records: %s", store.path, error)
         else:

@@ -1,0 +1,150 @@
+"""`icpgate fleet migrate|maintain|status|violations`: the operations centre's view of the fleet."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..config.settings import Config
+from ..violations.store import Filters, open_violations
+from .exits import Exit
+
+if TYPE_CHECKING:
+    import psycopg
+
+FLAG_TEXT = {"silent": "SILENT", "not_enforcing": "NOT ENFORCING", "behind": "BEHIND",
+             "checksum_differs": "CHECKSUM DIFFERS"}  # fmt: skip
+
+
+def add_commands(commands, common: argparse.ArgumentParser, filters: argparse.ArgumentParser,
+                 dispatch: Callable[[argparse.Namespace], Exit]) -> None:  # fmt: skip
+    """`icpgate fleet ...`; `filters` holds `icpgate violations`' filter options, `dispatch` loads
+    the config and calls the command's `fleet_handler` (psycopg is imported only then)."""
+    dsn = argparse.ArgumentParser(add_help=False)
+    dsn.add_argument("--dsn", help="connect with this libpq DSN instead of fleet.dsn (e.g. the owner's or a reader's)")
+    fleet = commands.add_parser("fleet", help="the fleet's central store (PostgreSQL)")
+    fleet_commands = fleet.add_subparsers(dest="fleet_command", required=True)
+    migrate = fleet_commands.add_parser("migrate", parents=[common, dsn], help="create or migrate the central schema")
+    migrate.add_argument("--print-roles", action="store_true",
+                         help="print the roles' SQL (a superuser runs it first); change nothing")  # fmt: skip
+    migrate.add_argument("--edge", action="append", default=[], metavar="LABEL",
+                         help="--print-roles: a login role for this edge; repeatable")  # fmt: skip
+    migrate.set_defaults(handler=dispatch, fleet_handler=migrate_command)
+    maintain = fleet_commands.add_parser("maintain", parents=[common, dsn],
+                                         help="retention: drop history past fleet.retention_days")  # fmt: skip
+    maintain.set_defaults(handler=dispatch, fleet_handler=maintain_command)
+    status = fleet_commands.add_parser("status", parents=[common, dsn], help="every edge, its health and its flags")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--silent-after", type=float, metavar="S", help="seconds (default fleet.silent_after)")
+    status.set_defaults(handler=dispatch, fleet_handler=status_command)
+    violations = fleet_commands.add_parser("violations", parents=[common, dsn, filters],
+                                           help="violations across the fleet, confirmed first")  # fmt: skip
+    violations.add_argument("--edge", help="seen at this edge (fleet.edge_id)")
+    violations.add_argument("--site", help="seen at this site (fleet.site)")
+    violations.set_defaults(handler=dispatch, fleet_handler=violations_command)
+
+
+def migrate_command(args: argparse.Namespace, config: Config) -> Exit:
+    from ..fleet import central
+    from ..fleet.schema import roles_sql
+
+    if args.print_roles:
+        sys.stdout.write(roles_sql(args.edge))
+        return Exit.OK
+    if args.edge:
+        print("fleet migrate: --edge goes with --print-roles", file=sys.stderr)
+        return Exit.USAGE
+    with _connect(args, config) as connection:
+        before, after = central.migrate(connection)
+    print("central schema: version %d%s" % (after, "" if before == after else " (was %d)" % before))
+    return Exit.OK
+
+
+def maintain_command(args: argparse.Namespace, config: Config) -> Exit:
+    from ..fleet import central
+
+    with _connect(args, config) as connection:
+        done = central.maintain(connection, config.fleet.retention_days)
+    print("history before %s removed: %d monthly partitions dropped (%s), %d records removed" % (
+        done["cutoff"], len(done["partitions_dropped"]), ", ".join(done["partitions_dropped"]) or "none",
+        done["records_removed"]))  # fmt: skip
+    return Exit.OK
+
+
+def status_command(args: argparse.Namespace, config: Config) -> Exit:
+    from ..fleet import views
+
+    with _connect(args, config) as connection:
+        found = views.edges(connection, args.silent_after or config.fleet.silent_after)
+    if args.json:
+        print(json.dumps({"edges": found}, ensure_ascii=False, indent=2))
+        return Exit.OK
+    if not found:
+        print("no edge has reported to the central store yet")
+        return Exit.OK
+    rows = [("EDGE", "SITE", "MODE", "SERIAL", "BEHIND", "BACKLOG", "LAST SEEN", "FLAGS")]
+    for edge in found:
+        registry = edge["registry"]
+        rows.append((edge["edge_id"], edge["site"] or "-", edge["mode"] or "-", str(registry["serial"]),
+                     str(registry["behind"]), str(edge["shipping"]["backlog"]),
+                     "%s (%.0fs ago)" % (edge["last_seen"], edge["silence"]),
+                     ", ".join(FLAG_TEXT[flag] for flag in edge["flags"]) or "ok"))  # fmt: skip
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return Exit.OK
+
+
+def violations_command(args: argparse.Namespace, config: Config, filters: Filters) -> Exit:
+    from ..fleet import views
+    from ..reports import export
+
+    with _connect(args, config) as connection:
+        edges, sites = views.labels(connection)
+        for name, value, known in (("--edge", args.edge, edges), ("--site", args.site, sites)):
+            if value is not None and value not in known:
+                print("fleet violations: %s: no edge reports %r; known: %s" % (
+                    name, value, ", ".join(sorted(known)) or "none"), file=sys.stderr)  # fmt: skip
+                return Exit.USAGE
+        total, records = views.violations(connection, views.FleetFilters(filters, args.edge, args.site),
+                                          args.limit or 2**62)  # fmt: skip
+    asyncio.run(_annotate(config, records))
+    if args.json:
+        print(export.as_json(records, total))
+    elif args.csv:
+        sys.stdout.write(export.as_csv(records))
+    elif args.isms:
+        sys.stdout.write(export.as_isms(records, mark_dns=args.include_unconfirmed))
+    else:
+        sys.stdout.write(export.as_table(records, total, config.display_timezone))
+    return Exit.OK
+
+
+async def _annotate(config: Config, records: list[dict]) -> None:
+    """The customer map imported here (`icpgate customers import`) and the registry's decision now."""
+    from ..reports.current import annotate_from_file
+
+    if config.violations.path.is_file():
+        async with open_violations(config.violations.path) as store:
+            customers = await store.customers()
+        for record in records:
+            record["customer"] = customers.lookup(record["ip"])
+    await annotate_from_file(config, records)
+
+
+def _connect(args: argparse.Namespace, config: Config) -> psycopg.Connection:
+    import psycopg
+
+    from ..fleet import central
+
+    dsn = args.dsn or config.fleet.dsn
+    if not dsn:
+        raise central.CentralError("fleet.dsn is not set in %s, and no --dsn was given" % config.source)
+    try:
+        return psycopg.connect(**central.connect_args(config.fleet, dsn))
+    except psycopg.Error as error:
+        raise central.CentralError("cannot connect to the central store: %s" % str(error).strip()) from None

@@ -1,0 +1,136 @@
+"""The central store's schema in PostgreSQL, its versioned migrations and the roles' SQL (docs/fleet.md).
+
+Everything lives in the `fleet` schema. The current aggregates (`fleet.violations`) are an ordinary
+table updated in place; the history (`fleet.violation_deltas`) is immutable, one row per shipped
+change, in monthly partitions that retention drops whole (an `ON CONFLICT` update cannot move a
+row between partitions, hence the split). Row-level security keyed on `current_user` keeps each
+edge's role to its own rows; it holds behind pgbouncer's transaction pooling, where a session
+setting would not.
+"""
+
+from __future__ import annotations
+
+EDGE_GROUP = "icpgate_edge"  # every edge's login role is a member; the grants and policies name it
+READER_GROUP = "icpgate_reader"  # dashboards, `fleet status|violations`, `fleet serve`
+OWNER = "icpgate_owner"  # runs `fleet migrate` and `fleet maintain`, owns every object
+
+_OWN_ROWS = "role = current_user"
+# An edge writes only under a UUID it registered itself: the edges table's key settles who that is.
+_OWN_EDGE = _OWN_ROWS + " AND edge_uuid IN (SELECT edge_uuid FROM fleet.edges WHERE role = current_user)"
+_TABLES = ("edges", "ship_marks", "violations", "violation_deltas")
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: edges and their heartbeats, shipping marks, current aggregates, the partitioned history.
+    (
+        """CREATE TABLE fleet.edges (
+            edge_uuid uuid PRIMARY KEY,           -- made once by the edge, kept in its violation log
+            role name NOT NULL DEFAULT current_user,
+            edge_id text NOT NULL,                -- fleet.edge_id: a label for people
+            site text NOT NULL,
+            version text, config_digest text,
+            mode text,                            -- enforce, monitor or open (a stale feed's mode)
+            mode_rule text,                       -- the key that set it
+            registry_serial bigint, registry_checksum text, registry_filings bigint,
+            feed_state text, feed_age double precision,
+            workers integer, workers_ready integer, open_connections bigint,
+            decisions bigint, blocks bigint,
+            backlog bigint, oldest_unshipped_age double precision, dropped bigint,
+            started_at timestamptz, last_seen timestamptz NOT NULL DEFAULT now()
+        )""",
+        """CREATE TABLE fleet.ship_marks (
+            edge_uuid uuid PRIMARY KEY REFERENCES fleet.edges,
+            role name NOT NULL DEFAULT current_user,
+            shipped_seq bigint NOT NULL DEFAULT 0,  -- every local change up to this one is here
+            shipped_at timestamptz
+        )""",
+        """CREATE TABLE fleet.violations (
+            edge_uuid uuid NOT NULL REFERENCES fleet.edges,
+            role name NOT NULL DEFAULT current_user,
+            host text NOT NULL, ip text NOT NULL, port integer NOT NULL, proto text NOT NULL, reason text NOT NULL,
+            domain text NOT NULL,                 -- '' for junk and overflow
+            first_seen timestamptz NOT NULL, last_seen timestamptz NOT NULL,
+            count bigint NOT NULL, passed bigint NOT NULL,
+            client text,
+            dns_state text, dns_addresses jsonb NOT NULL DEFAULT '[]', dns_detail text, dns_checked_at timestamptz,
+            handling_state text NOT NULL, handling_note text, handling_at timestamptz,
+            local_id bigint NOT NULL,             -- the edge's record (a new one after local expiry)
+            local_count bigint NOT NULL, local_passed bigint NOT NULL,
+            change_seq bigint NOT NULL, changed_at timestamptz NOT NULL,
+            shipped_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (edge_uuid, host, ip, port, proto, reason)
+        )""",
+        "CREATE INDEX violations_last_seen ON fleet.violations (last_seen)",
+        "CREATE INDEX violations_domain ON fleet.violations (domain)",
+        """CREATE TABLE fleet.violation_deltas (
+            bucket timestamptz NOT NULL,          -- the hour of the change's last sighting
+            edge_uuid uuid NOT NULL,
+            role name NOT NULL DEFAULT current_user,
+            site text NOT NULL, edge_id text NOT NULL,
+            host text NOT NULL, ip text NOT NULL, port integer NOT NULL, proto text NOT NULL, reason text NOT NULL,
+            domain text NOT NULL,
+            count bigint NOT NULL, passed bigint NOT NULL,
+            first_sighting boolean NOT NULL,      -- the record's first delta at the centre
+            change_seq bigint NOT NULL,
+            changed_at timestamptz NOT NULL,      -- when the edge wrote it: far behind shipped_at is backlog
+            shipped_at timestamptz NOT NULL DEFAULT now(),
+            UNIQUE (edge_uuid, change_seq, bucket) -- never twice, whatever a shipper does
+        ) PARTITION BY RANGE (bucket)""",
+        # Edges have no DDL right: they ask for the month they ship into, the owner makes it.
+        """CREATE FUNCTION fleet.ensure_partition(moment timestamptz) RETURNS void
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+        DECLARE
+            start timestamptz := date_trunc('month', moment AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
+            name text := 'violation_deltas_' || to_char(moment AT TIME ZONE 'UTC', 'YYYYMM');
+        BEGIN
+            IF moment > now() + interval '40 days' THEN
+                RAISE EXCEPTION 'a change dated %, in the future: is the edge''s clock right?', moment;
+            END IF;
+            IF to_regclass('fleet.' || name) IS NULL THEN
+                EXECUTE format('CREATE TABLE fleet.%I PARTITION OF fleet.violation_deltas FOR VALUES FROM (%L) TO (%L)',
+                               name, start, start + interval '1 month');
+            END IF;
+        EXCEPTION WHEN duplicate_table OR unique_violation THEN
+            NULL;  -- another edge made it at the same moment
+        END $$""",
+        "REVOKE ALL ON FUNCTION fleet.ensure_partition(timestamptz) FROM PUBLIC",
+        "GRANT USAGE ON SCHEMA fleet TO %s, %s" % (EDGE_GROUP, READER_GROUP),
+        "GRANT SELECT, INSERT, UPDATE ON fleet.edges, fleet.ship_marks, fleet.violations TO %s" % EDGE_GROUP,
+        "GRANT SELECT, INSERT ON fleet.violation_deltas TO %s" % EDGE_GROUP,  # immutable: no UPDATE
+        "GRANT EXECUTE ON FUNCTION fleet.ensure_partition(timestamptz) TO %s" % EDGE_GROUP,
+        "GRANT SELECT ON fleet.edges, fleet.ship_marks, fleet.violations, fleet.violation_deltas TO %s"
+        % READER_GROUP,
+        *("ALTER TABLE fleet.%s ENABLE ROW LEVEL SECURITY" % table for table in _TABLES),
+        *("CREATE POLICY own_rows ON fleet.%s TO %s USING (%s) WITH CHECK (%s)"
+          % (table, EDGE_GROUP, _OWN_ROWS, _OWN_ROWS if table == "edges" else _OWN_EDGE) for table in _TABLES),
+        *("CREATE POLICY read_all ON fleet.%s FOR SELECT TO %s USING (true)" % (table, READER_GROUP)
+          for table in _TABLES),
+    ),
+)  # fmt: skip
+
+VERSION_TABLE = """CREATE TABLE IF NOT EXISTS fleet.schema_version (
+    version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"""
+
+
+def roles_sql(edges: list[str], database: str = "icpgate") -> str:
+    """What a superuser runs once before `fleet migrate`, and once per new edge: the owner that
+    migrates, the group roles the grants name, a login role per edge and one for readers."""
+    lines = [
+        "-- Run as a superuser. Replace each CHANGE-ME with a password of its own (or use certificates).",
+        "CREATE ROLE %s LOGIN PASSWORD 'CHANGE-ME';  -- icpgate fleet migrate|maintain" % OWNER,
+        "CREATE ROLE %s NOLOGIN;  -- every edge's role is a member" % EDGE_GROUP,
+        "CREATE ROLE %s NOLOGIN;  -- dashboards, fleet status|violations|serve" % READER_GROUP,
+        "CREATE DATABASE %s OWNER %s;  -- skip if it exists; then: ALTER DATABASE %s OWNER TO %s;"
+        % (database, OWNER, database, OWNER),
+        "CREATE ROLE icpgate_read LOGIN PASSWORD 'CHANGE-ME' IN ROLE %s;" % READER_GROUP,
+    ]
+    for edge in edges:
+        lines.append("CREATE ROLE %s LOGIN PASSWORD 'CHANGE-ME' IN ROLE %s;" % (edge_role(edge), EDGE_GROUP))
+    lines.append("-- An edge is stopped alone with: REVOKE %s FROM <its role>; (or ALTER ROLE <its role> NOLOGIN)"
+                 % EDGE_GROUP)  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def edge_role(edge_id: str) -> str:
+    """The role name `roles_sql` suggests for an edge label: icpgate_edge_<label>, SQL-safe."""
+    safe = "".join(char if char.isalnum() else "_" for char in edge_id.lower())
+    return "%s_%s" % (EDGE_GROUP, safe)[:63]
