@@ -19,11 +19,12 @@ class CentralError(Exception):
 
 
 def connect_args(fleet: FleetConfig, dsn: str | None = None) -> dict:
-    """psycopg's connect() arguments for `dsn` (default fleet.dsn): the password file when there is
-    one, and no prepared statements behind a transaction-pooling pgbouncer."""
+    """psycopg's connect() arguments for `dsn` (default fleet.dsn, with fleet.password_file): no
+    prepared statements behind a transaction-pooling pgbouncer. Another DSN (the owner's, a
+    reader's) brings its own password, or libpq finds it (PGPASSWORD, ~/.pgpass)."""
     arguments: dict = {"conninfo": dsn or fleet.dsn, "connect_timeout": max(1, round(fleet.connect_timeout)),
                        "application_name": "icpgate"}  # fmt: skip
-    if fleet.password_file is not None:
+    if fleet.password_file is not None and not dsn:
         try:
             arguments["password"] = fleet.password_file.read_text(encoding="utf-8").strip()
         except OSError as error:
