@@ -25,7 +25,7 @@ from test_gate_process import http_get, status_of, wait_until
 
 from icpgate.config.settings import FleetConfig
 from icpgate.fleet import central
-from icpgate.fleet.schema import roles_sql
+from icpgate.fleet.schema import MIGRATIONS, roles_sql
 from icpgate.fleet.shipper import Edge, register, ship_batch
 from icpgate.violations.store import open_violations
 
@@ -69,7 +69,7 @@ def migrated(server) -> None:
     if not config.exists():
         config.write_text('[provider]\nid = "IDC-EXAMPLE"\n[registry]\npath = "%s"\n' % (server.root / "r.db"))
         result = icpgate(config, "fleet", "migrate", "--dsn", owner_dsn(server))
-        assert result.returncode == 0 and "version 1" in result.stdout, result.stderr
+        assert result.returncode == 0 and "version %d" % len(MIGRATIONS) in result.stdout, result.stderr
 
 
 # --- the roles ----------------------------------------------------------------------------------

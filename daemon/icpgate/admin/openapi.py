@@ -72,6 +72,10 @@ _VIOLATION = {
                 "state": {"type": "string", "enum": list(HANDLING_STATES)},
                 "note": _NULLABLE_STRING,
                 "at": {**_NULLABLE_STRING, "format": "date-time"},
+                "by": {
+                    **_NULLABLE_STRING,
+                    "description": "set at the fleet's centre by this operator (role); null when set on this edge",
+                },
             },
         },
         "current": {

@@ -1,4 +1,5 @@
-"""`icpgate fleet migrate|maintain|status|violations`: the operations centre's view of the fleet."""
+"""`icpgate fleet migrate|maintain|status|violations`: the operations centre's view of the fleet, and
+its handling of records (`fleet violations ack|resolve|reopen|history`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..config.display_time import local_text
 from ..config.settings import Config
-from ..violations.store import Filters, open_violations
+from ..violations.store import MAX_NOTE, Filters, open_violations
 from .exits import Exit
 
 if TYPE_CHECKING:
@@ -46,6 +48,19 @@ def add_commands(commands, common: argparse.ArgumentParser, filters: argparse.Ar
     violations.add_argument("--edge", help="seen at this edge (fleet.edge_id)")
     violations.add_argument("--site", help="seen at this site (fleet.site)")
     violations.set_defaults(handler=dispatch, fleet_handler=violations_command)
+    handling = violations.add_subparsers(dest="handling_command", metavar="{ack,resolve,reopen,history}")
+    for name, state, text in (("ack", "acknowledged", "acknowledge records for the whole fleet"),
+                              ("resolve", "resolved", "mark records resolved (open again if seen after)"),
+                              ("reopen", "open", "take the acknowledgement or resolution back")):  # fmt: skip
+        command = handling.add_parser(name, parents=[common, dsn], help=text)
+        command.add_argument("ids", type=int, nargs="+", metavar="ID", help="record ids (the ID column)")
+        command.add_argument("--note", default="", help="what was done, who was called (at most 1000 characters)")
+        command.add_argument("--by", help="who does it, for the audit trail (beside the PostgreSQL role)")
+        command.set_defaults(handler=dispatch, fleet_handler=handle_command, state=state)
+    history = handling.add_parser("history", parents=[common, dsn], help="the audit trail of records' handling")
+    history.add_argument("ids", type=int, nargs="+", metavar="ID", help="record ids (the ID column)")
+    history.add_argument("--json", action="store_true", help="print JSON")
+    history.set_defaults(handler=dispatch, fleet_handler=history_command)
 
 
 def migrate_command(args: argparse.Namespace, config: Config) -> Exit:
@@ -121,6 +136,49 @@ def violations_command(args: argparse.Namespace, config: Config, filters: Filter
         sys.stdout.write(export.as_isms(records, mark_dns=args.include_unconfirmed))
     else:
         sys.stdout.write(export.as_table(records, total, config.display_timezone))
+    return Exit.OK
+
+
+def handle_command(args: argparse.Namespace, config: Config) -> Exit:
+    """Handling at the centre: with an operator's role (fleet.dsn or --dsn); the edges take it back."""
+    import psycopg
+
+    from ..fleet import handling
+
+    command = "fleet violations %s" % args.handling_command
+    if len(args.note) > MAX_NOTE:
+        print("%s: --note: at most %d characters" % (command, MAX_NOTE), file=sys.stderr)
+        return Exit.USAGE
+    with _connect(args, config) as connection:
+        try:
+            missing = handling.handle(connection, args.ids, args.state, args.note.strip(), args.by)
+        except psycopg.errors.InsufficientPrivilege as error:
+            print("%s: the central store refuses: %s (handling needs a member of icpgate_operator)"
+                  % (command, str(error).strip()), file=sys.stderr)  # fmt: skip
+            return Exit.FLEET
+    if missing:
+        print("%s: no record with id %s; nothing was changed" % (command, ", ".join(map(str, missing))),
+              file=sys.stderr)  # fmt: skip
+        return Exit.DATA
+    print("%d record(s) %s for the fleet" % (len(args.ids), args.state))
+    return Exit.OK
+
+
+def history_command(args: argparse.Namespace, config: Config) -> Exit:
+    from ..fleet import handling
+
+    with _connect(args, config) as connection:
+        trail = handling.history(connection, args.ids)
+    if args.json:
+        print(json.dumps({"items": trail}, ensure_ascii=False, indent=2))
+        return Exit.OK
+    for entry in trail:
+        print("%d  %s  %s %s:%d/%s %s  %s  by %s%s" % (
+            entry["id"], local_text(entry["at"], config.display_timezone), entry["host"], entry["ip"],
+            entry["port"], entry["proto"], entry["reason"], entry["state"], handling.who(entry["role"], entry["by"]),
+            ": " + entry["note"] if entry["note"] else ""))  # fmt: skip
+    if not trail:
+        print("no handling recorded for %s" % ", ".join(map(str, args.ids)))
     return Exit.OK
 
 

@@ -287,7 +287,7 @@ def _cmd_fleet(args: argparse.Namespace) -> Exit:
 
     config = load_config(args.config, args.overrides)
     try:
-        if args.fleet_command != "violations":
+        if args.fleet_command != "violations" or getattr(args, "handling_command", None):
             return args.fleet_handler(args, config)
         filters = _filters(args, "fleet violations")
         return Exit.USAGE if filters is None else args.fleet_handler(args, config, filters)

@@ -9,7 +9,7 @@ import psycopg
 from psycopg import sql
 
 from ..config.settings import FleetConfig
-from .schema import EDGE_GROUP, MIGRATIONS, READER_GROUP, VERSION_TABLE
+from .schema import EDGE_GROUP, MIGRATIONS, OPERATOR_GROUP, READER_GROUP, VERSION_TABLE
 
 log = logging.getLogger("icpgate.fleet")
 
@@ -45,10 +45,11 @@ def migrate(connection: psycopg.Connection) -> tuple[int, int]:
     """Create or bring the schema to the last version, each migration in its own transaction;
     returns (version before, version after). Run as the owner role (docs/fleet.md)."""
     known = {name for (name,) in connection.execute("SELECT rolname FROM pg_roles").fetchall()}
-    missing = [group for group in (EDGE_GROUP, READER_GROUP) if group not in known]
+    missing = [group for group in (EDGE_GROUP, READER_GROUP, OPERATOR_GROUP) if group not in known]
     if missing:
         raise CentralError("the role(s) %s do not exist: run the SQL of `icpgate fleet migrate --print-roles`"
-                           " as a superuser first" % ", ".join(missing))  # fmt: skip
+                           " as a superuser first (after an upgrade, only its lines for them)"
+                           % ", ".join(missing))  # fmt: skip
     with connection.transaction():
         connection.execute("CREATE SCHEMA IF NOT EXISTS fleet")
         connection.execute(VERSION_TABLE)
@@ -93,6 +94,11 @@ def maintain(connection: psycopg.Connection, retention_days: int, now: datetime 
                 connection.execute(sql.SQL("DROP TABLE fleet.{}").format(sql.Identifier(name)))
                 dropped.append(name)
         removed = connection.execute("DELETE FROM fleet.violations WHERE last_seen < %s", (cutoff,)).rowcount
+        # A key no edge holds any more loses its number, its handling and their audit trail with it.
+        connection.execute(
+            "DELETE FROM fleet.records r WHERE NOT EXISTS (SELECT 1 FROM fleet.violations v WHERE"
+            " (v.host, v.ip, v.port, v.proto, v.reason) = (r.host, r.ip, r.port, r.proto, r.reason))"
+        )
     ensure_months(connection, now, 2)
     return {"cutoff": cutoff.isoformat(), "partitions_dropped": sorted(dropped), "records_removed": removed}
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 EDGE_GROUP = "icpgate_edge"  # every edge's login role is a member; the grants and policies name it
 READER_GROUP = "icpgate_reader"  # dashboards, `fleet status|violations`, `fleet serve`
+OPERATOR_GROUP = "icpgate_operator"  # readers who may also handle records (`fleet violations ack|resolve|reopen`)
 OWNER = "icpgate_owner"  # runs `fleet migrate` and `fleet maintain`, owns every object
 
 _OWN_ROWS = "role = current_user"
 # An edge writes only under a UUID it registered itself: the edges table's key settles who that is.
 _OWN_EDGE = _OWN_ROWS + " AND edge_uuid IN (SELECT edge_uuid FROM fleet.edges WHERE role = current_user)"
 _TABLES = ("edges", "ship_marks", "violations", "violation_deltas")
+_KEY = "host, ip, port, proto, reason"
+_SAME_KEY = " AND ".join("v.%s = handling.%s" % (column, column) for column in _KEY.split(", "))
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: edges and their heartbeats, shipping marks, current aggregates, the partitioned history.
@@ -105,6 +108,64 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         *("CREATE POLICY read_all ON fleet.%s FOR SELECT TO %s USING (true)" % (table, READER_GROUP)
           for table in _TABLES),
     ),
+    # 2: central handling. A stable number per record key across the fleet (what an operator types),
+    # the handling set at the centre, and its audit trail: who (the role, and the name given), when, why.
+    (
+        """CREATE TABLE fleet.records (
+            id bigserial PRIMARY KEY,
+            host text NOT NULL, ip text NOT NULL, port integer NOT NULL, proto text NOT NULL, reason text NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            UNIQUE (host, ip, port, proto, reason)
+        )""",
+        "INSERT INTO fleet.records (%s) SELECT %s FROM fleet.violations GROUP BY %s ORDER BY min(first_seen), %s"
+        % (_KEY, _KEY, _KEY, _KEY),
+        # Edges have no right on it: the owner numbers each key when an edge first ships it.
+        """CREATE FUNCTION fleet.number_record() RETURNS trigger
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+        BEGIN
+            INSERT INTO fleet.records (host, ip, port, proto, reason)
+            VALUES (NEW.host, NEW.ip, NEW.port, NEW.proto, NEW.reason) ON CONFLICT DO NOTHING;
+            RETURN NULL;
+        END $$""",
+        "REVOKE ALL ON FUNCTION fleet.number_record() FROM PUBLIC",
+        "CREATE TRIGGER violations_numbered AFTER INSERT ON fleet.violations FOR EACH ROW"
+        " EXECUTE FUNCTION fleet.number_record()",
+        """CREATE TABLE fleet.handling (
+            record_id bigint PRIMARY KEY REFERENCES fleet.records ON DELETE CASCADE,
+            host text NOT NULL, ip text NOT NULL, port integer NOT NULL, proto text NOT NULL, reason text NOT NULL,
+            state text NOT NULL CHECK (state IN ('open', 'acknowledged', 'resolved')),
+            note text NOT NULL, at timestamptz NOT NULL DEFAULT now(),
+            role name NOT NULL DEFAULT current_user,  -- who: the operator's PostgreSQL role
+            by_name text                              -- and the name they gave (--by)
+        )""",
+        "CREATE INDEX handling_key ON fleet.handling (%s)" % _KEY,
+        """CREATE TABLE fleet.handling_log (
+            id bigserial PRIMARY KEY,
+            record_id bigint NOT NULL REFERENCES fleet.records ON DELETE CASCADE,
+            state text NOT NULL, note text NOT NULL, at timestamptz NOT NULL DEFAULT now(),
+            role name NOT NULL DEFAULT current_user, by_name text
+        )""",
+        "CREATE INDEX handling_log_record ON fleet.handling_log (record_id, id)",
+        "GRANT SELECT ON fleet.records, fleet.handling, fleet.handling_log TO %s" % READER_GROUP,
+        "GRANT INSERT, UPDATE ON fleet.handling TO %s" % OPERATOR_GROUP,
+        "GRANT INSERT ON fleet.handling_log TO %s" % OPERATOR_GROUP,  # an audit trail: no UPDATE, no DELETE
+        "GRANT USAGE ON SEQUENCE fleet.handling_log_id_seq TO %s" % OPERATOR_GROUP,
+        "GRANT SELECT ON fleet.handling TO %s" % EDGE_GROUP,  # to take back the handling of its own records
+        "ALTER TABLE fleet.handling ENABLE ROW LEVEL SECURITY",
+        "ALTER TABLE fleet.handling_log ENABLE ROW LEVEL SECURITY",
+        *("CREATE POLICY read_all ON fleet.%s FOR SELECT TO %s USING (true)" % (table, READER_GROUP)
+          for table in ("handling", "handling_log")),
+        # Who is recorded is who is connected: a row names no other role.
+        "CREATE POLICY operators_insert ON fleet.handling FOR INSERT TO %s WITH CHECK (role = current_user)"
+        % OPERATOR_GROUP,
+        "CREATE POLICY operators_update ON fleet.handling FOR UPDATE TO %s USING (true) WITH CHECK (role ="
+        " current_user)" % OPERATOR_GROUP,
+        "CREATE POLICY operators_log ON fleet.handling_log FOR INSERT TO %s WITH CHECK (role = current_user)"
+        % OPERATOR_GROUP,
+        # An edge sees the handling of the keys it holds itself (fleet.violations' own_rows policy).
+        "CREATE POLICY own_records ON fleet.handling FOR SELECT TO %s USING (EXISTS (SELECT 1 FROM"
+        " fleet.violations v WHERE %s))" % (EDGE_GROUP, _SAME_KEY),
+    ),
 )  # fmt: skip
 
 VERSION_TABLE = """CREATE TABLE IF NOT EXISTS fleet.schema_version (
@@ -121,7 +182,10 @@ def roles_sql(edges: list[str], database: str = "icpgate") -> str:
         "CREATE ROLE %s NOLOGIN;  -- dashboards, fleet status|violations|serve" % READER_GROUP,
         "CREATE DATABASE %s OWNER %s;  -- skip if it exists; then: ALTER DATABASE %s OWNER TO %s;"
         % (database, OWNER, database, OWNER),
+        "CREATE ROLE %s NOLOGIN IN ROLE %s;  -- readers who handle records centrally" % (OPERATOR_GROUP, READER_GROUP),
         "CREATE ROLE icpgate_read LOGIN PASSWORD 'CHANGE-ME' IN ROLE %s;" % READER_GROUP,
+        "CREATE ROLE icpgate_noc LOGIN PASSWORD 'CHANGE-ME' IN ROLE %s;  -- one per operator: the audit names it"
+        % OPERATOR_GROUP,
     ]
     for edge in edges:
         lines.append("CREATE ROLE %s LOGIN PASSWORD 'CHANGE-ME' IN ROLE %s;" % (edge_role(edge), EDGE_GROUP))

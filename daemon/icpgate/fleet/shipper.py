@@ -24,6 +24,7 @@ from ..config.settings import Config
 from ..telemetry import metrics
 from ..violations.store import ViolationStore
 from .central import CentralError, connect
+from .handling import take_back
 from .heartbeat import utc
 
 log = logging.getLogger("icpgate.fleet")
@@ -121,6 +122,17 @@ async def send_heartbeat(connection: psycopg.AsyncConnection, edge: Edge, health
                                  health | {"edge": edge.uuid, "edge_id": edge.edge_id, "site": edge.site})  # fmt: skip
 
 
+async def _has_central_handling(connection: psycopg.AsyncConnection) -> bool:
+    """Whether the central schema has handling (version 2): an edge upgraded before its centre
+    ships on, and says once per connection what it cannot take back."""
+    async with connection.transaction():
+        cursor = await connection.execute("SELECT to_regclass('fleet.handling') IS NOT NULL")
+        (present,) = await cursor.fetchone()
+    if not present:
+        log.warning("fleet: the central schema has no handling yet: run `icpgate fleet migrate` at the centre")
+    return present
+
+
 def _key(row) -> tuple:
     return row["host"], row["ip"], row["port"], row["proto"], row["reason"]
 
@@ -188,7 +200,7 @@ class Shipper:
                     await register(connection, self.edge)
                     log.info("fleet: shipping to the central store as %s (%s)", fleet.edge_id, self.edge.uuid)
                     backoff = 1.0
-                    await self._serve(connection)
+                    await self._serve(connection, await _has_central_handling(connection))
             except (CentralError, psycopg.Error, OSError) as error:
                 metrics.FLEET_FAILURES.inc()
                 log.warning("fleet: central store: %s; retrying in %gs", str(error).strip().splitlines()[0], backoff)
@@ -196,11 +208,13 @@ class Shipper:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
-    async def _serve(self, connection: psycopg.AsyncConnection) -> None:
+    async def _serve(self, connection: psycopg.AsyncConnection, central_handling: bool) -> None:
         fleet = self.config.fleet
         next_beat = 0.0
         while True:
             await self.ship_all(connection)
+            if central_handling:
+                await take_back(connection, self.store, self.edge.uuid)
             if time.monotonic() >= next_beat:
                 await send_heartbeat(connection, self.edge, await self.health())
                 next_beat = time.monotonic() + fleet.heartbeat_interval

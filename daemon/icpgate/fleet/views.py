@@ -11,6 +11,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from ..violations.store import Filters, iso
+from .handling import who
 
 FLAGS = ("silent", "not_enforcing", "behind", "checksum_differs")
 
@@ -111,8 +112,9 @@ class FleetFilters:
         return " AND ".join(outer), params
 
 
-# One row per record key across the fleet. Its DNS state is the best any edge found (a resolver
-# at one site may fail where another's answered); its handling is the latest set at any edge.
+# One row per record key across the fleet, numbered by fleet.records. Its DNS state is the best any
+# edge found (a resolver at one site may fail where another's answered); its handling is the latest
+# set, at the centre (fleet/handling.py) or at any edge.
 _GROUPED = """
 WITH grouped AS (
     SELECT v.host, v.ip, v.port, v.proto, v.reason, max(v.domain) AS domain,
@@ -125,15 +127,25 @@ WITH grouped AS (
         (array_agg(v.dns_detail ORDER BY v.dns_state = 'confirmed' DESC, v.dns_checked_at DESC NULLS LAST))[1]
             AS dns_detail,
         max(v.dns_checked_at) AS dns_checked_at,
-        (array_agg(v.handling_state ORDER BY v.handling_at DESC NULLS LAST))[1] AS handling_state,
-        (array_agg(v.handling_note ORDER BY v.handling_at DESC NULLS LAST))[1] AS handling_note,
-        max(v.handling_at) AS handling_at,
+        (array_agg(v.handling_state ORDER BY v.handling_at DESC NULLS LAST))[1] AS edge_handling_state,
+        (array_agg(v.handling_note ORDER BY v.handling_at DESC NULLS LAST))[1] AS edge_handling_note,
+        max(v.handling_at) AS edge_handling_at,
         jsonb_agg(jsonb_build_object('edge_id', e.edge_id, 'site', e.site, 'count', v.count,
                   'dns', coalesce(v.dns_state, 'unchecked'), 'handling', v.handling_state) ORDER BY e.site, e.edge_id)
             AS edges
     FROM fleet.violations v JOIN fleet.edges e USING (edge_uuid)
     WHERE %s
     GROUP BY v.host, v.ip, v.port, v.proto, v.reason
+), numbered AS (
+    SELECT g.*, r.id AS record_id, CASE WHEN c.central THEN h.role END AS handling_role,
+        CASE WHEN c.central THEN h.by_name END AS handling_by,
+        CASE WHEN NOT c.central THEN g.edge_handling_state WHEN h.state = 'resolved' AND g.last_seen > h.at
+             THEN 'reopened' ELSE h.state END AS handling_state,
+        CASE WHEN c.central THEN h.note ELSE g.edge_handling_note END AS handling_note,
+        CASE WHEN c.central THEN h.at ELSE g.edge_handling_at END AS handling_at
+    FROM grouped g JOIN fleet.records r USING (host, ip, port, proto, reason)
+    LEFT JOIN fleet.handling h ON h.record_id = r.id
+    CROSS JOIN LATERAL (SELECT h.at IS NOT NULL AND h.at >= coalesce(g.edge_handling_at, '-infinity') AS central) c
 )
 """
 
@@ -144,13 +156,13 @@ def violations(connection: psycopg.Connection, filters: FleetFilters, limit: int
     having, having_params = filters.having()
     head = _GROUPED % where
     with connection.cursor(row_factory=dict_row) as cursor:
-        (total,) = cursor.execute(head + "SELECT count(*) AS n FROM grouped WHERE " + having,
+        (total,) = cursor.execute(head + "SELECT count(*) AS n FROM numbered WHERE " + having,
                                   params + having_params).fetchone().values()  # fmt: skip
         rows = cursor.execute(
-            head + "SELECT * FROM grouped WHERE %s ORDER BY (dns_state = 'confirmed') DESC, count DESC, last_seen"
+            head + "SELECT * FROM numbered WHERE %s ORDER BY (dns_state = 'confirmed') DESC, count DESC, last_seen"
             " DESC, host, ip, port, proto, reason LIMIT %%s" % having,
             params + having_params + [limit]).fetchall()  # fmt: skip
-    return total, [_record_json(number, row) for number, row in enumerate(rows, 1)]
+    return total, [_record_json(row) for row in rows]
 
 
 def labels(connection: psycopg.Connection) -> tuple[set[str], set[str]]:
@@ -159,19 +171,20 @@ def labels(connection: psycopg.Connection) -> tuple[set[str], set[str]]:
     return {edge for edge, _ in rows}, {site for _, site in rows}
 
 
-def _record_json(number: int, row: dict) -> dict[str, Any]:
-    """The shape of violations/store.record_json, so the exports serve both; `id` is the row's
-    place in this listing, `edges` who saw it."""
+def _record_json(row: dict) -> dict[str, Any]:
+    """The shape of violations/store.record_json, so the exports serve both; `id` is the fleet's
+    number of the record (what `fleet violations ack` takes), `edges` who saw it."""
     return {
-        "id": number, "domain": row["domain"] or None, "host": row["host"], "ip": row["ip"], "port": row["port"],
-        "proto": row["proto"], "reason": row["reason"], "first_seen": _iso(row["first_seen"]),
+        "id": row["record_id"], "domain": row["domain"] or None, "host": row["host"], "ip": row["ip"],
+        "port": row["port"], "proto": row["proto"], "reason": row["reason"], "first_seen": _iso(row["first_seen"]),
         "last_seen": _iso(row["last_seen"]), "count": row["count"], "blocked": row["count"] > row["passed"],
         "passed": row["passed"], "client": row["client"],
         "dns": {"state": row["dns_state"], "addresses": row["dns_addresses"] or [], "detail": row["dns_detail"] or None,
                 "checked_at": _iso(row["dns_checked_at"])},
         "customer": None,
         "handling": {"state": row["handling_state"], "note": row["handling_note"] or None,
-                     "at": _iso(row["handling_at"])},
+                     "at": _iso(row["handling_at"]),
+                     "by": who(row["handling_role"], row["handling_by"]) if row["handling_role"] else None},
         "edges": row["edges"],
     }  # fmt: skip
 

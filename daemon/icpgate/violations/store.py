@@ -88,7 +88,35 @@ MIGRATIONS = (
         "CREATE TRIGGER handling_updated AFTER UPDATE ON handling BEGIN %s END" % (_BUMP % "NEW.violation_id"),
         "CREATE TRIGGER handling_deleted AFTER DELETE ON handling BEGIN %s END" % (_BUMP % "OLD.violation_id"),
     ),
+    # 2: handling set at the fleet's centre and taken back here (`central` = 1, with who set it) is
+    # no local change: it does not move change_seq, so it is not shipped back. `open` is stored too,
+    # so that a local reopen is newer than the centre's handling it takes back.
+    (
+        """CREATE TABLE handling_new (
+            violation_id INTEGER PRIMARY KEY,
+            state TEXT NOT NULL CHECK (state IN ('open', 'acknowledged', 'resolved')),
+            note TEXT NOT NULL,
+            at REAL NOT NULL,
+            by_name TEXT,                   -- who set it at the centre; NULL when set here
+            central INTEGER NOT NULL DEFAULT 0
+        )""",
+        "INSERT INTO handling_new (violation_id, state, note, at) SELECT violation_id, state, note, at FROM handling",
+        "DROP TABLE handling",
+        "ALTER TABLE handling_new RENAME TO handling",
+        "CREATE TRIGGER handling_inserted AFTER INSERT ON handling WHEN NEW.central = 0 BEGIN %s END"
+        % (_BUMP % "NEW.violation_id"),
+        "CREATE TRIGGER handling_updated AFTER UPDATE ON handling WHEN NEW.central = 0 BEGIN %s END"
+        % (_BUMP % "NEW.violation_id"),
+        "CREATE TRIGGER handling_deleted AFTER DELETE ON handling BEGIN %s END" % (_BUMP % "OLD.violation_id"),
+    ),
 )
+# The centre's handling of a record, taken back unless this edge set a newer one itself.
+_CENTRAL_HANDLING = """
+INSERT INTO handling (violation_id, state, note, at, by_name, central)
+SELECT id, ?, ?, ?, ?, 1 FROM violations WHERE host = ? AND ip = ? AND port = ? AND proto = ? AND reason = ?
+ON CONFLICT (violation_id) DO UPDATE SET state = excluded.state, note = excluded.note, at = excluded.at,
+    by_name = excluded.by_name, central = 1 WHERE excluded.at > handling.at
+"""
 
 UPSERT = """
 INSERT INTO violations (domain, host, ip, port, proto, reason, first_seen, last_seen, count, passed, client)
@@ -111,7 +139,7 @@ MAX_NOTE = 1000
 _HANDLING = """CASE WHEN h.state IS NULL THEN 'open'
     WHEN h.state = 'resolved' AND v.last_seen > h.at THEN 'reopened' ELSE h.state END"""
 _SELECT = (
-    "SELECT v.*, %s AS handling_state, h.note AS handling_note, h.at AS handling_at "
+    "SELECT v.*, %s AS handling_state, h.note AS handling_note, h.at AS handling_at, h.by_name AS handling_by "
     "FROM violations v LEFT JOIN handling h ON h.violation_id = v.id" % _HANDLING
 )
 
@@ -250,17 +278,26 @@ class ViolationStore:
                     if await cursor.fetchone() is None:
                         missing.append(violation_id)
             if not missing:
-                if state == "open":
-                    await self.db.executemany("DELETE FROM handling WHERE violation_id = ?",
-                                              [(i,) for i in violation_ids])  # fmt: skip
-                else:
-                    await self.db.executemany("INSERT OR REPLACE INTO handling VALUES (?, ?, ?, ?)",
-                                              [(i, state, note, at) for i in violation_ids])  # fmt: skip
+                await self.db.executemany(
+                    "INSERT OR REPLACE INTO handling (violation_id, state, note, at) VALUES (?, ?, ?, ?)",
+                    [(i, state, note, at) for i in violation_ids])  # fmt: skip
         except BaseException:
             await self.db.execute("ROLLBACK")
             raise
         await self.db.execute("COMMIT" if not missing else "ROLLBACK")
         return missing
+
+    async def take_central_handling(self, rows: list[tuple]) -> None:
+        """The fleet centre's handling of these records ((key), (state, note, at, by)), as one write that
+        moves no change_seq: what came from the centre is not shipped back to it. A record handled
+        here after the centre's time keeps its own."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            await self.db.executemany(_CENTRAL_HANDLING, [(*handling, *key) for key, handling in rows])
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        await self.db.execute("COMMIT")
 
     async def customers(self) -> CustomerMap:
         """The customer map as stored now: read per query, so an import shows without a restart."""
@@ -339,6 +376,7 @@ def record_json(row: aiosqlite.Row, customers: CustomerMap) -> dict[str, Any]:
             "state": row["handling_state"],
             "note": row["handling_note"] or None,
             "at": iso(row["handling_at"]),
+            "by": row["handling_by"],  # set at the fleet's centre, by this operator; None when set here
         },
     }
 
