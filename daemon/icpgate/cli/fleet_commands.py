@@ -1,4 +1,4 @@
-"""`icpgate fleet migrate|maintain|status|violations`: the operations centre's view of the fleet, and
+"""`icpgate fleet migrate|maintain|status|violations|serve`: the operations centre's view of the fleet, and
 its handling of records (`fleet violations ack|resolve|reopen|history`)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..config.display_time import local_text
 from ..config.settings import Config
-from ..violations.store import MAX_NOTE, Filters, open_violations
+from ..violations.store import MAX_NOTE, Filters
 from .exits import Exit
 
 if TYPE_CHECKING:
@@ -43,6 +43,11 @@ def add_commands(commands, common: argparse.ArgumentParser, filters: argparse.Ar
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument("--silent-after", type=float, metavar="S", help="seconds (default fleet.silent_after)")
     status.set_defaults(handler=dispatch, fleet_handler=status_command)
+    serve = fleet_commands.add_parser("serve", parents=[common, dsn],
+                                      help="the fleet's status page and read API (bearer token)")  # fmt: skip
+    serve.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve on")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.set_defaults(handler=dispatch, fleet_handler=serve_command)
     violations = fleet_commands.add_parser("violations", parents=[common, dsn, filters],
                                            help="violations across the fleet, confirmed first")  # fmt: skip
     violations.add_argument("--edge", help="seen at this edge (fleet.edge_id)")
@@ -114,6 +119,28 @@ def status_command(args: argparse.Namespace, config: Config) -> Exit:
     return Exit.OK
 
 
+def serve_command(args: argparse.Namespace, config: Config) -> Exit:
+    """`fleet serve`: with a reader's role; refused without admin.token_file (it serves the whole fleet)."""
+    from ..config.settings import split_host_port
+    from ..fleet.serve import serve
+    from ..telemetry.logs import log_to_stderr
+
+    try:
+        host, port = split_host_port(args.listen)
+    except ValueError as error:
+        print("fleet serve: --listen: %s" % error, file=sys.stderr)
+        return Exit.USAGE
+    if config.admin.token_file is None:
+        print("fleet serve: admin.token_file is not set in %s: the fleet's data is served only behind a bearer"
+              " token" % config.source, file=sys.stderr)  # fmt: skip
+        return Exit.CONFIG
+    if not (args.dsn or config.fleet.dsn):
+        print("fleet serve: fleet.dsn is not set in %s, and no --dsn was given" % config.source, file=sys.stderr)
+        return Exit.CONFIG
+    log_to_stderr(args.log_level, config.log.format)
+    return Exit(serve(config, args.dsn, host, port))
+
+
 def violations_command(args: argparse.Namespace, config: Config, filters: Filters) -> Exit:
     from ..fleet import views
     from ..reports import export
@@ -127,7 +154,7 @@ def violations_command(args: argparse.Namespace, config: Config, filters: Filter
                 return Exit.USAGE
         total, records = views.violations(connection, views.FleetFilters(filters, args.edge, args.site),
                                           args.limit or 2**62)  # fmt: skip
-    asyncio.run(_annotate(config, records))
+    asyncio.run(views.annotate(config, records))
     if args.json:
         print(export.as_json(records, total))
     elif args.csv:
@@ -180,18 +207,6 @@ def history_command(args: argparse.Namespace, config: Config) -> Exit:
     if not trail:
         print("no handling recorded for %s" % ", ".join(map(str, args.ids)))
     return Exit.OK
-
-
-async def _annotate(config: Config, records: list[dict]) -> None:
-    """The customer map imported here (`icpgate customers import`) and the registry's decision now."""
-    from ..reports.current import annotate_from_file
-
-    if config.violations.path.is_file():
-        async with open_violations(config.violations.path) as store:
-            customers = await store.customers()
-        for record in records:
-            record["customer"] = customers.lookup(record["ip"])
-    await annotate_from_file(config, records)
 
 
 def _connect(args: argparse.Namespace, config: Config) -> psycopg.Connection:

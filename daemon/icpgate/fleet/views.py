@@ -10,7 +10,9 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from ..violations.store import Filters, iso
+from ..config.settings import Config
+from ..reports.current import annotate_from_file
+from ..violations.store import Filters, iso, open_violations
 from .handling import who
 
 FLAGS = ("silent", "not_enforcing", "behind", "checksum_differs")
@@ -150,8 +152,9 @@ WITH grouped AS (
 """
 
 
-def violations(connection: psycopg.Connection, filters: FleetFilters, limit: int) -> tuple[int, list[dict]]:
-    """(total matching, records) across the fleet, confirmed first, then the busiest."""
+def violations(connection: psycopg.Connection, filters: FleetFilters, limit: int,
+               offset: int = 0) -> tuple[int, list[dict]]:  # fmt: skip
+    """(total matching, one page of records) across the fleet, confirmed first, then the busiest."""
     where, params = filters.where()
     having, having_params = filters.having()
     head = _GROUPED % where
@@ -160,9 +163,26 @@ def violations(connection: psycopg.Connection, filters: FleetFilters, limit: int
                                   params + having_params).fetchone().values()  # fmt: skip
         rows = cursor.execute(
             head + "SELECT * FROM numbered WHERE %s ORDER BY (dns_state = 'confirmed') DESC, count DESC, last_seen"
-            " DESC, host, ip, port, proto, reason LIMIT %%s" % having,
-            params + having_params + [limit]).fetchall()  # fmt: skip
+            " DESC, host, ip, port, proto, reason LIMIT %%s OFFSET %%s" % having,
+            params + having_params + [limit, offset]).fetchall()  # fmt: skip
     return total, [_record_json(row) for row in rows]
+
+
+def handling_counts(connection: psycopg.Connection) -> dict[str, int]:
+    """The fleet's records by handling state (the fleet's status page)."""
+    rows = connection.execute(_GROUPED % "true" + "SELECT handling_state, count(*) FROM numbered GROUP BY 1")
+    return dict(rows.fetchall())
+
+
+async def annotate(config: Config, records: list[dict]) -> None:
+    """The customer map imported on this machine (`icpgate customers import`) and the decision of
+    its registry now, as the edge's own views have them."""
+    if config.violations.path.is_file():
+        async with open_violations(config.violations.path) as store:
+            customers = await store.customers()
+        for record in records:
+            record["customer"] = customers.lookup(record["ip"])
+    await annotate_from_file(config, records)
 
 
 def labels(connection: psycopg.Connection) -> tuple[set[str], set[str]]:
