@@ -17,7 +17,6 @@ from functools import partial
 from ..admin.server import run_admin
 from ..config.settings import Config
 from ..feed.client import run_feed
-from ..fleet.service import run_fleet
 from ..policy.pack import load_pack
 from ..reports.dns_check import Confirmer, hosted_ranges
 from ..telemetry.metrics import FLEET_DROPPED
@@ -41,6 +40,9 @@ async def run_services(config: Config, on_applied: Callable[[int], None] | None,
             group.create_task(run_feed(config, on_applied))
         group.create_task(upkeep_violations(config))
         if config.fleet.enabled:
+            # Imported here, in the service process after the fork: the workers never load psycopg.
+            from ..fleet.service import run_fleet
+
             group.create_task(run_fleet(config))
         if admin_socket is not None:
             group.create_task(run_admin(config, admin_socket.dup()))
