@@ -13,6 +13,7 @@ import yaml
 from conftest import REPO
 from icpgate.admin.state_metrics import readiness, ready_family, state_families
 from icpgate.config.settings import load_config
+from icpgate.fleet.serve import edge_exposition
 
 DASHBOARDS = REPO / "dashboards"
 METRIC_NAME = re.compile(r"\bicpgate_[a-z0-9_]+")
@@ -50,6 +51,7 @@ def exported_metric_names(tmp_path: Path) -> set[str]:
     config = load_config(REPO / "config.example.toml")
     names |= {sample for family in state_families(config, {}, 0, {}) for sample in _sample_names(family)}
     names |= _sample_names(ready_family(readiness(config, [], {})))
+    names |= set(re.findall(r"^# TYPE (\S+)", edge_exposition([]).decode(), re.M))  # `fleet serve`'s
     return names
 
 

@@ -286,8 +286,13 @@ def test_edges_ship_through_outages_and_kill_9_and_the_centre_sees_the_fleet(fle
     assert fleet.central(uuid_a)[scan] == (2, 0, "not_hosted")
     sites = dict(centre.execute("SELECT edge_id, site FROM fleet.edges"))
     assert sites["edge-a"] == "site-1" and sites["edge-b"] == "site-2"
-    beat = centre.execute("SELECT mode, workers_ready, blocks, registry_serial, backlog FROM fleet.edges"
-                          " WHERE edge_id = 'edge-a'")[0]  # fmt: skip
+
+    def heartbeat() -> tuple:
+        return centre.execute("SELECT mode, workers_ready, blocks, registry_serial, backlog FROM fleet.edges"
+                              " WHERE edge_id = 'edge-a'")[0]  # fmt: skip
+
+    wait_until(lambda: heartbeat()[2] >= 5, timeout=10, step=0.2)  # a heartbeat after the blocks
+    beat = heartbeat()
     assert beat[0] == "enforce" and beat[1] == 1 and beat[2] >= 5 and beat[3] > 0
     metrics = fleet.gates["a"].metrics()
     assert metric(metrics, "icpgate_fleet_last_ship_timestamp_seconds") > time.time() - 30

@@ -166,6 +166,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE POLICY own_records ON fleet.handling FOR SELECT TO %s USING (EXISTS (SELECT 1 FROM"
         " fleet.violations v WHERE %s))" % (EDGE_GROUP, _SAME_KEY),
     ),
+    # 3: the heartbeat's inline bypass state and feed lag against the publisher.
+    (
+        "ALTER TABLE fleet.edges ADD COLUMN bypass text,"  # on, off, partial or unknown
+        " ADD COLUMN publisher_serial bigint, ADD COLUMN publisher_checksum text,"  # the last heard of
+        " ADD COLUMN feed_serials_behind bigint, ADD COLUMN feed_seconds_behind double precision",
+    ),
 )  # fmt: skip
 
 VERSION_TABLE = """CREATE TABLE IF NOT EXISTS fleet.schema_version (

@@ -20,6 +20,8 @@ from typing import TypeVar
 
 import psycopg
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from ..admin.openapi import fleet_openapi_document
 from ..admin.server import BadRequest, authorize, page_json, page_params, read_token, text_param, violation_filters
@@ -32,6 +34,7 @@ from .status_page import render_fleet_page
 log = logging.getLogger("icpgate.fleet")
 T = TypeVar("T")
 _OPEN = frozenset({"/healthz"})
+_LABELS = ["edge", "site"]
 
 
 class CentralReader:
@@ -74,6 +77,7 @@ class FleetApi:
         app.add_routes([
             web.get("/", self.status_page),
             web.get("/healthz", self.healthz),
+            web.get("/metrics", self.metrics),
             web.get("/openapi.json", self.openapi),
             web.get("/api/v1/edges", self.edges),
             web.get("/api/v1/violations", self.violations),
@@ -94,6 +98,11 @@ class FleetApi:
 
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        """Each edge's health as the centre sees it, for the fleet's alerts (dashboards/alerts.yml)."""
+        found = await self.reader.read(lambda connection: views.edges(connection, self.config.fleet.silent_after))
+        return web.Response(body=edge_exposition(found), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def openapi(self, _request: web.Request) -> web.Response:
         return web.json_response(fleet_openapi_document())
@@ -136,6 +145,46 @@ class FleetApi:
         await views.annotate(self.config, top)
         html = render_fleet_page(self.config, found, top, counts)
         return web.Response(text=html, content_type="text/html", charset="utf-8")
+
+
+def edge_exposition(edges: list[dict]) -> bytes:
+    """The edges' gauges (docs/metrics.md, "The fleet"), labelled with edge and site; a gauge an
+    edge cannot fill (no feed, an older edge) is left out for it rather than made up."""
+    families = {
+        "silence": GaugeMetricFamily("icpgate_fleet_edge_silence_seconds", "Seconds since the edge's last"
+                                     " heartbeat, by the central store's clock.", labels=_LABELS),
+        "enforcing": GaugeMetricFamily("icpgate_fleet_edge_enforcing", "1 when the edge enforces (not monitor"
+                                       " mode, not an expired feed's open mode).", labels=_LABELS),
+        "serials": GaugeMetricFamily("icpgate_fleet_edge_feed_serials_behind", "Serials the edge's registry is"
+                                     " behind the publisher's, as the edge last heard it.", labels=_LABELS),
+        "seconds": GaugeMetricFamily("icpgate_fleet_edge_feed_seconds_behind", "Seconds since the edge was last"
+                                     " at the publisher's serial; 0 when it is.", labels=_LABELS),
+        "backlog": GaugeMetricFamily("icpgate_fleet_edge_backlog_records", "Records the edge has not shipped"
+                                     " yet, at its last heartbeat.", labels=_LABELS),
+        "checksum": GaugeMetricFamily("icpgate_fleet_edge_checksum_differs", "1 when the edge's registry has"
+                                      " another checksum than the publisher's at the same serial.", labels=_LABELS),
+    }  # fmt: skip
+    for edge in edges:
+        labels = [edge["edge_id"], edge["site"]]
+        feed = edge["feed"]
+        values = {"silence": edge["silence"], "enforcing": float(edge["mode"] == "enforce"),
+                  "serials": feed["serials_behind"], "seconds": feed["seconds_behind"],
+                  "backlog": edge["shipping"]["backlog"],
+                  "checksum": float("checksum_differs" in edge["flags"])}  # fmt: skip
+        for name, value in values.items():
+            if value is not None:
+                families[name].add_metric(labels, value)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Families:
+    def __init__(self, families: list) -> None:
+        self.families = families
+
+    def collect(self):
+        return self.families
 
 
 def serve(config: Config, dsn: str | None, host: str, port: int) -> int:

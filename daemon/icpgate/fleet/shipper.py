@@ -57,7 +57,9 @@ VALUES (date_trunc('hour', %(last_seen)s AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
 """
 _HEARTBEAT_COLUMNS = ("version", "config_digest", "mode", "mode_rule", "registry_serial", "registry_checksum",
                       "registry_filings", "feed_state", "feed_age", "workers", "workers_ready", "open_connections",
-                      "decisions", "blocks", "backlog", "oldest_unshipped_age", "dropped")  # fmt: skip
+                      "decisions", "blocks", "backlog", "oldest_unshipped_age", "dropped", "bypass",
+                      "publisher_serial", "publisher_checksum", "feed_serials_behind",
+                      "feed_seconds_behind")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,23 +116,30 @@ async def ship_batch(connection: psycopg.AsyncConnection, store: ViolationStore,
     return len(rows)
 
 
-async def send_heartbeat(connection: psycopg.AsyncConnection, edge: Edge, health: dict) -> None:
-    columns = ", ".join("%s = %%(%s)s" % (name, name) for name in _HEARTBEAT_COLUMNS)
+async def send_heartbeat(connection: psycopg.AsyncConnection, edge: Edge, health: dict,
+                         known: tuple[str, ...] = _HEARTBEAT_COLUMNS) -> None:  # fmt: skip
+    """Update this edge's row with the columns of `health` that the central schema has."""
+    columns = ", ".join("%s = %%(%s)s" % (name, name) for name in _HEARTBEAT_COLUMNS if name in known)
     async with connection.transaction():
         await connection.execute("UPDATE fleet.edges SET %s, edge_id = %%(edge_id)s, site = %%(site)s, last_seen ="
                                  " now() WHERE edge_uuid = %%(edge)s" % columns,
                                  health | {"edge": edge.uuid, "edge_id": edge.edge_id, "site": edge.site})  # fmt: skip
 
 
-async def _has_central_handling(connection: psycopg.AsyncConnection) -> bool:
-    """Whether the central schema has handling (version 2): an edge upgraded before its centre
-    ships on, and says once per connection what it cannot take back."""
+async def _central_features(connection: psycopg.AsyncConnection) -> tuple[bool, tuple[str, ...]]:
+    """What the central schema has: handling (version 2), and which heartbeat columns. An edge
+    upgraded before its centre ships on, and says once per connection what it cannot send."""
     async with connection.transaction():
-        cursor = await connection.execute("SELECT to_regclass('fleet.handling') IS NOT NULL")
-        (present,) = await cursor.fetchone()
-    if not present:
-        log.warning("fleet: the central schema has no handling yet: run `icpgate fleet migrate` at the centre")
-    return present
+        cursor = await connection.execute(
+            "SELECT to_regclass('fleet.handling') IS NOT NULL, array(SELECT column_name::text FROM"
+            " information_schema.columns WHERE table_schema = 'fleet' AND table_name = 'edges')")  # fmt: skip
+        handling, present = await cursor.fetchone()
+    columns = tuple(name for name in _HEARTBEAT_COLUMNS if name in present)
+    missing = ["handling"] * (not handling) + [name for name in _HEARTBEAT_COLUMNS if name not in columns]
+    if missing:
+        log.warning("fleet: the central schema predates this edge (no %s): run `icpgate fleet migrate` at the"
+                    " centre", ", ".join(missing))  # fmt: skip
+    return handling, columns
 
 
 def _key(row) -> tuple:
@@ -200,7 +209,7 @@ class Shipper:
                     await register(connection, self.edge)
                     log.info("fleet: shipping to the central store as %s (%s)", fleet.edge_id, self.edge.uuid)
                     backoff = 1.0
-                    await self._serve(connection, await _has_central_handling(connection))
+                    await self._serve(connection, *await _central_features(connection))
             except (CentralError, psycopg.Error, OSError) as error:
                 metrics.FLEET_FAILURES.inc()
                 log.warning("fleet: central store: %s; retrying in %gs", str(error).strip().splitlines()[0], backoff)
@@ -208,7 +217,8 @@ class Shipper:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
-    async def _serve(self, connection: psycopg.AsyncConnection, central_handling: bool) -> None:
+    async def _serve(self, connection: psycopg.AsyncConnection, central_handling: bool,
+                     columns: tuple[str, ...]) -> None:  # fmt: skip
         fleet = self.config.fleet
         next_beat = 0.0
         while True:
@@ -216,7 +226,7 @@ class Shipper:
             if central_handling:
                 await take_back(connection, self.store, self.edge.uuid)
             if time.monotonic() >= next_beat:
-                await send_heartbeat(connection, self.edge, await self.health())
+                await send_heartbeat(connection, self.edge, await self.health(), columns)
                 next_beat = time.monotonic() + fleet.heartbeat_interval
             await asyncio.sleep(min(fleet.ship_interval, fleet.heartbeat_interval))
 

@@ -22,8 +22,10 @@ def edges(connection: psycopg.Connection, silent_after: float) -> list[dict[str,
     """Every edge with its last heartbeat and its flags:
     - silent: no heartbeat for `silent_after` seconds;
     - not_enforcing: in monitor mode, or letting traffic through on an expired feed;
-    - behind: a registry serial below the fleet's newest, or a feed past its stale_after;
-    - checksum_differs: among the edges at its serial, its checksum is not the most common one
+    - behind: a registry serial below the fleet's newest or the publisher's, or a feed past its
+      stale_after;
+    - checksum_differs: at the publisher's serial with another checksum than the publisher's, or,
+      where the publisher's is not known, not the most common one among the edges at its serial
       (edges at different serials differ legitimately while a change propagates)."""
     with connection.cursor(row_factory=dict_row) as cursor:
         rows = cursor.execute(
@@ -44,12 +46,20 @@ def edges(connection: psycopg.Connection, silent_after: float) -> list[dict[str,
             flags.append("silent")
         if row["mode"] not in (None, "enforce"):
             flags.append("not_enforcing")
-        if (serial is not None and serial < newest) or row["feed_state"] in ("stale", "expired"):
+        if ((serial is not None and serial < newest) or row["feed_state"] in ("stale", "expired")
+                or (row["feed_serials_behind"] or 0) > 0):  # fmt: skip
             flags.append("behind")
-        if serial is not None and _minority(by_serial[serial], row["registry_checksum"]):
+        if serial is not None and (publisher_differs(row) if row["publisher_checksum"] else
+                                   _minority(by_serial[serial], row["registry_checksum"])):  # fmt: skip
             flags.append("checksum_differs")
         result.append(_edge_json(row, newest, flags))
     return result
+
+
+def publisher_differs(row: dict) -> bool:
+    """At the publisher's serial, with another checksum than the publisher's (fleet.edges' row)."""
+    return (row["publisher_checksum"] is not None and row["registry_serial"] == row["publisher_serial"]
+            and row["registry_checksum"] != row["publisher_checksum"])  # fmt: skip
 
 
 def _minority(checksums: Counter, checksum: str) -> bool:
@@ -66,7 +76,9 @@ def _edge_json(row: dict, newest: int | None, flags: list[str]) -> dict[str, Any
         "mode_rule": row["mode_rule"], "registry": {"serial": row["registry_serial"],
         "checksum": row["registry_checksum"], "filings": row["registry_filings"],
         "behind": None if row["registry_serial"] is None else newest - row["registry_serial"]},
-        "feed": {"state": row["feed_state"], "age": row["feed_age"]},
+        "feed": {"state": row["feed_state"], "age": row["feed_age"], "publisher_serial": row["publisher_serial"],
+                 "serials_behind": row["feed_serials_behind"], "seconds_behind": row["feed_seconds_behind"]},
+        "bypass": row["bypass"],
         "workers": row["workers"], "workers_ready": row["workers_ready"], "open_connections": row["open_connections"],
         "decisions": row["decisions"], "blocks": row["blocks"],
         "shipping": {"backlog": row["backlog"], "oldest_unshipped_age": row["oldest_unshipped_age"],
