@@ -1,5 +1,5 @@
-"""`icpgate fleet migrate|maintain|status|violations|serve`: the operations centre's view of the fleet, and
-its handling of records (`fleet violations ack|resolve|reopen|history`)."""
+"""`icpgate fleet migrate|maintain|status|violations|serve|customers`: the operations centre's view of
+the fleet, its handling of records (`fleet violations ack|resolve|reopen|history`) and its customer map."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config.display_time import local_text
@@ -66,6 +67,12 @@ def add_commands(commands, common: argparse.ArgumentParser, filters: argparse.Ar
     history.add_argument("ids", type=int, nargs="+", metavar="ID", help="record ids (the ID column)")
     history.add_argument("--json", action="store_true", help="print JSON")
     history.set_defaults(handler=dispatch, fleet_handler=history_command)
+    customers = fleet_commands.add_parser("customers", help="the customer map at the centre, for the fleet's dashboard")
+    customer_commands = customers.add_subparsers(dest="customers_command", required=True)
+    customer_import = customer_commands.add_parser("import", parents=[common, dsn],
+                                                   help="replace the centre's map with a file's")  # fmt: skip
+    customer_import.add_argument("file", type=Path, help="as for `icpgate customers import`")
+    customer_import.set_defaults(handler=dispatch, fleet_handler=customers_import_command)
 
 
 def migrate_command(args: argparse.Namespace, config: Config) -> Exit:
@@ -206,6 +213,31 @@ def history_command(args: argparse.Namespace, config: Config) -> Exit:
             ": " + entry["note"] if entry["note"] else ""))  # fmt: skip
     if not trail:
         print("no handling recorded for %s" % ", ".join(map(str, args.ids)))
+    return Exit.OK
+
+
+def customers_import_command(args: argparse.Namespace, config: Config) -> Exit:
+    """The edge's customer file, into fleet.customers, with an operator's role (fleet.dsn or --dsn)."""
+    import psycopg
+
+    from ..fleet.customers import customer_count, replace_customers
+    from ..violations.customers import CustomerError, read_customers
+
+    try:
+        customers = read_customers(args.file)
+    except CustomerError as error:
+        print("error: %s" % error, file=sys.stderr)
+        print("refused %s; the centre's customer map stays as it was" % args.file, file=sys.stderr)
+        return Exit.DATA
+    with _connect(args, config) as connection:
+        try:
+            replace_customers(connection, customers)
+        except psycopg.errors.InsufficientPrivilege as error:
+            print("fleet customers import: the central store refuses: %s (the map needs a member of"
+                  " icpgate_operator)" % str(error).strip(), file=sys.stderr)  # fmt: skip
+            return Exit.FLEET
+        ranges, names = customer_count(connection)
+    print("the centre's customer map: %d ranges of %d customers from %s" % (ranges, names, args.file))
     return Exit.OK
 
 

@@ -172,6 +172,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " ADD COLUMN publisher_serial bigint, ADD COLUMN publisher_checksum text,"  # the last heard of
         " ADD COLUMN feed_serials_behind bigint, ADD COLUMN feed_seconds_behind double precision",
     ),
+    # 4: the customer map at the centre (`icpgate fleet customers import`), so the fleet's dashboard
+    # names the customers whose addresses carry violations; the most specific range wins.
+    (
+        """CREATE TABLE fleet.customers (
+            network cidr PRIMARY KEY,
+            name text NOT NULL,
+            contract text NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX customers_network ON fleet.customers USING gist (network inet_ops)",
+        """CREATE FUNCTION fleet.customer_of(address text) RETURNS fleet.customers
+        LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
+            SELECT c FROM fleet.customers c
+            WHERE c.network >>= (CASE WHEN address ~ '^[0-9A-Fa-f:.]+$' THEN address::inet END)
+            ORDER BY masklen(c.network) DESC LIMIT 1
+        $$""",
+        "GRANT SELECT ON fleet.customers TO %s" % READER_GROUP,
+        "GRANT INSERT, DELETE ON fleet.customers TO %s" % OPERATOR_GROUP,  # the NOC keeps the map
+    ),
 )  # fmt: skip
 
 VERSION_TABLE = """CREATE TABLE IF NOT EXISTS fleet.schema_version (

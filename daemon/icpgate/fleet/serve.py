@@ -15,7 +15,7 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import psycopg
@@ -101,8 +101,12 @@ class FleetApi:
 
     async def metrics(self, _request: web.Request) -> web.Response:
         """Each edge's health as the centre sees it, for the fleet's alerts (dashboards/alerts.yml)."""
-        found = await self.reader.read(lambda connection: views.edges(connection, self.config.fleet.silent_after))
-        return web.Response(body=edge_exposition(found), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        def read(connection: psycopg.Connection) -> tuple[list[dict], list[tuple]]:
+            return views.edges(connection, self.config.fleet.silent_after), views.new_violations(connection)
+
+        found, new = await self.reader.read(read)
+        return web.Response(body=edge_exposition(found, new), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def openapi(self, _request: web.Request) -> web.Response:
         return web.json_response(fleet_openapi_document())
@@ -147,9 +151,10 @@ class FleetApi:
         return web.Response(text=html, content_type="text/html", charset="utf-8")
 
 
-def edge_exposition(edges: list[dict]) -> bytes:
+def edge_exposition(edges: list[dict], new: Sequence[tuple[str, str, str, int]] = ()) -> bytes:
     """The edges' gauges (docs/metrics.md, "The fleet"), labelled with edge and site; a gauge an
-    edge cannot fill (no feed, an older edge) is left out for it rather than made up."""
+    edge cannot fill (no feed, an older edge) is left out for it rather than made up. `new`: the
+    records each edge first saw lately, by DNS state (views.new_violations)."""
     families = {
         "silence": GaugeMetricFamily("icpgate_fleet_edge_silence_seconds", "Seconds since the edge's last"
                                      " heartbeat, by the central store's clock.", labels=_LABELS),
@@ -174,6 +179,12 @@ def edge_exposition(edges: list[dict]) -> bytes:
         for name, value in values.items():
             if value is not None:
                 families[name].add_metric(labels, value)
+    fresh = GaugeMetricFamily("icpgate_fleet_new_violation_records", "Violation records the edge first saw in the"
+                              " last %d minutes, by its own first sighting (a shipped backlog is not new)."
+                              % (views.NEW_WITHIN // 60), labels=[*_LABELS, "dns"])  # fmt: skip
+    for edge_id, site, dns, records in new:
+        fresh.add_metric([edge_id, site, dns], records)
+    families["new"] = fresh
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(list(families.values())))
     return generate_latest(registry)

@@ -197,6 +197,22 @@ async def annotate(config: Config, records: list[dict]) -> None:
     await annotate_from_file(config, records)
 
 
+NEW_WITHIN = 900.0  # seconds: a record an edge first saw this recently is a new violation
+DNS_STATES = ("confirmed", "not_hosted", "error", "unchecked")
+
+
+def new_violations(connection: psycopg.Connection, within: float = NEW_WITHIN) -> list[tuple[str, str, str, int]]:
+    """(edge, site, DNS state, records) for every edge and state: the records the edge first saw in
+    the last `within` seconds, by the edge's own first sighting, not by when the centre took them.
+    A backlog shipped after an outage is history: its first sightings are as old as the outage,
+    so it does not count again; a record an edge has just seen does, whatever other edges saw."""
+    return connection.execute(
+        "SELECT e.edge_id, e.site, s.dns, count(v.edge_uuid) FROM fleet.edges e CROSS JOIN unnest(%s::text[]) s(dns)"
+        " LEFT JOIN fleet.violations v ON v.edge_uuid = e.edge_uuid AND coalesce(v.dns_state, 'unchecked') = s.dns"
+        " AND v.first_seen >= now() - make_interval(secs => %s) GROUP BY 1, 2, 3 ORDER BY 2, 1, 3",
+        (list(DNS_STATES), within)).fetchall()  # fmt: skip
+
+
 def labels(connection: psycopg.Connection) -> tuple[set[str], set[str]]:
     """The edge labels and sites the central store knows, to refuse a filter naming neither."""
     rows = connection.execute("SELECT edge_id, site FROM fleet.edges").fetchall()
