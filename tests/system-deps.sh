@@ -21,6 +21,8 @@ checks=(
   "command -v podman|podman"
   "command -v runc|runc"
   "command -v mmdebstrap|mmdebstrap"
+  "ls /usr/lib/postgresql/*/bin/initdb|postgresql"
+  "test -x /usr/sbin/pgbouncer|pgbouncer"
 )
 missing=()
 for entry in "${checks[@]}"; do

@@ -127,7 +127,7 @@ def test_customer_map_and_handling_through_the_cli(sample_registry: Path, tmp_pa
     assert states["shop.example-rogue.cn"]["state"] == "acknowledged"
     assert states["shop.example-rogue.cn"]["note"] == "已致电客户"
     assert states["scan.example-stranger.cn"]["state"] == "resolved"
-    assert states["nx.example-gone.cn"] == {"state": "open", "note": None, "at": None}
+    assert states["nx.example-gone.cn"] == {"state": "open", "note": None, "at": None, "by": None}
     open_ones = json.loads(cli(sample_registry, "violations", "--json", "--state", "open"))["items"]
     assert {item["host"] for item in open_ones} == {"www.example-approved-since.cn", "nx.example-gone.cn"}
     report = {row[0]: row for row in isms(sample_registry)[1:]}

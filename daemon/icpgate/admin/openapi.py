@@ -72,6 +72,10 @@ _VIOLATION = {
                 "state": {"type": "string", "enum": list(HANDLING_STATES)},
                 "note": _NULLABLE_STRING,
                 "at": {**_NULLABLE_STRING, "format": "date-time"},
+                "by": {
+                    **_NULLABLE_STRING,
+                    "description": "set at the fleet's centre by this operator (role); null when set on this edge",
+                },
             },
         },
         "current": {
@@ -416,3 +420,71 @@ def openapi_document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
+
+
+_FLEET_VIOLATION = {
+    **_VIOLATION,
+    "properties": {
+        **_VIOLATION["properties"],
+        "id": {"type": "integer", "description": "the fleet's number of the record (fleet.records)"},
+        "edges": {
+            "type": "array",
+            "description": "the edges that saw it, with their counts, DNS states and handling",
+            "items": {"type": "object", "required": ["edge_id", "site", "count"]},
+        },
+    },
+}
+_TRAIL_ENTRY = {
+    "type": "object",
+    "required": ["id", "state", "at", "role"],
+    "properties": {
+        "id": {"type": "integer"},
+        "state": {"type": "string", "enum": list(SET_STATES)},
+        "note": _NULLABLE_STRING,
+        "at": {"type": "string", "format": "date-time"},
+        "role": {"type": "string", "description": "the PostgreSQL role that set it"},
+        "by": {**_NULLABLE_STRING, "description": "the name the operator gave"},
+    },
+}
+
+
+def fleet_openapi_document() -> dict[str, Any]:
+    """`icpgate fleet serve`'s document: the edge's read calls over the central store, all behind
+    the bearer token but /healthz."""
+    edge = openapi_document()
+    listing = edge["paths"]["/api/v1/violations"]["get"]
+    page = listing["responses"]["200"]["content"]["application/json"]["schema"]
+    unauthorized = {"401": _error("no or wrong bearer token"), "403": _error("no admin.token_file configured"),
+                    "503": _error("the central store cannot be reached")}  # fmt: skip
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "icpgate fleet API", "version": __version__,
+                 "description": "Edges, violations and their handling across the fleet, from the central store."},
+        "security": [{"bearer": []}],
+        "paths": {
+            "/healthz": {**edge["paths"]["/healthz"], "get": {**edge["paths"]["/healthz"]["get"], "security": []}},
+            "/": {"get": {**edge["paths"]["/"]["get"], "summary": "The fleet's status page.",
+                          "responses": {**edge["paths"]["/"]["get"]["responses"], **unauthorized}}},
+            "/api/v1/edges": {"get": {
+                "summary": "Every edge, its last heartbeat and its flags (as `icpgate fleet status --json`).",
+                "responses": {"200": _json({"type": "object", "required": ["edges"], "properties": {
+                    "edges": {"type": "array", "items": {"type": "object"}}}}, "the edges"), **unauthorized}}},
+            "/api/v1/violations": {"get": {
+                "summary": "Violation records across the fleet, one per record key, confirmed first.",
+                "parameters": [*listing["parameters"], _query("edge", {"type": "string", "minLength": 1},
+                               "seen at this edge (fleet.edge_id)"), _query("site", {"type": "string",
+                               "minLength": 1}, "seen at this site (fleet.site)")],
+                "responses": {"200": _json({**page, "properties": {**page["properties"], "items": {
+                    "type": "array", "items": _FLEET_VIOLATION}}}, "one page"),
+                    "400": _error("bad parameters"), "404": _error("an edge or site no edge reports"),
+                    **unauthorized}}},
+            "/api/v1/violations/{id}/handling": {"get": {
+                "summary": "The audit trail of a record's handling at the centre, oldest first.",
+                "parameters": [{"name": "id", "in": "path", "required": True,
+                                "schema": {"type": "integer", "minimum": 0, "maximum": 2**62}}],
+                "responses": {"200": _json({"type": "object", "required": ["id", "items"], "properties": {
+                    "id": {"type": "integer"}, "items": {"type": "array", "items": _TRAIL_ENTRY}}}, "the trail"),
+                    "400": _error("bad id"), **unauthorized}}},
+        },
+        "components": edge["components"],
+    }  # fmt: skip

@@ -72,7 +72,7 @@ class AdminApi:
         self.registry = registry
         self.store = store
         self.inspection = inspection  # None while inspect.enabled is off
-        self.token = _read_token(config)
+        self.token = read_token(config)
         self.block_rate = BlockRate()
         self._sync_lock = asyncio.Lock()
         self._pilot: tuple = ()  # the pack's monitor_ranges, as of _pack_stamp (its mtime)
@@ -204,38 +204,10 @@ class AdminApi:
 
     async def violations(self, request: web.Request) -> web.Response:
         query = request.query
-        limit = _int_param(query, "limit", 100, 1, MAX_PAGE)
-        offset = _int_param(query, "offset", 0, 0, MAX_OFFSET)
-        reason = _text_param(query, "reason")
-        if reason is not None and reason not in Reason.__members__.values():
-            raise BadRequest("reason: unknown reason %r" % reason)
-        dns = _text_param(query, "dns")
-        if dns is not None and dns not in violation_store.DNS_STATES:
-            raise BadRequest("dns must be one of %s" % ", ".join(violation_store.DNS_STATES))
-        state = _text_param(query, "state")
-        if state is not None and state not in violation_store.HANDLING_STATES:
-            raise BadRequest("state must be one of %s" % ", ".join(violation_store.HANDLING_STATES))
-        since = _text_param(query, "since")
-        try:
-            since = parse_since(since) if since is not None else None
-        except ValueError as error:
-            raise BadRequest("since: %s" % error) from None
-        filters = Filters(
-            confirmed=_bool_param(query, "confirmed"),
-            since=since,
-            domain=_text_param(query, "domain"),
-            ip=_ip_param(query),
-            reason=reason,
-            dns=dns,
-            state=state,
-        )
-        total, items = await self.store.query(filters, limit, offset)
+        limit, offset = page_params(query)
+        total, items = await self.store.query(violation_filters(query), limit, offset)
         await self._annotate(items)
-        following = offset + len(items)
-        return web.json_response({
-            "total": total, "limit": limit, "offset": offset,
-            "next_offset": following if following < total else None, "items": items,
-        })  # fmt: skip
+        return web.json_response(page_json(total, limit, offset, items))
 
     async def set_handling(self, request: web.Request) -> web.Response:
         """Acknowledge, resolve or reopen one record, with a note (behind the token)."""
@@ -297,14 +269,7 @@ class AdminApi:
         return web.json_response(outcome_json(outcome))
 
     def _authorize(self, request: web.Request) -> None:
-        if self.token is None:
-            raise web.HTTPForbidden(
-                text='{"error": "no admin.token_file is configured"}', content_type="application/json"
-            )
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-            raise web.HTTPUnauthorized(text=json.dumps({"error": "a valid bearer token is required"}),
-                                       content_type=JSON, headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        authorize(request, self.token)
 
     # --- status page -------------------------------------------------------------------------
     async def status_page(self, _request: web.Request) -> web.Response:
@@ -321,7 +286,47 @@ class AdminApi:
         return web.Response(text=html, content_type="text/html", charset="utf-8")
 
 
-def _read_token(config: Config) -> str | None:
+def authorize(request: web.Request, token: str | None) -> None:
+    """The bearer token's check (the edge's write calls, everything `fleet serve` answers)."""
+    if token is None:
+        raise web.HTTPForbidden(text='{"error": "no admin.token_file is configured"}', content_type=JSON)
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise web.HTTPUnauthorized(text=json.dumps({"error": "a valid bearer token is required"}),
+                                   content_type=JSON, headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+
+def violation_filters(query) -> Filters:
+    """`GET /api/v1/violations`' filters (an edge's, and the fleet's with edge and site besides)."""
+    reason = text_param(query, "reason")
+    if reason is not None and reason not in Reason.__members__.values():
+        raise BadRequest("reason: unknown reason %r" % reason)
+    dns = text_param(query, "dns")
+    if dns is not None and dns not in violation_store.DNS_STATES:
+        raise BadRequest("dns must be one of %s" % ", ".join(violation_store.DNS_STATES))
+    state = text_param(query, "state")
+    if state is not None and state not in violation_store.HANDLING_STATES:
+        raise BadRequest("state must be one of %s" % ", ".join(violation_store.HANDLING_STATES))
+    since = text_param(query, "since")
+    try:
+        since = parse_since(since) if since is not None else None
+    except ValueError as error:
+        raise BadRequest("since: %s" % error) from None
+    return Filters(confirmed=_bool_param(query, "confirmed"), since=since, domain=text_param(query, "domain"),
+                   ip=_ip_param(query), reason=reason, dns=dns, state=state)  # fmt: skip
+
+
+def page_params(query) -> tuple[int, int]:
+    return _int_param(query, "limit", 100, 1, MAX_PAGE), _int_param(query, "offset", 0, 0, MAX_OFFSET)
+
+
+def page_json(total: int, limit: int, offset: int, items: list) -> dict:
+    following = offset + len(items)
+    return {"total": total, "limit": limit, "offset": offset,
+            "next_offset": following if following < total else None, "items": items}  # fmt: skip
+
+
+def read_token(config: Config) -> str | None:
     if config.admin.token_file is None:
         return None
     token = config.admin.token_file.read_text(encoding="utf-8").strip()
@@ -354,7 +359,7 @@ def _int_param(query, name: str, default: int | None, low: int, high: int) -> in
 
 
 def _ip_param(query) -> str | None:
-    text = _text_param(query, "ip")
+    text = text_param(query, "ip")
     if text is None:
         return None
     try:
@@ -379,7 +384,7 @@ def _single(query, name: str) -> str | None:
     return values[0] if values else None
 
 
-def _text_param(query, name: str) -> str | None:
+def text_param(query, name: str) -> str | None:
     """None when absent; a parameter given empty is a mistake, not a wildcard."""
     text = _single(query, name)
     if text == "":

@@ -15,7 +15,7 @@ from ..reports.current import current_en, current_zh
 from ..reports.export import HANDLING_ZH
 from .inspection_section import render_inspection
 
-_STYLE = "".join(
+STYLE = "".join(
     (
         'body{font:15px/1.45 system-ui,"Noto Sans CJK SC","WenQuanYi Micro Hei",sans-serif;margin:0}',
         "body{color:#1d2433;background:#f5f6f8}",
@@ -37,6 +37,15 @@ _STYLE = "".join(
         ".empty{color:#5b6475}",
         ".warning{background:#fdecea;border-color:#e4a29b;color:#a1261b}",
     )
+)
+
+
+# The violations table's header cells, for violation_row's cells (here and on the fleet's page).
+VIOLATION_HEADER = (
+    "<th>编号 · ID</th><th>域名 · Domain</th><th>主机 · Host</th><th>IP:端口 · IP:port</th>"
+    "<th>协议 · Proto</th><th>原因 · Reason</th><th class=num>次数 · Count</th>"
+    "<th>最后发现 · Last seen</th><th>解析到 · Resolves to</th><th>当前状态 · Now</th>"
+    "<th>客户 · Customer</th><th>处理 · Handling</th>"
 )
 
 
@@ -84,13 +93,8 @@ def render_status_page(config: Config, feed: dict[str, Any], enforcement: dict[s
     else:
         rates_html = '<p class="empty">正在统计，10 秒后显示。 · Measuring; the rate shows after 10 seconds.</p>'
     if top:
-        violation_rows = "".join(_violation_row(record, zone) for record in top)
-        top_html = (
-            "<table><tr><th>编号 · ID</th><th>域名 · Domain</th><th>主机 · Host</th><th>IP:端口 · IP:port</th>"
-            "<th>协议 · Proto</th><th>原因 · Reason</th><th class=num>次数 · Count</th>"
-            "<th>最后发现 · Last seen</th><th>解析到 · Resolves to</th><th>当前状态 · Now</th>"
-            "<th>客户 · Customer</th><th>处理 · Handling</th></tr>%s</table>" % violation_rows
-        )
+        violation_rows = "".join(violation_row(record, zone) for record in top)
+        top_html = "<table><tr>%s</tr>%s</table>" % (VIOLATION_HEADER, violation_rows)
     else:
         top_html = '<p class="empty">没有已确认的违规。 · No confirmed violations.</p>'
     counts = ", ".join("%s %d" % (escape(state), count) for state, count in sorted(summary.items())) or "none"
@@ -108,7 +112,7 @@ def render_status_page(config: Config, feed: dict[str, Any], enforcement: dict[s
 <p class="empty">icpgate %(version)s</p>
 </main></body></html>
 """ % {
-        "provider": escape(config.provider.name or config.provider.id), "style": _STYLE, "feed": feed_html,
+        "provider": escape(config.provider.name or config.provider.id), "style": STYLE, "feed": feed_html,
         "rates": rates_html, "top": top_html, "counts": counts, "warnings": _banner(warnings),
         "inspection": render_inspection(inspection, config.inspect.enabled, zone), "version": escape(__version__),
     }  # fmt: skip
@@ -136,7 +140,8 @@ def _mode_note(enforcement: dict[str, Any]) -> str:
     return " — %s" % escape(note) if note else ""
 
 
-def _violation_row(record: dict[str, Any], zone: tzinfo) -> str:
+def violation_row(record: dict[str, Any], zone: tzinfo, *extra: str) -> str:
+    """One record under VIOLATION_HEADER; `extra` cells (text) after them."""
     customer, handling = record["customer"], record["handling"]
     cells = (
         str(record["id"]), escape(record["domain"] or "-"), escape(record["host"]),
@@ -146,8 +151,10 @@ def _violation_row(record: dict[str, Any], zone: tzinfo) -> str:
         escape(", ".join(record["dns"]["addresses"])),
         escape("%s · %s" % (current_zh(record), current_en(record)) if record.get("current") else "-"),
         escape("%s（%s）" % (customer["name"], customer["contract"]) if customer else "-"),
-        escape("%s · %s%s" % (HANDLING_ZH[handling["state"]], handling["state"],
-                              "：" + handling["note"] if handling["note"] else "")),
+        escape("%s · %s%s%s" % (HANDLING_ZH[handling["state"]], handling["state"],
+                                "：" + handling["note"] if handling["note"] else "",
+                                " — %s" % handling["by"] if handling.get("by") else "")),
+        *map(escape, extra),
     )  # fmt: skip
     return "<tr>%s</tr>" % "".join(cell if cell.startswith("<td") else "<td>%s</td>" % cell for cell in cells)
 

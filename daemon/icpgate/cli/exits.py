@@ -16,3 +16,4 @@ class Exit(IntEnum):
     FEED = 7  # `feed sync`/`diff`: no source could be reached (refused feed data is DATA)
     NFT = 8  # `bypass`: nft failed (no inline ruleset loaded, no CAP_NET_ADMIN, a conflicting set element)
     BUSY = 9  # `inspect`: another inspection (the daemon's scheduled one) is running
+    FLEET = 10  # `fleet`: the central store cannot be reached, or refuses (roles, schema)

@@ -25,6 +25,7 @@ from ..telemetry.multiproc import use_metrics_dir
 from ..violations.store import DNS_STATES, HANDLING_STATES, MAX_NOTE, Filters, open_violations, parse_since
 from . import backup_commands, inspect_commands
 from .exits import Exit
+from .fleet_commands import add_commands as add_fleet_commands
 
 DEFAULT_CONFIG = Path("/etc/icpgate/config.toml")
 MAX_PRINTED_WARNINGS = 20
@@ -94,22 +95,23 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.set_defaults(handler=_cmd_feed_serve)
 
-    violations = commands.add_parser("violations", parents=[common], help="the violation log, confirmed first")
-    violations.add_argument("--confirmed", action="store_true", help="only DNS-confirmed violations")
-    violations.add_argument("--since", metavar="T", help="last seen since: ISO 8601 time, or 90s, 15m, 24h, 7d")
-    violations.add_argument("--domain", help="registrable domain or host")
-    violations.add_argument("--ip", type=_ip_address, help="destination IP")
+    filters = argparse.ArgumentParser(add_help=False)  # `violations` and `fleet violations`
+    filters.add_argument("--confirmed", action="store_true", help="only DNS-confirmed violations")
+    filters.add_argument("--since", metavar="T", help="last seen since: ISO 8601 time, or 90s, 15m, 24h, 7d")
+    filters.add_argument("--domain", help="registrable domain or host")
+    filters.add_argument("--ip", type=_ip_address, help="destination IP")
     reasons = [reason.value for reason in Reason]
-    violations.add_argument("--reason", choices=reasons, metavar="R", help="reason code: %s" % ", ".join(reasons))
-    violations.add_argument("--dns", choices=DNS_STATES, help="DNS state")
-    violations.add_argument("--state", choices=HANDLING_STATES, help="handling state (open takes reopened in)")
-    violations.add_argument("--limit", type=int, default=100, help="records at most; 0 for all (default %(default)s)")
-    output = violations.add_mutually_exclusive_group()
+    filters.add_argument("--reason", choices=reasons, metavar="R", help="reason code: %s" % ", ".join(reasons))
+    filters.add_argument("--dns", choices=DNS_STATES, help="DNS state")
+    filters.add_argument("--state", choices=HANDLING_STATES, help="handling state (open takes reopened in)")
+    filters.add_argument("--limit", type=int, default=100, help="records at most; 0 for all (default %(default)s)")
+    output = filters.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON")
     output.add_argument("--csv", action="store_true", help="print CSV")
     output.add_argument("--isms", action="store_true", help="print the ISMS unfiled-site report (CSV)")
-    violations.add_argument("--include-unconfirmed", action="store_true",
-                            help="--isms: also records DNS did not confirm, marked in a column")  # fmt: skip
+    filters.add_argument("--include-unconfirmed", action="store_true",
+                         help="--isms: also records DNS did not confirm, marked in a column")  # fmt: skip
+    violations = commands.add_parser("violations", parents=[common, filters], help="the violation log, confirmed first")
     violations.set_defaults(handler=_cmd_violations)
     handling = violations.add_subparsers(dest="violations_command", metavar="{ack,resolve,reopen}")
     for name, state, text in (("ack", "acknowledged", "acknowledge records: seen, being worked on"),
@@ -151,6 +153,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="bypass off after M ready polls in a row (%(default)s)")  # fmt: skip
     watch.add_argument("--timeout", type=_positive(float), default=2.0, help="seconds for one poll (%(default)s)")
     watch.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+    add_fleet_commands(commands, common, filters, _cmd_fleet)
 
     config = commands.add_parser("config", help="config commands")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -290,25 +294,46 @@ def _create_registry(config: Config) -> None:
         asyncio.run(create())
 
 
+def _filters(args: argparse.Namespace, command: str) -> Filters | None:
+    """The filters of `violations` and `fleet violations`; None (after saying why) when they are wrong."""
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as error:
+        print("%s: --since: %s" % (command, error), file=sys.stderr)
+        return None
+    if args.include_unconfirmed and not args.isms:
+        print("%s: --include-unconfirmed goes with --isms" % command, file=sys.stderr)
+        return None
+    confirmed = args.confirmed or (args.isms and not args.include_unconfirmed)
+    return Filters(confirmed, since, args.domain, args.ip, args.reason, args.dns, args.state)
+
+
+def _cmd_fleet(args: argparse.Namespace) -> Exit:
+    from ..fleet.central import CentralError
+
+    config = load_config(args.config, args.overrides)
+    try:
+        if args.fleet_command != "violations" or getattr(args, "handling_command", None):
+            return args.fleet_handler(args, config)
+        filters = _filters(args, "fleet violations")
+        return Exit.USAGE if filters is None else args.fleet_handler(args, config, filters)
+    except CentralError as error:
+        print("fleet %s: %s" % (args.fleet_command, error), file=sys.stderr)
+        return Exit.FLEET
+
+
 def _cmd_violations(args: argparse.Namespace) -> Exit:
     from ..reports import export
 
     config = load_config(args.config, args.overrides)
-    try:
-        since = parse_since(args.since) if args.since else None
-    except ValueError as error:
-        print("violations: --since: %s" % error, file=sys.stderr)
-        return Exit.USAGE
-    if args.include_unconfirmed and not args.isms:
-        print("violations: --include-unconfirmed goes with --isms", file=sys.stderr)
+    filters = _filters(args, "violations")
+    if filters is None:
         return Exit.USAGE
     if _no_violation_log(config, "violations"):
         return Exit.REGISTRY
     if not config.registry_path.is_file():
         print("violations: warning: registry %s does not exist: the registry's decision now is left out"
               % config.registry_path, file=sys.stderr)  # fmt: skip
-    confirmed = args.confirmed or (args.isms and not args.include_unconfirmed)
-    filters = Filters(confirmed, since, args.domain, args.ip, args.reason, args.dns, args.state)
     total, records = asyncio.run(_violations(config, filters, args.limit or 2**62))
     if args.json:
         print(export.as_json(records, total))

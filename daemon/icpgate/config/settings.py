@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from dataclasses import dataclass
 from datetime import tzinfo
 from pathlib import Path
@@ -129,6 +130,19 @@ def _isp_ids(value: dict) -> str | None:
         if not key.isdigit() or not isinstance(provider, str) or not provider.strip():
             return 'entry %r = %r: expected "Ispid" = "provider id", e.g. "10001" = "IDC-EXAMPLE"' % (key, provider)
     return None
+
+
+def _dsn(value: str) -> str | None:
+    """A libpq URL or key/value string; psycopg parses it fully when it connects (fleet/central.py)."""
+    if value == "" or value.startswith(("postgresql://", "postgres://")) or "=" in value:
+        return None
+    return "must be a libpq URL (postgresql://...) or key=value pairs (host=... dbname=...)"
+
+
+def _label(value: str) -> str | None:
+    if len(value) <= 64 and value.isprintable():
+        return None
+    return "must be at most 64 printable characters"
 
 
 LISTENER_SPEC = {
@@ -254,6 +268,20 @@ CONFIG_SPEC = {
         "isp_ids": Field((dict,), {}, _isp_ids),
     },
     "display": {"timezone": Field((str,), "+08:00", _zone)},
+    "fleet": {
+        "dsn": Field((str,), "", _dsn),
+        "password_file": Field((str,), ""),
+        "edge_id": Field((str,), "", _label),
+        "site": Field((str,), "", _label),
+        "ship_interval": Field((int, float), 5.0, _positive),
+        "heartbeat_interval": Field((int, float), 5.0, _positive),
+        "batch_size": Field((int,), 1000, lambda v: None if 1 <= v <= 100_000 else "must be 1 to 100000"),
+        "max_backlog": Field((int,), 1_000_000, _at_least(1)),
+        "transaction_pooling": Field((bool,), False),
+        "connect_timeout": Field((int, float), 5.0, _positive),
+        "retention_days": Field((int,), 180, lambda v: None if v >= 1 else "must be 1 or more"),
+        "silent_after": Field((int, float), 60.0, _positive),
+    },
     "publish": {
         "signing_key": Field((str,), ""),
         "history": Field((int, float), 7 * 86400.0, _positive),
@@ -474,6 +502,28 @@ class ImportConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """The fleet's central store (docs/fleet.md); `dsn` empty: this edge works on SQLite alone."""
+
+    dsn: str
+    password_file: Path | None  # the password, when the DSN, PGPASSWORD or ~/.pgpass do not give it
+    edge_id: str  # a label for people; the edge's identity is the UUID in its violation log
+    site: str
+    ship_interval: float
+    heartbeat_interval: float
+    batch_size: int  # records per shipping transaction
+    max_backlog: int  # unshipped records kept past violations.retention; beyond it the oldest are dropped
+    transaction_pooling: bool  # behind pgbouncer in transaction mode: no prepared statements
+    connect_timeout: float
+    retention_days: int  # the central history's, by whole monthly partitions
+    silent_after: float  # `fleet status`: an edge without a heartbeat for this long is silent
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.dsn)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: Path
     provider: ProviderConfig
@@ -494,6 +544,7 @@ class Config:
     log: LogConfig
     imports: ImportConfig
     display_timezone: tzinfo  # times shown to people; machine formats stay UTC
+    fleet: FleetConfig
 
 
 def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -559,7 +610,18 @@ def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Conf
         log=LogConfig(**{key: value if key == "format" else float(value) for key, value in values["log"].items()}),
         imports=ImportConfig(parse_zone(values["import"]["default_timezone"]), dict(values["import"]["isp_ids"])),
         display_timezone=parse_zone(values["display"]["timezone"]),
+        fleet=_fleet_config(base, values["fleet"]),
     )
+
+
+def _fleet_config(base: Path, fleet: dict) -> FleetConfig:
+    return FleetConfig(**{
+        **fleet,
+        **{key: float(fleet[key]) for key in ("ship_interval", "heartbeat_interval", "connect_timeout",
+                                              "silent_after")},
+        "password_file": _resolve_optional(base, fleet["password_file"]),
+        "edge_id": fleet["edge_id"] or socket.gethostname(),
+    })  # fmt: skip
 
 
 def _violations_config(base: Path, violations: dict, registry_path: str) -> ViolationsConfig:

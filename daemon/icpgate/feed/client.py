@@ -58,6 +58,7 @@ class FeedClient:
         self.keys = load_public_keys(config.feed.public_keys)
         self.token = read_token(config.feed.token_file) if config.feed.token_file else None
         self.guard = Guard(config.feed.guard_share, config.feed.guard_min_filings)
+        self._publisher: tuple[int, str | None] | None = None  # the serial (and checksum) last heard of
         self.session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> FeedClient:
@@ -130,6 +131,7 @@ class FeedClient:
         if state.serial == 0 or not status.get("last_success"):
             return await self._snapshot(source, state, status, force, dry_run)
         fetched = await source.changes(state.serial, wait)
+        self._heard(fetched.serial, fetched.checksum)
         if fetched.answer is Answer.UNCHANGED:
             if fetched.serial is not None and fetched.serial < state.serial:
                 return _behind(fetched.serial, state.serial)
@@ -139,6 +141,7 @@ class FeedClient:
         if fetched.answer is Answer.GONE:
             return await self._snapshot(source, state, status, force, dry_run)
         body = self._decode(fetched, "changes")
+        self._heard(body.header.serial, body.header.sha256)
         if body.header.since != state.serial:
             raise FeedError(SyncResult.REFUSED_MALFORMED, "changes since %s, but we asked for those since %d"
                             % (body.header.since, state.serial))  # fmt: skip
@@ -156,10 +159,12 @@ class FeedClient:
 
     async def _snapshot(self, source, state: RegistryState, status: dict, force: bool, dry_run: bool) -> Outcome:
         fetched = await source.snapshot(status.get("etag", "") if state.serial else "")
+        self._heard(fetched.serial, fetched.checksum)
         if fetched.answer is not Answer.BODY:
             return Outcome(SyncResult.UNCHANGED, serial=state.serial, poll_interval=fetched.poll_interval)
         body = self._decode(fetched, "snapshot")
         header = body.header
+        self._heard(header.serial, header.sha256)
         if header.serial < state.serial:
             return _behind(header.serial, state.serial)
         if header.serial == state.serial:
@@ -171,6 +176,12 @@ class FeedClient:
         update = Update(body.records, source.url, "snapshot", replace=True, serial=header.serial,
                         checksum=header.sha256)  # fmt: skip
         return await self._apply(update, state, force, dry_run, fetched)
+
+    def _heard(self, serial: int | None, checksum: str | None) -> None:
+        """The publisher's serial, and its checksum there when the answer said: the fleet's heartbeat
+        compares them with the registry's (feed lag; a registry unlike the publisher's at its serial)."""
+        if serial is not None:
+            self._publisher = (serial, checksum)
 
     def _decode(self, fetched: Fetched, kind: str) -> Body:
         verify(self.keys, fetched.body, fetched.signature)  # before inflating anything
@@ -219,6 +230,13 @@ class FeedClient:
             "checksum_mismatches": status.get("checksum_mismatches", 0) + int(outcome.checksum_mismatch),
             "pending": pending,
         }
+        if self._publisher is not None:
+            serial, checksum = self._publisher
+            if checksum is None and serial == status.get("publisher_serial"):
+                checksum = status.get("publisher_checksum")
+            status |= {"publisher_serial": serial, "publisher_checksum": checksum}
+            if outcome.serial >= serial:
+                status["in_step_at"] = now  # at the publisher's serial (or past it, by a local import)
         if ok:
             status["last_success"] = now
             status["last_error"] = ""

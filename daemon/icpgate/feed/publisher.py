@@ -31,7 +31,7 @@ from ..config.settings import Config
 from ..registry.store import Registry, RegistryState, open_registry
 from .protocol import FORMAT_HEADER, FORMATS, FORMATS_HEADER, Header, choose, encode_changes, write_snapshot
 from .signing import SIGNATURE_HEADER, load_private_key, sign
-from .sources import POLL_HEADER, SERIAL_HEADER
+from .sources import CHECKSUM_HEADER, POLL_HEADER, SERIAL_HEADER
 from .tokens import TokenFileError, authorise, load_tokens
 
 log = logging.getLogger("icpgate.publisher")
@@ -46,6 +46,7 @@ class Snapshot:
     serial: int
     etag: str
     signature: str | None
+    checksum: str  # the registry's at `serial`
 
 
 class Publisher:
@@ -161,7 +162,7 @@ class Publisher:
             if old != path and (self.snapshot is None or old != self.snapshot.path):
                 old.unlink(missing_ok=True)
         log.info("snapshot of serial %d ready: %s (%d bytes)", state.serial, path.name, path.stat().st_size)
-        return Snapshot(path, state.serial, etag, signature)
+        return Snapshot(path, state.serial, etag, signature, state.checksum)
 
     # --- serving --------------------------------------------------------------------------------
 
@@ -175,7 +176,8 @@ class Publisher:
         return await handler(request)
 
     def _headers(self) -> dict[str, str]:
-        return {SERIAL_HEADER: str(self.state.serial), POLL_HEADER: "%g" % self.publish.poll_interval}
+        return {SERIAL_HEADER: str(self.state.serial), CHECKSUM_HEADER: self.state.checksum,
+                POLL_HEADER: "%g" % self.publish.poll_interval}  # fmt: skip
 
     def _cacheable(self) -> dict[str, str]:
         """Snapshots are static per ETag and format. Behind tokens only the edge's own cache may keep one."""
@@ -199,8 +201,8 @@ class Publisher:
         if snapshot is None:
             raise web.HTTPServiceUnavailable(headers={"Retry-After": "5", **self._headers()},
                                              text="the first snapshot is being built\n")  # fmt: skip
-        headers = {**self._headers(), SERIAL_HEADER: str(snapshot.serial), "ETag": snapshot.etag,
-                   **self._cacheable(), **self._format(request)}  # fmt: skip
+        headers = {**self._headers(), SERIAL_HEADER: str(snapshot.serial), CHECKSUM_HEADER: snapshot.checksum,
+                   "ETag": snapshot.etag, **self._cacheable(), **self._format(request)}  # fmt: skip
         if snapshot.signature:
             headers[SIGNATURE_HEADER] = snapshot.signature
         if snapshot.etag in request.headers.get("If-None-Match", ""):

@@ -22,6 +22,7 @@ from .protocol import FORMATS, FORMATS_HEADER, FeedError, SyncResult
 from .signing import SIGNATURE_HEADER
 
 SERIAL_HEADER = "Icpgate-Serial"  # the publisher's serial, on every answer
+CHECKSUM_HEADER = "Icpgate-Checksum"  # its registry's checksum at that serial (unsigned: for monitoring)
 POLL_HEADER = "Icpgate-Poll-Interval"  # the least wait between polls the publisher asks for
 
 
@@ -40,6 +41,7 @@ class Fetched:
     serial: int | None = None  # the source's serial, when it said
     poll_interval: float = 0.0  # the source's hint
     etag: str = ""
+    checksum: str | None = None  # the source's checksum at `serial`, when it said (not signed)
 
 
 class HttpSource:
@@ -67,12 +69,13 @@ class HttpSource:
                                         auto_decompress=False) as response:  # fmt: skip
                 hint = _float(response.headers.get(POLL_HEADER))
                 serial = _int(response.headers.get(SERIAL_HEADER))
+                checksum = response.headers.get(CHECKSUM_HEADER)
                 if response.status == 200:
                     body = await self._read(response)
                     return Fetched(Answer.BODY, body, response.headers.get(SIGNATURE_HEADER), serial, hint,
-                                   response.headers.get("ETag", ""))  # fmt: skip
+                                   response.headers.get("ETag", ""), checksum)  # fmt: skip
                 if response.status in (204, 304):
-                    return Fetched(Answer.UNCHANGED, serial=serial, poll_interval=hint)
+                    return Fetched(Answer.UNCHANGED, serial=serial, poll_interval=hint, checksum=checksum)
                 if response.status == 410:
                     return Fetched(Answer.GONE, serial=serial, poll_interval=hint)
                 if response.status == 409:

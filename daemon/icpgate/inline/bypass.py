@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config.settings import load_config
+from ..config.settings import Config, load_config
 from ..policy.pack import load_pack
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -74,7 +74,11 @@ def parse_ranges(texts: list[str]) -> tuple[Network, ...]:
 def configured_ranges(config_path: Path, overrides: list[str]) -> tuple[tuple[Network, ...], str]:
     """The hosted ranges and where they came from: `dns.hosted_ranges` ("our address ranges"), or
     else the policy pack's `enforce.ranges`; the pack's default, everything, means steer nothing."""
-    config = load_config(config_path, overrides)
+    return ranges_of(load_config(config_path, overrides))
+
+
+def ranges_of(config: Config) -> tuple[tuple[Network, ...], str]:
+    """configured_ranges for a loaded config (the fleet's heartbeat reads the bypass state too)."""
     if config.dns.hosted_ranges:
         return _collapsed(config.dns.hosted_ranges), "dns.hosted_ranges in %s" % config.source
     pack = load_pack(config.policy_pack)

@@ -1,4 +1,5 @@
-"""What runs beside the gate workers: the feed client, violation upkeep, site inspection and the admin API.
+"""What runs beside the gate workers: the feed client, violation upkeep, site inspection, the fleet's
+shipper and the admin API.
 
 With one worker they run in its event loop; with several, in one supervised service process (one
 process owns the state and its writers, N workers serve), which restarts them with the new config
@@ -20,6 +21,7 @@ from ..feed.client import run_feed
 from ..inspection.schedule import run_scheduled
 from ..policy.pack import load_pack
 from ..reports.dns_check import Confirmer, hosted_ranges
+from ..telemetry.metrics import FLEET_DROPPED
 from ..violations.store import ViolationStore, open_violations
 
 log = logging.getLogger("icpgate.services")
@@ -41,6 +43,11 @@ async def run_services(config: Config, on_applied: Callable[[int], None] | None,
         group.create_task(upkeep_violations(config))
         if config.inspect.enabled:
             group.create_task(run_scheduled(config))
+        if config.fleet.enabled:
+            # Imported here, in the service process after the fork: the workers never load psycopg.
+            from ..fleet.service import run_fleet
+
+            group.create_task(run_fleet(config))
         if admin_socket is not None:
             group.create_task(run_admin(config, admin_socket.dup()))
 
@@ -58,8 +65,14 @@ async def _prune(config: Config, store: ViolationStore) -> None:
     """A failed pass (the log locked past its busy timeout) is logged and tried again; it must not
     take the feed client and the admin API down with it."""
     while True:
+        before = time.time() - config.violations.retention
         try:
-            removed = await store.prune(time.time() - config.violations.retention)
+            removed = await store.prune(before, hold_unshipped=config.fleet.enabled)
+            if config.fleet.enabled and (dropped := await store.drop_held(before, config.fleet.max_backlog)):
+                FLEET_DROPPED.inc(dropped)
+                log.error("violation log: %d unshipped records dropped: past the retention and beyond"
+                          " fleet.max_backlog = %d while the central store is away", dropped,
+                          config.fleet.max_backlog)  # fmt: skip
         except Exception as error:
             log.error("violation log %s: cannot remove expired records: %s", store.path, error)
         else:

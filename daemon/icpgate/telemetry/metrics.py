@@ -76,6 +76,16 @@ QUIC_INITIAL_SECONDS = Histogram(
     "icpgate_quic_initial_seconds", "Time to read a QUIC flow's Initial packets and decide on its SNI.", buckets=BUCKETS
 )
 DNS_CHECKS = Counter("icpgate_dns_checks", "DNS confirmations of violating hosts, by result.", ["result"])
+# The fleet's shipper, in the service process (fleet/shipper.py, docs/fleet.md).
+FLEET_BACKLOG = Gauge("icpgate_fleet_backlog_records", "Violation records changed since the central store took"
+                      " them.", multiprocess_mode="livemax")  # fmt: skip
+FLEET_OLDEST_UNSHIPPED = Gauge("icpgate_fleet_oldest_unshipped_seconds", "Age of the oldest change not yet shipped.",
+                               multiprocess_mode="livemax")  # fmt: skip
+FLEET_LAST_SHIP = Gauge("icpgate_fleet_last_ship_timestamp_seconds", "When the central store last took a batch.",
+                        multiprocess_mode="max")  # fmt: skip
+FLEET_SHIPPED = Counter("icpgate_fleet_shipped_records", "Violation record changes the central store has taken.")
+FLEET_FAILURES = Counter("icpgate_fleet_ship_failures", "Shipping rounds that failed (the centre away or refusing).")
+FLEET_DROPPED = Counter("icpgate_fleet_backlog_dropped", "Unshipped records dropped past fleet.max_backlog.")
 
 # Runtime.stats keys -> (metric, how the labels follow from the rest of the key; None: no labels)
 _STATS = {

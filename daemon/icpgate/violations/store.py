@@ -7,11 +7,15 @@ follow the registry's changes. Several workers write to it; WAL and a busy timeo
 Hosts come from clients: they are stored with their control characters escaped
 (telemetry/printable.py), and escaped again as records are read, for a log an older version wrote,
 so that no reader (the CLI's table and exports, the status page, the admin API) gets a raw one.
+
+Every write moves a record's `change_seq` past all others (triggers, so no writer can forget):
+the fleet's shipper sends what changed after the mark the central store holds (docs/fleet.md).
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -77,6 +81,62 @@ INSERT INTO relayed VALUES (?, ?, ?, ?) ON CONFLICT (host, ip) DO UPDATE SET
     first_seen = min(first_seen, excluded.first_seen), last_seen = max(last_seen, excluded.last_seen)
 """
 
+# The local schema's versions after SCHEMA (PRAGMA user_version): each a list of statements, run
+# once, in order, in one transaction.
+_BUMP = """UPDATE changes SET seq = seq + 1; UPDATE violations SET change_seq = (SELECT seq FROM changes),
+    changed_at = (julianday('now') - 2440587.5) * 86400.0 WHERE id = %s;"""
+MIGRATIONS = (
+    # 1: a change sequence for the fleet's shipper, the edge's identity and how far it has shipped.
+    (
+        "ALTER TABLE violations ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE violations ADD COLUMN changed_at REAL",
+        """CREATE TABLE changes (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            seq INTEGER NOT NULL,           -- the last change_seq given
+            edge_uuid TEXT NOT NULL,        -- this log's identity in the fleet, made once
+            shipped INTEGER NOT NULL,       -- the central store holds every change up to this one
+            dropped INTEGER NOT NULL        -- unshipped records dropped past fleet.max_backlog, ever
+        )""",
+        "UPDATE violations SET change_seq = id, changed_at = last_seen",
+        "INSERT INTO changes VALUES (1, (SELECT coalesce(max(id), 0) FROM violations), :uuid, 0, 0)",
+        "CREATE INDEX violations_change_seq ON violations (change_seq)",
+        "CREATE TRIGGER violations_inserted AFTER INSERT ON violations BEGIN %s END" % (_BUMP % "NEW.id"),
+        "CREATE TRIGGER violations_updated AFTER UPDATE OF domain, first_seen, last_seen, count, passed, client,"
+        " dns_state, dns_addresses, dns_detail, dns_checked_at ON violations BEGIN %s END" % (_BUMP % "NEW.id"),
+        "CREATE TRIGGER handling_inserted AFTER INSERT ON handling BEGIN %s END" % (_BUMP % "NEW.violation_id"),
+        "CREATE TRIGGER handling_updated AFTER UPDATE ON handling BEGIN %s END" % (_BUMP % "NEW.violation_id"),
+        "CREATE TRIGGER handling_deleted AFTER DELETE ON handling BEGIN %s END" % (_BUMP % "OLD.violation_id"),
+    ),
+    # 2: handling set at the fleet's centre and taken back here (`central` = 1, with who set it) is
+    # no local change: it does not move change_seq, so it is not shipped back. `open` is stored too,
+    # so that a local reopen is newer than the centre's handling it takes back.
+    (
+        """CREATE TABLE handling_new (
+            violation_id INTEGER PRIMARY KEY,
+            state TEXT NOT NULL CHECK (state IN ('open', 'acknowledged', 'resolved')),
+            note TEXT NOT NULL,
+            at REAL NOT NULL,
+            by_name TEXT,                   -- who set it at the centre; NULL when set here
+            central INTEGER NOT NULL DEFAULT 0
+        )""",
+        "INSERT INTO handling_new (violation_id, state, note, at) SELECT violation_id, state, note, at FROM handling",
+        "DROP TABLE handling",
+        "ALTER TABLE handling_new RENAME TO handling",
+        "CREATE TRIGGER handling_inserted AFTER INSERT ON handling WHEN NEW.central = 0 BEGIN %s END"
+        % (_BUMP % "NEW.violation_id"),
+        "CREATE TRIGGER handling_updated AFTER UPDATE ON handling WHEN NEW.central = 0 BEGIN %s END"
+        % (_BUMP % "NEW.violation_id"),
+        "CREATE TRIGGER handling_deleted AFTER DELETE ON handling BEGIN %s END" % (_BUMP % "OLD.violation_id"),
+    ),
+)
+# The centre's handling of a record, taken back unless this edge set a newer one itself.
+_CENTRAL_HANDLING = """
+INSERT INTO handling (violation_id, state, note, at, by_name, central)
+SELECT id, ?, ?, ?, ?, 1 FROM violations WHERE host = ? AND ip = ? AND port = ? AND proto = ? AND reason = ?
+ON CONFLICT (violation_id) DO UPDATE SET state = excluded.state, note = excluded.note, at = excluded.at,
+    by_name = excluded.by_name, central = 1 WHERE excluded.at > handling.at
+"""
+
 UPSERT = """
 INSERT INTO violations (domain, host, ip, port, proto, reason, first_seen, last_seen, count, passed, client)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -98,7 +158,7 @@ MAX_NOTE = 1000
 _HANDLING = """CASE WHEN h.state IS NULL THEN 'open'
     WHEN h.state = 'resolved' AND v.last_seen > h.at THEN 'reopened' ELSE h.state END"""
 _SELECT = (
-    "SELECT v.*, %s AS handling_state, h.note AS handling_note, h.at AS handling_at "
+    "SELECT v.*, %s AS handling_state, h.note AS handling_note, h.at AS handling_at, h.by_name AS handling_by "
     "FROM violations v LEFT JOIN handling h ON h.violation_id = v.id" % _HANDLING
 )
 
@@ -176,12 +236,51 @@ class ViolationStore:
         async with self.db.execute("SELECT host, ip, last_seen FROM relayed WHERE last_seen >= ?", (since,)) as cursor:
             return [tuple(row) for row in await cursor.fetchall()]
 
-    async def prune(self, before: float) -> int:
-        """Delete records last seen before `before` (sample client addresses go with them)."""
+    async def prune(self, before: float, *, hold_unshipped: bool = False) -> int:
+        """Delete records last seen before `before` (sample client addresses go with them); with
+        `hold_unshipped` (a fleet edge), only those the central store already holds."""
         await self.db.execute("DELETE FROM relayed WHERE last_seen < ?", (before,))
-        cursor = await self.db.execute("DELETE FROM violations WHERE last_seen < ?", (before,))
+        held = " AND change_seq <= (SELECT shipped FROM changes)" if hold_unshipped else ""
+        cursor = await self.db.execute("DELETE FROM violations WHERE last_seen < ?" + held, (before,))
         await self.db.execute("DELETE FROM handling WHERE violation_id NOT IN (SELECT id FROM violations)")
         return cursor.rowcount
+
+    async def drop_held(self, before: float, bound: int) -> int:
+        """Past retention, unshipped records are held for the central store, at most `bound` of them:
+        the oldest changes beyond it are deleted and counted in `changes.dropped`; returns how many."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            cursor = await self.db.execute(
+                "DELETE FROM violations WHERE id IN (SELECT id FROM violations WHERE last_seen < ? AND change_seq >"
+                " (SELECT shipped FROM changes) ORDER BY change_seq DESC LIMIT -1 OFFSET ?)",
+                (before, bound))  # fmt: skip
+            dropped = cursor.rowcount
+            await self.db.execute("UPDATE changes SET dropped = dropped + ?", (dropped,))
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        await self.db.execute("COMMIT")
+        return dropped
+
+    async def shipping_state(self) -> dict[str, Any]:
+        """The edge's identity, its shipping mark, and the backlog behind it (for heartbeats and metrics)."""
+        async with self.db.execute(
+            "SELECT edge_uuid, seq, shipped, dropped, (SELECT count(*) FROM violations WHERE change_seq > shipped),"
+            " (SELECT min(changed_at) FROM violations WHERE change_seq > shipped) FROM changes"
+        ) as cursor:
+            edge_uuid, seq, shipped, dropped, backlog, oldest = await cursor.fetchone()
+        return {"edge_uuid": edge_uuid, "seq": seq, "shipped": shipped, "dropped": dropped, "backlog": backlog,
+                "oldest_unshipped": oldest}  # fmt: skip
+
+    async def changed_after(self, seq: int, limit: int) -> list[aiosqlite.Row]:
+        """Records whose last change comes after `seq`, in change order, with their handling."""
+        sql = "%s WHERE v.change_seq > ? ORDER BY v.change_seq LIMIT ?" % _SELECT
+        async with self.db.execute(sql, (seq, limit)) as cursor:
+            return list(await cursor.fetchall())
+
+    async def mark_shipped(self, seq: int) -> None:
+        """The central store has committed every change up to `seq` (a copy of its mark: never back)."""
+        await self.db.execute("UPDATE changes SET shipped = max(shipped, ?)", (seq,))
 
     async def query(self, filters: Filters, limit: int = 100, offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
         """(total matching, one page of records) in the order operators read them: confirmed first."""
@@ -212,17 +311,26 @@ class ViolationStore:
                     if await cursor.fetchone() is None:
                         missing.append(violation_id)
             if not missing:
-                if state == "open":
-                    await self.db.executemany("DELETE FROM handling WHERE violation_id = ?",
-                                              [(i,) for i in violation_ids])  # fmt: skip
-                else:
-                    await self.db.executemany("INSERT OR REPLACE INTO handling VALUES (?, ?, ?, ?)",
-                                              [(i, state, note, at) for i in violation_ids])  # fmt: skip
+                await self.db.executemany(
+                    "INSERT OR REPLACE INTO handling (violation_id, state, note, at) VALUES (?, ?, ?, ?)",
+                    [(i, state, note, at) for i in violation_ids])  # fmt: skip
         except BaseException:
             await self.db.execute("ROLLBACK")
             raise
         await self.db.execute("COMMIT" if not missing else "ROLLBACK")
         return missing
+
+    async def take_central_handling(self, rows: list[tuple]) -> None:
+        """The fleet centre's handling of these records ((key), (state, note, at, by)), as one write that
+        moves no change_seq: what came from the centre is not shipped back to it. A record handled
+        here after the centre's time keeps its own."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            await self.db.executemany(_CENTRAL_HANDLING, [(*handling, *key) for key, handling in rows])
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        await self.db.execute("COMMIT")
 
     async def customers(self) -> CustomerMap:
         """The customer map as stored now: read per query, so an import shows without a restart."""
@@ -309,6 +417,7 @@ def record_json(row: aiosqlite.Row, customers: CustomerMap) -> dict[str, Any]:
             "state": row["handling_state"],
             "note": printable(row["handling_note"]) if row["handling_note"] else None,
             "at": iso(row["handling_at"]),
+            "by": row["handling_by"],  # set at the fleet's centre, by this operator; None when set here
         },
     }
 
@@ -324,9 +433,30 @@ async def open_violations(path: Path) -> AsyncIterator[ViolationStore]:
         await db.execute("PRAGMA journal_mode = WAL")
         await db.execute("PRAGMA synchronous = NORMAL")
         await db.executescript(SCHEMA)
+        await _migrate(db)
         yield ViolationStore(db, path)
     finally:
         await db.close()
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    """Bring the local schema to the last version; the lock keeps two processes from both doing it."""
+    async with db.execute("PRAGMA user_version") as cursor:
+        (version,) = await cursor.fetchone()
+    if version >= len(MIGRATIONS):
+        return
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        async with db.execute("PRAGMA user_version") as cursor:
+            (version,) = await cursor.fetchone()
+        for number in range(version, len(MIGRATIONS)):
+            for statement in MIGRATIONS[number]:
+                await db.execute(statement, {"uuid": str(uuid.uuid4())} if ":uuid" in statement else ())
+        await db.execute("PRAGMA user_version = %d" % len(MIGRATIONS))
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise
+    await db.execute("COMMIT")
 
 
 def parse_since(text: str) -> float:
