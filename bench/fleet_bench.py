@@ -259,6 +259,7 @@ def cpu_per_request(server, work: Path, rounds: int, requests: int, rate: float)
             config = gate_config(folder, {"http": listener(port, "http", backend_port)}, gate={"workers": 1},
                                  tables=tables)  # fmt: skip
             gate = start_gate(config, {"http": port})
+            gates[name] = (gate, port, 0)  # stopped in the end, whatever happens next
             gates[name] = (gate, port, find_worker(gate, port))
         samples: dict[str, list[float]] = {"on": [], "off": []}
         for number in range(rounds):
