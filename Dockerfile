@@ -1,7 +1,7 @@
 # icpgate in a container: built apart (the project and its dependencies from PyPI into a virtual
 # environment), run non-root, example config, health check. docs/deployment.md, "The image".
 #   make image                                   # podman (or buildah) build --format docker
-#   make image BASE=$(bash packaging/debian-base.sh)   # no registry of images: a base from Debian's packages
+#   make image BASE=$(bash tests/debian-base.sh)   # no registry of images: a base from Debian's packages
 # Build with --format docker: the OCI format has no HEALTHCHECK and drops it.
 # The user icpgate has no capabilities: listeners use ports >= 1024 on 0.0.0.0, published on the low ones:
 #   podman run -d -p 80:8080 -p 443:8443 -v icpgate-state:/var/lib/icpgate -v ./config.toml:/etc/icpgate/config.toml:ro icpgate
@@ -12,7 +12,7 @@
 # icpgate keeping CAP_NET_ADMIN as an ambient capability (the command is in docs/deployment.md).
 
 # Any Debian bookworm with python3 (>= 3.11) and its venv module: the official Python image, or the
-# base packaging/debian-base.sh makes. Neither is written to outside /opt/icpgate (PEP 668).
+# base tests/debian-base.sh makes. Neither is written to outside /opt/icpgate (PEP 668).
 ARG BASE=docker.io/library/python:3.11-slim-bookworm
 
 FROM ${BASE} AS build

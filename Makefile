@@ -45,7 +45,7 @@ image:
 		$(if $(CA_BUNDLE),--secret id=ca-bundle$(,)src=$(CA_BUNDLE)) --tag $(IMAGE) .
 
 debian-base:
-	@bash packaging/debian-base.sh
+	@bash tests/debian-base.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check daemon tests bench

@@ -7,7 +7,6 @@ adopts the restored registry. A damaged backup is refused and changes nothing.""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sqlite3
 import subprocess
@@ -272,17 +271,18 @@ def test_a_restore_on_a_stopped_edge_without_an_index_needs_no_adoption(tmp_path
     assert rows(tmp_path / "state" / "registry.violations.db", "customers") == 2
 
 
-def test_the_documented_timer_and_its_service_verify(tmp_path: Path) -> None:
-    """docs/deployment.md's icpgate-backup.service and .timer, as an operator copies them."""
-    text = (REPO / "docs" / "deployment.md").read_text(encoding="utf-8")
-    units = {block.splitlines()[0].split()[1].rstrip(":"): block for block in re.findall(r"```ini\n(.*?)```", text,
-                                                                                          re.S)}  # fmt: skip
-    for name in ("icpgate-backup.service", "icpgate-backup.timer"):
+def test_the_backup_timer_and_its_service_verify(tmp_path: Path) -> None:
+    """systemd/icpgate-backup.service and .timer, as docs/deployment.md installs them."""
+    systemd = REPO / "systemd"
+    names = ("icpgate-backup.service", "icpgate-backup.timer")
+    assert "cp systemd/icpgate-backup.service systemd/icpgate-backup.timer" in (
+        REPO / "docs" / "deployment.md").read_text(encoding="utf-8")  # fmt: skip
+    for name in names:
         # systemd-analyze checks that ExecStart's program exists: the test's icpgate stands in for /usr/local/bin's.
-        (tmp_path / name).write_text(units[name].replace("/usr/local/bin/icpgate", str(ICPGATE_PROGRAM)))
-    assert "backup /var/lib/icpgate-backups --keep 14" in units["icpgate-backup.service"]
-    result = subprocess.run(["systemd-analyze", "verify", *(str(tmp_path / name) for name in sorted(units)
-                                                            if name.startswith("icpgate-backup"))],
+        unit = (systemd / name).read_text()
+        (tmp_path / name).write_text(unit.replace("/usr/local/bin/icpgate", str(ICPGATE_PROGRAM)))
+    assert "backup /var/lib/icpgate-backups --keep 14" in (systemd / "icpgate-backup.service").read_text()
+    result = subprocess.run(["systemd-analyze", "verify", *(str(tmp_path / name) for name in names)],
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -15,8 +15,8 @@ import yaml
 from conftest import REPO
 from icpgate.admin.state_metrics import readiness, ready_family, registry_family, state_families
 from icpgate.config.settings import load_config
-from icpgate.inspection.metrics import inspection_families
 from icpgate.fleet.serve import edge_exposition
+from icpgate.inspection.metrics import inspection_families
 
 DASHBOARDS = REPO / "dashboards"
 METRIC_NAME = re.compile(r"\bicpgate_[a-z0-9_]+")

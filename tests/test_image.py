@@ -1,6 +1,6 @@
 """The image: `make image` builds it from the Dockerfile, and it runs as docs/deployment.md says.
 
-It is built on a base made from Debian's own packages (packaging/debian-base.sh), since these
+It is built on a base made from Debian's own packages (tests/debian-base.sh), since these
 machines reach Debian's mirror and PyPI but no registry of images; podman keeps that base in its
 storage, so only a machine's first run makes it. The project and its dependencies come from PyPI
 inside the build. Then podman runs the image's entry point in a network namespace the test creates:

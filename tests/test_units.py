@@ -32,7 +32,8 @@ from icpgate.feed.sources import DownloadFolder
 
 SYSTEMD = REPO / "systemd"
 ICPGATE = str(Path(sys.executable).with_name("icpgate"))
-SERVICES = ["icpgate.service", "icpgate-bypass.service", "icpgate-feed.service", "icpgate-import.service"]
+SERVICES = ["icpgate.service", "icpgate-bypass.service", "icpgate-feed.service", "icpgate-import.service",
+            "icpgate-fleet.service", "icpgate-backup.service"]
 # What the gate's unit does to contain the daemon: every service keeps it, value for value.
 HARDENING = ["DynamicUser", "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices",
              "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups",
@@ -228,3 +229,12 @@ def test_the_feed_unit_serves_with_its_credentials_on_its_address(tmp_path: Path
         publisher.terminate()
         publisher.wait(30)
     assert publisher.returncode == 0, (tmp_path / "feed.log").read_text()
+
+
+def test_the_credentials_a_unit_names_are_the_ones_it_loads() -> None:
+    """The config lines a unit's comment gives (`/run/credentials/UNIT/ID`) match its LoadCredential=
+    ids, so an operator who copies them gets files that exist."""
+    for path in sorted(SYSTEMD.glob("*.service")):
+        named = set(re.findall(r"/run/credentials/%s/([\w.-]+)" % re.escape(path.name), path.read_text()))
+        loaded = {value.split(":", 1)[0] for value in settings(path.name).get("LoadCredential", [])}
+        assert named == loaded, (path.name, named, loaded)

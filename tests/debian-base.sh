@@ -5,7 +5,7 @@
 # a hash of this file, which holds the release, the package list and every option, so a base is made
 # once per machine and reused (podman keeps it in its storage) until this file changes.
 # Prints the image's name. Needs root (mmdebstrap --mode=root), mmdebstrap and podman.
-#   make image BASE=$(bash packaging/debian-base.sh)
+#   make image BASE=$(bash tests/debian-base.sh)
 set -euo pipefail
 RELEASE=bookworm
 PACKAGES=python3,python3-venv
