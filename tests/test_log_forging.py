@@ -129,7 +129,8 @@ def test_a_log_an_older_version_wrote_raw_is_shown_escaped(tmp_path: Path, origi
                     ("=cmd|' /C calc'!A0\n" + name, "-" + name, time.time() - 60 - number, time.time() - number),
                 )
             db.execute(
-                "INSERT INTO handling VALUES (1, 'acknowledged', ?, ?)", ("called\r\n" + FORGED_LINE, time.time())
+                "INSERT INTO handling (violation_id, state, note, at) VALUES (1, 'acknowledged', ?, ?)",
+                ("called\r\n" + FORGED_LINE, time.time()),
             )
         check_reports(observed.config, observed.admin)
     finally:

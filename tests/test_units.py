@@ -32,8 +32,14 @@ from icpgate.feed.sources import DownloadFolder
 
 SYSTEMD = REPO / "systemd"
 ICPGATE = str(Path(sys.executable).with_name("icpgate"))
-SERVICES = ["icpgate.service", "icpgate-bypass.service", "icpgate-feed.service", "icpgate-import.service",
-            "icpgate-fleet.service", "icpgate-backup.service"]
+SERVICES = [
+    "icpgate.service",
+    "icpgate-bypass.service",
+    "icpgate-feed.service",
+    "icpgate-import.service",
+    "icpgate-fleet.service",
+    "icpgate-backup.service",
+]
 # What the gate's unit does to contain the daemon: every service keeps it, value for value.
 HARDENING = ["DynamicUser", "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices",
              "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups",

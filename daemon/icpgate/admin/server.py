@@ -16,6 +16,7 @@ import json
 import logging
 import socket
 import time
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -29,16 +30,16 @@ from ..inspection import report as inspection_report
 from ..inspection.classify import STATES as INSPECTION_STATES
 from ..inspection.metrics import inspection_families
 from ..inspection.report import REVIEW_STATES, new_access, report
-from ..inspection.store import InspectionStore, open_inspection
+from ..inspection.store import InspectionStore
 from ..names.hostname import HostKind, normalize_host, parent_names
 from ..policy.decide import Reason
 from ..policy.explain import explain_with
 from ..policy.pack import load_pack
 from ..registry.index_store import read_meta
-from ..registry.store import Registry, open_registry
+from ..registry.store import Registry
 from ..reports.current import annotate
 from ..violations import store as violation_store
-from ..violations.store import Filters, ViolationStore, open_violations, parse_since
+from ..violations.store import Filters, ViolationStore, parse_since
 from .openapi import openapi_document
 from .state_metrics import (
     BlockRate,
@@ -77,24 +78,42 @@ class AdminApi:
         self._sync_lock = asyncio.Lock()
         self._pilot: tuple = ()  # the pack's monitor_ranges, as of _pack_stamp (its mtime)
         self._pack_stamp: int | None = -1
+        self._in_flight = 0
+        self._idle = asyncio.Event()
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.add_routes([
-            web.get("/", self.status_page),
-            web.get("/healthz", self.healthz),
-            web.get("/readyz", self.readyz),
-            web.get("/metrics", self.metrics),
-            web.get("/openapi.json", self.openapi),
-            web.get("/api/v1/decision", self.decision),
-            web.get("/api/v1/violations", self.violations),
-            web.post("/api/v1/violations/{id}/handling", self.set_handling),
-            web.get("/api/v1/filings/{domain}", self.filing),
-            web.get("/api/v1/feed", self.feed),
-            web.get("/api/v1/inspection", self.inspection_report),
-            web.post("/api/v1/feed/sync", self.feed_sync),
-        ])  # fmt: skip
-        return app
+    # (method, path, handler): the server (admin/runner.py) sends each request to the AdminApi in service.
+    ROUTES = (
+        ("GET", "/", "status_page"),
+        ("GET", "/healthz", "healthz"),
+        ("GET", "/readyz", "readyz"),
+        ("GET", "/metrics", "metrics"),
+        ("GET", "/openapi.json", "openapi"),
+        ("GET", "/api/v1/decision", "decision"),
+        ("GET", "/api/v1/violations", "violations"),
+        ("POST", "/api/v1/violations/{id}/handling", "set_handling"),
+        ("GET", "/api/v1/filings/{domain}", "filing"),
+        ("GET", "/api/v1/feed", "feed"),
+        ("GET", "/api/v1/inspection", "inspection_report"),
+        ("POST", "/api/v1/feed/sync", "feed_sync"),
+    )
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        """Count a request in flight, so that a reload closes this API's stores only after its last one."""
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def drained(self, timeout: float) -> None:
+        """Wait (up to `timeout`) until no request is in flight here: the server sends new ones elsewhere."""
+        with contextlib.suppress(TimeoutError):
+            while self._in_flight:
+                self._idle.clear()
+                await asyncio.wait_for(self._idle.wait(), timeout)
 
     # --- health and metrics -----------------------------------------------------------------
     async def healthz(self, _request: web.Request) -> web.Response:
@@ -403,24 +422,6 @@ class _MalformedRequests(logging.Filter):
 
 
 logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
-
-
-async def run_admin(config: Config, sock: socket.socket) -> None:
-    """Serve the admin API on a socket bound before the workers started (so a bad port fails early)."""
-    async with contextlib.AsyncExitStack() as stack:
-        registry = await stack.enter_async_context(open_registry(config.registry_path))
-        store = await stack.enter_async_context(open_violations(config.violations.path))
-        inspection = (await stack.enter_async_context(open_inspection(config.inspect.path))
-                      if config.inspect.enabled else None)  # fmt: skip
-        api = AdminApi(config, registry, store, inspection)
-        runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
-        await runner.setup()
-        try:
-            await web.SockSite(runner, sock).start()
-            log.info("admin API on http://%s:%d/", *sock.getsockname()[:2])
-            await api.sample_block_rate()
-        finally:
-            await runner.cleanup()
 
 
 def bind_admin(config: Config) -> socket.socket | None:

@@ -13,9 +13,8 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from functools import partial
 
-from ..admin.server import run_admin
+from ..admin.runner import AdminServer
 from ..config.settings import Config
 from ..feed.client import run_feed
 from ..inspection.schedule import run_scheduled
@@ -28,15 +27,30 @@ log = logging.getLogger("icpgate.services")
 PRUNE_INTERVAL = 3600.0
 
 
-def services(admin_socket: socket.socket | None) -> Callable:
-    """The daemon's service, as `run_gate` takes it, with the admin API on `admin_socket` (if any)."""
-    return partial(run_services, admin_socket=admin_socket)
+class Services:
+    """The daemon's services, as `run_gate` takes them: each call runs them with a config until
+    cancelled (a reload cancels them and calls again with the new one); the admin API's server
+    outlives the calls, so a reload never refuses or cuts an admin request. `close` when the
+    daemon stops."""
+
+    def __init__(self, admin_socket: socket.socket | None) -> None:
+        self.admin = AdminServer(admin_socket) if admin_socket is not None else None
+
+    async def __call__(self, config: Config, on_applied: Callable[[int], None] | None) -> None:
+        await run_services(config, on_applied, admin=self.admin)
+
+    async def close(self) -> None:
+        if self.admin is not None:
+            await self.admin.close()
+
+
+def services(admin_socket: socket.socket | None) -> Services:
+    """The daemon's service, with the admin API on `admin_socket` (if any)."""
+    return Services(admin_socket)
 
 
 async def run_services(config: Config, on_applied: Callable[[int], None] | None, *,
-                       admin_socket: socket.socket | None) -> None:  # fmt: skip
-    """The admin API serves on a duplicate of `admin_socket`: stopping it closes that, and the
-    services are started again on the same socket after a reload."""
+                       admin: AdminServer | None) -> None:  # fmt: skip
     async with asyncio.TaskGroup() as group:
         if config.feed.urls:
             group.create_task(run_feed(config, on_applied))
@@ -48,8 +62,8 @@ async def run_services(config: Config, on_applied: Callable[[int], None] | None,
             from ..fleet.service import run_fleet
 
             group.create_task(run_fleet(config))
-        if admin_socket is not None:
-            group.create_task(run_admin(config, admin_socket.dup()))
+        if admin is not None:
+            group.create_task(admin.serve(config))
 
 
 async def upkeep_violations(config: Config) -> None:

@@ -36,7 +36,7 @@ from ..telemetry.identity import name_process
 from ..telemetry.multiproc import ENV
 from .listen import GateStartError, bind_listeners, close_all
 from .sdnotify import notify, watchdog_interval
-from .worker import Service, Worker, build_runtime_parts
+from .worker import Service, Worker, build_runtime_parts, close_service
 
 log = logging.getLogger("icpgate.supervisor")
 service_log = logging.getLogger("icpgate.services")
@@ -141,6 +141,7 @@ def _run_service(service: Service, config: Config, config_path: Path, overrides:
                 service_log.info("stopping the services")
                 reloading.cancel()
                 await _cancel(running)
+                await close_service(service)
                 return
             hup.clear()
             try:

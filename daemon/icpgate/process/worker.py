@@ -60,6 +60,14 @@ METRICS_INTERVAL = 1.0
 Service = Callable[[Config, Callable[[int], None] | None], Awaitable[None]]
 
 
+async def close_service(service: Service | None) -> None:
+    """When the daemon stops: a service that keeps something across its runs (process/services.py's
+    keeps the admin API's server) closes it."""
+    close = getattr(service, "close", None)
+    if close is not None:
+        await close()
+
+
 def build_runtime_parts(config: Config) -> tuple[Policy, BlockPages, TlsBlockPages | None]:
     """Everything a reload replaces, except the index; raises ConfigError when anything is wrong."""
     pack = load_pack(config.policy_pack)
@@ -274,19 +282,22 @@ class Worker:
         """The services in this loop (a one-worker daemon). A reload restarts them with the new
         config, as the service process of a multi-worker daemon does, so the admin API reports it."""
         loop = asyncio.get_running_loop()
-        while True:
-            self._services_stale.clear()
-            running = loop.create_task(self.service(self.config, lambda _serial: loop.create_task(self.catch_up())))
-            reloaded = loop.create_task(self._services_stale.wait())
-            try:
-                await asyncio.wait([running, reloaded], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                reloaded.cancel()
-                if not running.done():
-                    running.cancel()
-                    await asyncio.gather(running, return_exceptions=True)
-            if not self._services_stale.is_set():
-                break
+        try:
+            while True:
+                self._services_stale.clear()
+                running = loop.create_task(self.service(self.config, lambda _serial: loop.create_task(self.catch_up())))
+                reloaded = loop.create_task(self._services_stale.wait())
+                try:
+                    await asyncio.wait([running, reloaded], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    reloaded.cancel()
+                    if not running.done():
+                        running.cancel()
+                        await asyncio.gather(running, return_exceptions=True)
+                if not self._services_stale.is_set():
+                    break
+        finally:
+            await close_service(self.service)
         try:
             running.result()
         except asyncio.CancelledError:

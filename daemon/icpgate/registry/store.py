@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -228,6 +229,26 @@ class Registry:
         self.path = path
         self.inode = _inode(path)  # of the file opened: `follow` notices another one at the path
         self._following = asyncio.Lock()
+        # One transaction at a time on the connection: coroutines sharing this Registry (the admin
+        # API's concurrent requests, the feed client) take turns; `_turn` says whose it is.
+        self._turns = asyncio.Lock()
+        self._holder: asyncio.Task | None = None
+
+    @asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        """The connection to this task alone until the block ends; a nested call from the task that
+        holds it goes on. Without it, two requests reading at once both began a transaction, and the
+        second failed ("cannot start a transaction within a transaction"): a 500 from /readyz."""
+        task = asyncio.current_task()
+        if self._holder is task:
+            yield
+            return
+        async with self._turns:
+            self._holder = task
+            try:
+                yield
+            finally:
+                self._holder = None
 
     def replaced(self) -> bool:
         """True when the file at the path is not the one open here (deleted, or another moved in)."""
@@ -236,7 +257,7 @@ class Registry:
     async def follow(self, *, create: bool = False) -> bool:
         """Reopen the registry at the path when the file there is not the one open here; without
         `create`, a path with nothing at it keeps the open one. True when it reopened."""
-        async with self._following:
+        async with self._following, self._turn():
             if not self.replaced() or (not create and _inode(self.path) is None):
                 return False
             db = await _connect(self.path)
@@ -265,7 +286,12 @@ class Registry:
         return await self.apply(Update(items, source, fmt, replace=replace), skip_invalid=skip_invalid,
                                 progress=progress, guard=guard, force=force, dry_run=dry_run)  # fmt: skip
 
-    async def apply(
+    async def apply(self, update: Update, **options: Any) -> ImportReport:
+        """Apply an update as one transaction, in this connection's turn (`_apply` has the options)."""
+        async with self._turn():
+            return await self._apply(update, **options)
+
+    async def _apply(
         self,
         update: Update,
         *,
@@ -544,14 +570,15 @@ class Registry:
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[None]:
         """One read transaction: every query inside sees the same commit."""
-        if self.db.in_transaction:
-            yield
-            return
-        await self.db.execute("BEGIN")
-        try:
-            yield
-        finally:
-            await self.db.execute("COMMIT")
+        async with self._turn():
+            if self.db.in_transaction:  # inside this task's own write transaction
+                yield
+                return
+            await self.db.execute("BEGIN")
+            try:
+                yield
+            finally:
+                await self.db.execute("COMMIT")
 
     async def changes_since(self, serial: int) -> tuple[RegistryState, list[tuple[str, Filing | None]]]:
         """The state, and each licence changed after `serial` with its filing now (None: removed),
@@ -583,6 +610,10 @@ class Registry:
     async def prune_history(self, before: str) -> int:
         """Forget removals recorded before `before` (RFC 3339): changes since older serials can no
         longer be told, so the floor rises to the newest forgotten serial. Returns the floor."""
+        async with self._turn():
+            return await self._prune_history(before)
+
+    async def _prune_history(self, before: str) -> int:
         await self.db.execute("BEGIN IMMEDIATE")
         try:
             async with self.db.execute("SELECT COALESCE(MAX(serial), 0) FROM serials WHERE at < ?", (before,)) as cur:
