@@ -7,6 +7,13 @@ and `ssl_preread` + `map $ssl_preread_server_name` in stream{}, with every allow
 maps. Both gates run one worker pinned to CPU 0; the origin (another nginx) and the load
 generator (h2load, curl) share CPU 1. Each scenario alternates nginx and icpgate for `rounds`
 rounds and reports medians and the icpgate/nginx ratio. Results go to bench/out/results.json.
+
+Beside the rates, each scenario reports each gate's CPU time per request (per MB for the bulk
+transfer): user and system time from /proc/PID/stat of the gate's processes (nginx's master and
+worker; icpgate's supervisor, worker and service process) over the runs, divided by the requests
+the load generator completed. An operator sizes a gate by that, not by a rate the load generator
+caps on a small machine. The per-core ratio is nginx's CPU per request over icpgate's: like the
+rate ratio, 1.0 is as cheap as nginx and 0.5 twice nginx's cost.
 """
 
 from __future__ import annotations
@@ -82,6 +89,40 @@ def rss_mb(pid: int) -> float:
 def _children(pid: int) -> list[int]:
     path = Path("/proc/%d/task/%d/children" % (pid, pid))
     return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants."""
+    pids, index = [pid], 0
+    while index < len(pids):
+        pids.extend(_children(pids[index]))
+        index += 1
+    return pids
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User plus system CPU time of each process still alive, all its threads included."""
+    times = {}
+    for pid in pids:
+        try:
+            stat = Path("/proc/%d/stat" % pid).read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+        times[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14, 15)
+    return times
+
+
+def cpu_used(process: subprocess.Popen, work) -> tuple[object, float]:
+    """Run `work()`; what it returns and the CPU seconds the process tree of `process` spent meanwhile."""
+    pids = _tree(process.pid)
+    before = cpu_seconds(pids)
+    value = work()
+    after = cpu_seconds(pids)
+    return value, sum(after[pid] - before[pid] for pid in after if pid in before)
 
 
 # --- setup ---------------------------------------------------------------------------------------
@@ -233,11 +274,13 @@ def start_icpgate(setup: dict[str, Path]) -> tuple[subprocess.Popen, float]:
 
 
 # --- scenarios -------------------------------------------------------------------------------------
-def h2load(url: str, port: int, seconds: int, *extra: str, log: Path | None = None) -> float:
-    """Requests per second over about `seconds`. A short run sizes the real one: h2load's -D mode
-    hangs when the server closes connections, so the request count (-n) bounds every run."""
+def h2load(url: str, port: int, seconds: int, *extra: str, log: Path | None = None) -> tuple[float, int]:
+    """Requests per second over about `seconds`, and how many requests were made in all. A short
+    run sizes the real one: h2load's -D mode hangs when the server closes connections, so the
+    request count (-n) bounds every run."""
     calibration = _h2load(url, port, 2000, extra, None)
-    return _h2load(url, port, max(2000, int(calibration * seconds)), extra, log)
+    requests = max(2000, int(calibration * seconds))
+    return _h2load(url, port, requests, extra, log), 2000 + requests
 
 
 def _h2load(url: str, port: int, requests: int, extra: tuple[str, ...], log: Path | None) -> float:
@@ -257,7 +300,8 @@ def _h2load(url: str, port: int, requests: int, extra: tuple[str, ...], log: Pat
     return h2load_rate(command, url, requests)
 
 
-def bulk_mbps(port: int) -> float:
+def bulk_mbps(port: int) -> tuple[float, int]:
+    """MB/s of one download of BIG_FILE, and its size in MB."""
     result = run(
         [
             "taskset",
@@ -274,7 +318,7 @@ def bulk_mbps(port: int) -> float:
             "https://%s:%d/big" % (FILED, port),
         ]
     )
-    return float(result.stdout) / 1e6
+    return float(result.stdout) / 1e6, BIG_FILE.stat().st_size // 1_000_000
 
 
 def latency(port: int, scheme: str, rate: int, seconds: float, log: Path) -> tuple[float, float]:
@@ -288,7 +332,7 @@ def latency(port: int, scheme: str, rate: int, seconds: float, log: Path) -> tup
 
 
 def scenarios(seconds: float, work: Path):
-    """(name, unit, function(gate) -> value); gate is "nginx" or "icpgate"."""
+    """(name, unit, function(gate) -> (value, requests or MB done)); gate is "nginx" or "icpgate"."""
 
     def port(gate: str, kind: str) -> int:
         return PORTS["%s_%s" % (gate, kind)]
@@ -328,31 +372,42 @@ def measure_all(args, work: Path, nginx, icpgate, nginx_start: float, icpgate_st
         flush=True,
     )
     table = []
+    processes = {"nginx": nginx, "icpgate": icpgate}
     for name, unit, measure in scenarios(args.seconds, work):
         samples: dict[str, list[float]] = {"nginx": [], "icpgate": []}
+        cpu: dict[str, list[float]] = {"nginx": [], "icpgate": []}  # µs per request (per MB in bulk)
         for _ in range(args.rounds):
             for gate in ("nginx", "icpgate"):
                 try:
-                    samples[gate].append(measure(gate))
+                    (value, done), seconds = cpu_used(processes[gate], lambda: measure(gate))  # noqa: B023
                 except RuntimeError as error:  # recorded, not fatal: the other scenarios still run
                     print("%s, %s: %s" % (name, gate, str(error).splitlines()[0]), flush=True)
+                    continue
+                samples[gate].append(value)
+                cpu[gate].append(seconds / done * 1e6)
         if not samples["nginx"] or not samples["icpgate"]:
             table.append({"scenario": name, "unit": unit, "error": "no complete run", "samples": samples})
             continue
         medians = {gate: statistics.median(values) for gate, values in samples.items()}
+        cpu_medians = {gate: statistics.median(values) for gate, values in cpu.items()}
+        per = "MB" if unit == "MB/s" else "req"
         row = {
             "scenario": name,
             "unit": unit,
             **{g: round(v, 1) for g, v in medians.items()},
             "ratio": round(medians["icpgate"] / medians["nginx"], 2),
+            "cpu_us_per_%s" % per: {g: round(v, 1) for g, v in cpu_medians.items()},
+            "per_core_ratio": round(cpu_medians["nginx"] / cpu_medians["icpgate"], 2),
             "samples": samples,
+            "cpu_samples": cpu,
         }
         table.append(row)
         print(
-            "%-45s nginx %10.1f  icpgate %10.1f %-7s ratio %.2f"
-            % (name, medians["nginx"], medians["icpgate"], unit, row["ratio"]),
+            "%-45s nginx %10.1f  icpgate %10.1f %-7s ratio %.2f | CPU µs/%s nginx %6.1f  icpgate %6.1f  per core %.2f"
+            % (name, medians["nginx"], medians["icpgate"], unit, row["ratio"], per, cpu_medians["nginx"],
+               cpu_medians["icpgate"], row["per_core_ratio"]),
             flush=True,
-        )
+        )  # fmt: skip
     keepalive = next(r for r in table if r["scenario"].startswith("keep-alive") and "ratio" in r)
     rate = int(min(keepalive["nginx"], keepalive["icpgate"]) / 2)
     lat = {}

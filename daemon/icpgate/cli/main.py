@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
     imp.add_argument("--force", action="store_true", help="apply even what the mass-change guard refuses")
     imp.add_argument("--json", action="store_true", help="print the import report as JSON")
+    imp.add_argument("--jobs", type=_positive(int), metavar="N",
+                     help="processes that parse NDJSON (default: for a file of 16 MB or more, one per CPU but one,"
+                     " at most 4; 1 parses in the importer itself)")  # fmt: skip
     imp.set_defaults(handler=_cmd_import)
 
     run = commands.add_parser("run", parents=[common], help="run the gate")
@@ -506,7 +509,7 @@ def _cmd_import(args: argparse.Namespace) -> Exit:
     guard = Guard(config.feed.guard_share, config.feed.guard_min_filings)
     if args.file.is_dir():
         return _import_folder(config, args, guard)
-    options = ImportOptions(args.encoding, config.imports.default_timezone, config.imports.isp_ids)
+    options = ImportOptions(args.encoding, config.imports.default_timezone, config.imports.isp_ids, jobs=args.jobs)
     report = asyncio.run(_import(config, args, args.file, args.format, options, guard, replace=args.replace))
     _print_report(report, options.notes, args.json, dry_run=args.dry_run)
     if report.index_note and report.committed:
@@ -531,7 +534,7 @@ def _import_folder(config: Config, args: argparse.Namespace, guard: Guard) -> Ex
     reports = []
     code = Exit.OK
     for path in folder.pending(time.time()):
-        options = ImportOptions(args.encoding, config.imports.default_timezone, config.imports.isp_ids)
+        options = ImportOptions(args.encoding, config.imports.default_timezone, config.imports.isp_ids, jobs=args.jobs)
         report = asyncio.run(_import(config, args, path, args.format or "miit-xml", options, guard, replace=False))
         reports.append(_report_json(report, options.notes))
         if not args.json:

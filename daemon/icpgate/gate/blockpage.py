@@ -17,6 +17,7 @@ import time
 import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
+from json.encoder import encode_basestring as json_string
 from pathlib import Path
 from typing import ClassVar
 
@@ -30,6 +31,8 @@ MESSAGE_KEYS = ("title_zh", "title_en", "why_zh", "why_en", "todo_zh", "todo_en"
 _PER_REQUEST = re.compile(r"\$\{?(domain|licence|request_id|time)\b\}?")
 STATUS_TEXT = {400: "Bad Request", 403: "Forbidden", 451: "Unavailable For Legal Reasons", 502: "Bad Gateway",
                503: "Service Unavailable"}  # fmt: skip
+# What the rendered block responses of one pack may hold before they are forgotten and rendered again.
+RESPONSE_CACHE_BYTES = 4 << 20
 # Reasons a block can carry; `filed`, `exempt` and `not_enforced` never block.
 BLOCK_REASONS = tuple(r for r in Reason if r not in (Reason.FILED, Reason.EXEMPT, Reason.NOT_ENFORCED))
 
@@ -98,6 +101,8 @@ class BlockPages:
         self.operator = operator
         self.messages = _load_messages(settings.messages)
         self.pages = {reason: self._compile(reason) for reason in BLOCK_REASONS}
+        self._responses: dict[tuple, _Response] = {}
+        self._responses_size = 0
 
     def _compile(self, reason: Reason) -> list[bytes | str]:
         """The page with everything but the per-request fields filled in, split around those.
@@ -118,18 +123,53 @@ class BlockPages:
         return [part if index % 2 else part.encode() for index, part in enumerate(_PER_REQUEST.split(text))]
 
     def http_response(self, verdict: Verdict, request_id: str, *, json_body: bool, head_only: bool) -> bytes:
-        """A complete HTTP/1.1 response that ends the connection."""
+        """A complete HTTP/1.1 response that ends the connection.
+
+        Rendered once per (reason, host, licence, kind of body) and remembered with the request id
+        and the time left open: only those two, and the length they change, are filled in per block.
+        """
+        licence = verdict.filing.licence if verdict.filing else None
+        key = (verdict.reason, verdict.host, licence, json_body, head_only)
+        response = self._responses.get(key)
+        if response is None:
+            response = self._render(verdict, licence, json_body, head_only)
+            if self._responses_size + response.size > RESPONSE_CACHE_BYTES:
+                self._responses.clear()  # junk hosts must not grow memory; popular ones come back at once
+                self._responses_size = 0
+            self._responses[key] = response
+            self._responses_size += response.size
+        header_id = request_id.encode()
+        if json_body:
+            return response.fill(header_id, json_string(request_id).encode(), json_string(_Clock.now()).encode())
+        return response.fill(header_id, header_id, _Clock.local_now(self.operator.zone).encode())
+
+    def _render(self, verdict: Verdict, licence: str | None, json_body: bool, head_only: bool) -> _Response:
         status = 400 if verdict.reason is Reason.INVALID else self.settings.http_status
         if json_body:
-            facts = self.facts(verdict, request_id, status)
-            body, content_type = json.dumps(facts, ensure_ascii=False).encode(), "application/json; charset=utf-8"
+            # The JSON answer is the facts with "request_id" and "time" last: the encoder writes
+            # them as `, "request_id": <string>, "time": <string>}` after the rest.
+            fixed = json.dumps(self._facts(verdict, status), ensure_ascii=False)[:-1]
+            body: list[bytes | str] = [(fixed + ', "request_id": ').encode(), "request_id", b', "time": ', "time", b"}"]
+            content_type = "application/json; charset=utf-8"
         else:
-            body, content_type = self._html(verdict, request_id), "text/html; charset=utf-8"
-        header = "blocked; reason=%s; id=%s" % (verdict.reason.value, request_id)
-        return _response(status, content_type, body, header, head_only)
+            fields = {
+                "domain": html.escape(verdict.host) if verdict.host else "—",
+                "licence": html.escape(licence) if licence is not None else "—",
+            }
+            body = [b""]
+            for index, part in enumerate(self.pages[verdict.reason]):
+                if not index % 2:
+                    body[-1] += part  # type: ignore[operator]
+                elif part in fields:
+                    body[-1] += fields[part].encode()  # type: ignore[operator]
+                else:
+                    body += [part, b""]
+            content_type = "text/html; charset=utf-8"
+        header = "blocked; reason=%s; id=" % verdict.reason.value
+        return _Response(status, content_type, header, body, head_only)
 
-    def facts(self, verdict: Verdict, request_id: str, status: int) -> dict[str, object]:
-        """What the page says, as data: the JSON answer and the template's fields."""
+    def _facts(self, verdict: Verdict, status: int) -> dict[str, object]:
+        """What the page says, as data: the JSON answer but for its request id and time."""
         text = self.messages[verdict.reason.value]
         return {
             "blocked": True,
@@ -141,19 +181,38 @@ class BlockPages:
             "action_required": {"zh": text["todo_zh"], "en": text["todo_en"]},
             "licence": verdict.filing.licence if verdict.filing else None,
             "operator": {"name": self.operator.name, "contact": self.operator.contact},
-            "request_id": request_id,
-            "time": _Clock.now(),
         }
 
-    def _html(self, verdict: Verdict, request_id: str) -> bytes:
-        fields = {
-            "domain": html.escape(verdict.host) if verdict.host else "—",
-            "licence": html.escape(verdict.filing.licence) if verdict.filing else "—",
-            "request_id": request_id,
-            "time": _Clock.local_now(self.operator.zone),
-        }
-        parts = self.pages[verdict.reason]
-        return b"".join(fields[part].encode() if index % 2 else part for index, part in enumerate(parts))
+
+class _Response:
+    """One rendered block response with the request id and the time left open: a bytes format
+    string with fields for them, the body's length (which they change) and the head's request id.
+    """
+
+    __slots__ = ("_fixed_length", "_format", "_ids", "_times", "size")
+
+    def __init__(self, status: int, content_type: str, gate_header: str, body: list[bytes | str],
+                 head_only: bool) -> None:  # fmt: skip
+        """`body` alternates literal bytes (even positions) and the name of a per-request field
+        (odd positions), as BlockPages.pages does."""
+        head = ("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %%(length)d\r\nCache-Control: no-store\r\n"
+                "Connection: close\r\nX-ICP-Gate: %s%%(id)s\r\n\r\n"
+                % (status, STATUS_TEXT[status], content_type, gate_header.replace("%", "%%"))).encode()  # fmt: skip
+        literal = [part for index, part in enumerate(body) if not index % 2]
+        fields = [part for index, part in enumerate(body) if index % 2]
+        self._fixed_length = sum(len(part) for part in literal)
+        self._ids = fields.count("request_id")
+        self._times = fields.count("time")
+        body_format = b"".join(b"%%(%s)s" % part.encode() if index % 2 else part.replace(b"%", b"%%")  # type: ignore[union-attr]
+                               for index, part in enumerate(body))  # fmt: skip
+        self._format = head if head_only else head + body_format
+        self.size = len(self._format)
+
+    def fill(self, request_id: bytes, body_id: bytes, now: bytes) -> bytes:
+        """The response for one block: `request_id` as it goes into the head, `body_id` and `now`
+        as they go into the body."""
+        length = self._fixed_length + self._ids * len(body_id) + self._times * len(now)
+        return self._format % {b"length": length, b"id": request_id, b"request_id": body_id, b"time": now}
 
 
 def error_response(status: int, message: str, request_id: str) -> bytes:

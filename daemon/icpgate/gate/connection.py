@@ -262,8 +262,8 @@ class GateConnection(asyncio.Protocol):
                 self.refuse_full()
                 return
         sock = transport.get_extra_info("socket")
-        self.destination = original_destination(sock, sock.family) if sock is not None else None
-        self.destination = self.destination or (local[0], local[1])
+        destination = original_destination(sock.fileno(), sock.family) if sock is not None else None
+        self.destination = destination or self.local
         self._last_activity = self.loop.time()
         self._set_deadline(runtime.gate.inspect_timeout)
 

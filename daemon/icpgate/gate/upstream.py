@@ -8,6 +8,7 @@ backend, and the socket of a transparent upstream connection (`upstream.source =
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import ipaddress
 import logging
@@ -27,18 +28,34 @@ IP_BIND_ADDRESS_NO_PORT = 24
 Address = tuple[str, int]
 
 
-def original_destination(sock: socket.socket, family: int) -> Address | None:
-    """The pre-NAT destination of a REDIRECTed/DNATed connection, or None when there was no NAT."""
-    try:
-        if family == socket.AF_INET6:
-            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
-            port = struct.unpack_from("!H", raw, 2)[0]
-            return str(ipaddress.IPv6Address(raw[8:24])), port
-        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-        port = struct.unpack_from("!H", raw, 2)[0]
-        return socket.inet_ntoa(raw[4:8]), port
-    except OSError:
+# getsockopt(2) straight on the accepted socket's descriptor. uvloop's `get_extra_info("socket")`
+# wraps a new socket.socket around the descriptor for every getsockopt and raises an OSError when
+# there was no NAT; this call does neither. One worker's connections are accepted on one thread,
+# so the result buffers are shared.
+_libc = ctypes.CDLL(None, use_errno=True)
+_getsockopt = _libc.getsockopt
+_getsockopt.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_getsockopt.restype = ctypes.c_int
+_address = ctypes.create_string_buffer(28)  # a struct sockaddr_in6, the larger of the two
+_length = ctypes.c_uint32()
+_address_p = ctypes.addressof(_address)
+_length_p = ctypes.addressof(_length)
+
+
+def original_destination(fd: int, family: int) -> Address | None:
+    """The pre-NAT destination of a REDIRECTed/DNATed connection on descriptor `fd`, or None when
+    there was no NAT (or no connection tracking to ask)."""
+    if family == socket.AF_INET6:
+        _length.value = 28
+        if _getsockopt(fd, socket.IPPROTO_IPV6, SO_ORIGINAL_DST, _address_p, _length_p) != 0:
+            return None
+        raw = _address.raw
+        return str(ipaddress.IPv6Address(raw[8:24])), (raw[2] << 8) | raw[3]
+    _length.value = 16
+    if _getsockopt(fd, socket.SOL_IP, SO_ORIGINAL_DST, _address_p, _length_p) != 0:
         return None
+    raw = _address.raw
+    return socket.inet_ntoa(raw[4:8]), (raw[2] << 8) | raw[3]
 
 
 class UpstreamResolver:

@@ -46,6 +46,9 @@ class RecordError(ValueError):
         self.message = message
         self.source = source
 
+    def __reduce__(self) -> tuple:
+        return RecordError, (self.line, self.field, self.message, self.source)  # across processes (importers/pool.py)
+
     def __str__(self) -> str:
         where = "%s:%d" % (self.source, self.line) if self.source else "line %d" % self.line
         return "%s: %s: %s" % (where, self.field or "record", self.message)
@@ -259,9 +262,10 @@ def _timestamp(value: object, line: int) -> str:
     return value
 
 
-def read_ndjson(lines: Iterable[str]) -> Iterator[ParsedFiling | RecordError]:
-    """Yield each record of NDJSON text, parsed, or every error that refuses it."""
-    for line, text in enumerate(lines, start=1):
+def read_ndjson(lines: Iterable[str], first: int = 1) -> Iterator[ParsedFiling | RecordError]:
+    """Yield each record of NDJSON text, parsed, or every error that refuses it; `first` is the
+    number of the first line."""
+    for line, text in enumerate(lines, start=first):
         if not text.strip():
             continue
         try:

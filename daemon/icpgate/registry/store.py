@@ -37,6 +37,7 @@ from .filings import AccessRecord, AccessStatus, Filing, FilingStatus, SubjectTy
 from .index import DictIndex, IndexBuilder
 from .index_store import IndexError_, SyncOutcome, sync_index
 from .interchange import ParsedFiling, RecordError
+from .staging import StagedFiling, staged
 
 MIGRATIONS: Sequence[str] = (
     # 1: filings, their domains and access records, import history.
@@ -152,7 +153,7 @@ class Update:
     be afterwards, or the update is refused.
     """
 
-    items: Iterable[ParsedFiling | RecordError]
+    items: Iterable[ParsedFiling | StagedFiling | RecordError]
     source: str
     fmt: str
     replace: bool = False
@@ -267,7 +268,7 @@ class Registry:
 
     async def import_filings(
         self,
-        items: Iterable[ParsedFiling | RecordError],
+        items: Iterable[ParsedFiling | StagedFiling | RecordError],
         *,
         source: str,
         fmt: str,
@@ -392,16 +393,13 @@ class Registry:
                 report.add_error(item)
                 refused_lines.add(item.line)
                 continue
+            if not isinstance(item, StagedFiling):
+                item = staged(item)
             report.records += 1
             report.warnings.extend("line %d: %s" % (item.line, w) for w in item.warnings)
-            filing = item.filing
-            filings.append(
-                (item.line, filing.licence, filing.subject_licence, filing.subject_name, filing.subject_type.value,
-                 filing.site_name, filing.status.value, int(filing.limit_access), filing.updated_at,
-                 json.dumps(filing.extra, ensure_ascii=False), filing.digest())
-            )  # fmt: skip
-            domains.extend((item.line, filing.licence, name) for name in filing.domains)
-            access.extend((filing.licence, a.provider, a.status.value, " ".join(a.ips)) for a in filing.access)
+            filings.append(item.filing)
+            domains.extend(item.domains)
+            access.extend(item.access)
             if len(filings) >= _STAGE_BATCH:
                 if writing:
                     await writing

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import tzinfo
@@ -14,12 +15,15 @@ from typing import BinaryIO
 
 from ...config.display_time import BEIJING
 from ..interchange import ParsedFiling, RecordError, read_ndjson
+from ..staging import StagedFiling
 from .miit_lookup import stored_filings
 from .miit_xml import Cancellations, MiitOptions, has_cancellations, read_download, scan_cancellations
+from .pool import MIN_SIZE, read_ndjson_in_pool
 from .spreadsheet import read_spreadsheet
 
 FORMATS = ("ndjson", "csv", "miit-xml")
 _SNIFF = 65536
+MAX_JOBS = 4  # parsing processes by default: beyond this the one SQLite writer is the bottleneck
 
 
 @dataclass(slots=True)
@@ -29,6 +33,7 @@ class ImportOptions:
     isp_ids: dict[str, str] = field(default_factory=dict)
     cancellations: Cancellations = field(default_factory=Cancellations)
     notes: list[str] = field(default_factory=list)  # file-level remarks for the operator
+    jobs: int | None = None  # processes that parse NDJSON; None: one per CPU but one (at most 4) for a large file
 
 
 def open_input(path: Path) -> BinaryIO:
@@ -85,14 +90,18 @@ async def prepare(path: Path, fmt: str, options: ImportOptions, registry) -> Non
     options.cancellations.stored = await stored_filings(registry, options.cancellations.items)
 
 
-def read_any(path: Path, fmt: str, options: ImportOptions) -> Iterator[ParsedFiling | RecordError]:
+def read_any(path: Path, fmt: str, options: ImportOptions) -> Iterator[ParsedFiling | StagedFiling | RecordError]:
     """Each record of the file, parsed, or the error that refuses it (with the file's name)."""
     if fmt == "csv" and options.encoding is None:
         with open_input(path) as stream:
             options.encoding = detect_encoding(stream.read(_SNIFF))
+    jobs = options.jobs
+    if jobs is None:
+        # one CPU is the importer's own: it reads the lines and writes what the workers hand back
+        jobs = min(MAX_JOBS, (os.cpu_count() or 1) - 1) if path.stat().st_size >= MIN_SIZE else 1
     with open_input(path) as stream:
         try:
-            for item in _records(stream, fmt, options):
+            for item in _records(stream, fmt, options, jobs):
                 if isinstance(item, RecordError):
                     item.source = str(path)
                 yield item
@@ -103,13 +112,16 @@ def read_any(path: Path, fmt: str, options: ImportOptions) -> Iterator[ParsedFil
             yield RecordError(0, "", "cannot read: %s" % error, str(path))
 
 
-def _records(stream: BinaryIO, fmt: str, options: ImportOptions) -> Iterator[ParsedFiling | RecordError]:
+def _records(stream: BinaryIO, fmt: str, options: ImportOptions,
+             jobs: int) -> Iterator[ParsedFiling | StagedFiling | RecordError]:  # fmt: skip
     if fmt == "miit-xml":
         miit = MiitOptions(options.default_timezone, options.isp_ids, options.cancellations, notes=options.notes)
         yield from read_download(stream, miit)
     elif fmt == "csv":
         yield from read_spreadsheet(_lines(stream, options.encoding or "utf-8"), options.default_timezone,
                                     options.notes)  # fmt: skip
+    elif jobs > 1:
+        yield from read_ndjson_in_pool(_lines(stream, options.encoding or "utf-8"), jobs)
     else:
         yield from read_ndjson(_lines(stream, options.encoding or "utf-8"))
 
