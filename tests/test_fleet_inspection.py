@@ -27,7 +27,8 @@ from test_inspection import write_config as write_inspection_config
 from conftest import REPO, run_icpgate
 from icpgate.config.settings import InspectConfig
 from icpgate.fleet import central
-from icpgate.fleet.inspection_shipper import ship_inspection
+from icpgate.fleet.inspection_shipper import InspectionShipping, ship_inspection
+from icpgate.fleet.schema import MIGRATIONS, VERSION_TABLE
 from icpgate.fleet.shipper import Edge, register
 from icpgate.inspection.store import open_inspection
 
@@ -316,3 +317,31 @@ def test_an_edge_writes_and_reads_only_its_own_inspection_rows(centre, tmp_path:
     assert about["edge"] == "edge-b2" and [edge["edge_id"] for edge in about["edges"]][:2] == ["edge-b2", "edge-a2"]
     assert "one inspection per fleet" in about["warnings"][0] and "edge-a2" in about["warnings"][0]
     assert "one inspection per fleet" in result.stderr
+
+
+def test_a_centre_before_version_5_is_named_not_a_traceback(centre, tmp_path: Path) -> None:
+    """An edge or a centre host upgraded before `fleet migrate` ran: the edge ships nothing of its
+    inspection (and says why), and the centre's report says what to run instead of failing."""
+    centre.execute("CREATE DATABASE icpgate_v4 OWNER icpgate_owner", dbname="postgres")
+    with psycopg.connect(centre.dsn("icpgate_owner", PASSWORD % "x", dbname="icpgate_v4")) as connection:
+        connection.execute("CREATE SCHEMA fleet")
+        connection.execute(VERSION_TABLE)
+        for statements in MIGRATIONS[:4]:
+            for statement in statements:
+                connection.execute(statement)
+    fleet = _fleet(centre.dsn("icpgate_edge_c", PASSWORD % "c", dbname="icpgate_v4"))
+    edge = Edge("7c7c7c7c-1111-4222-8333-444455556666", "edge-old", "site-1")
+    asyncio.run(_registered(fleet, edge))
+
+    async def step() -> None:
+        async with open_inspection(tmp_path / "h.db") as store, await central.connect(fleet) as connection:
+            await InspectionShipping(store, SETTINGS)(connection, edge)
+
+    asyncio.run(step())  # nothing to ship into, no error
+    config = tmp_path / "c.toml"
+    config.write_text('[provider]\nid = "IDC-EXAMPLE"\n[registry]\npath = "%s"\n' % (tmp_path / "r.db"))
+    result = run_icpgate("fleet", "inspect", "-c", str(config), "--dsn",
+                         centre.dsn("icpgate_read", PASSWORD % "x", dbname="icpgate_v4"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "run `icpgate fleet migrate`" in result.stderr and "Traceback" not in result.stderr
+    assert "no inspection has run yet" in result.stdout

@@ -21,6 +21,7 @@ from ..registry.store import open_registry
 from ..violations.store import iso
 from . import views
 
+OLD_SCHEMA = "the central schema predates site inspection (version 5): run `icpgate fleet migrate`"
 # The inspecting edge's rows, of its last complete pass and after (what the edge itself keeps).
 _ROWS = """
 WITH f AS (SELECT * FROM fleet.inspection_filings WHERE edge_uuid = %%(edge)s AND pass >= %%(done)s),
@@ -56,10 +57,11 @@ def report(connection: psycopg.Connection, now: float, limit: int, offset: int, 
            active_within: float) -> dict[str, Any]:  # fmt: skip
     """The inspecting edge's report (inspection/report.report's shape), with `inspection` besides:
     which edge it is, every edge that shipped a pass, and the warnings."""
-    edges = inspecting_edges(connection, active_within)
+    (migrated,) = connection.execute("SELECT to_regclass('fleet.inspection_passes') IS NOT NULL").fetchone()
+    edges = inspecting_edges(connection, active_within) if migrated else []
     chosen = edges[0]["_row"] if edges else None
     active = [edge for edge in edges if edge["active"]]
-    warnings = []
+    warnings = [] if migrated else [OLD_SCHEMA]
     if len(active) > 1:
         warnings.append("%d edges ship site inspections (%s): one inspection per fleet; set inspect.enabled = false"
                         " on all but one" % (len(active), ", ".join(edge["edge_id"] for edge in active)))  # fmt: skip
