@@ -211,6 +211,15 @@ _INSPECTION = {
     },
 }  # fmt: skip
 
+# The fleet's: the edge's report, and which edge inspected, every edge that shipped a pass, warnings.
+_FLEET_INSPECTION = {**_INSPECTION, "required": [*_INSPECTION["required"], "inspection"], "properties": {
+    **_INSPECTION["properties"],
+    "inspection": {"type": "object", "required": ["edge", "site", "edges", "warnings"], "properties": {
+        "edge": {"type": "string", "nullable": True}, "site": {"type": "string", "nullable": True},
+        "edges": {"type": "array", "items": {"type": "object", "required": ["edge_id", "pass", "active"]}},
+        "warnings": {"type": "array", "items": {"type": "string"}}}},
+}}  # fmt: skip
+
 
 def openapi_document() -> dict[str, Any]:
     return {
@@ -453,6 +462,7 @@ def fleet_openapi_document() -> dict[str, Any]:
     the bearer token but /healthz."""
     edge = openapi_document()
     listing = edge["paths"]["/api/v1/violations"]["get"]
+    inspection = edge["paths"]["/api/v1/inspection"]["get"]
     page = listing["responses"]["200"]["content"]["application/json"]["schema"]
     unauthorized = {"401": _error("no or wrong bearer token"), "403": _error("no admin.token_file configured"),
                     "503": _error("the central store cannot be reached")}  # fmt: skip
@@ -485,6 +495,12 @@ def fleet_openapi_document() -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object", "required": ["id", "items"], "properties": {
                     "id": {"type": "integer"}, "items": {"type": "array", "items": _TRAIL_ENTRY}}}, "the trail"),
                     "400": _error("bad id"), **unauthorized}}},
+            "/api/v1/inspection": {"get": {
+                "summary": "Site inspection as the inspecting edge shipped it (its `icpgate inspect --report`), and the"
+                " 新增接入 list over every edge's violations (docs/fleet.md).",
+                "parameters": inspection["parameters"],
+                "responses": {"200": _json(_FLEET_INSPECTION, "the inspection report"), "400": _error("bad parameter"),
+                              **unauthorized}}},
         },
         "components": edge["components"],
     }  # fmt: skip

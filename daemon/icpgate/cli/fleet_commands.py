@@ -1,5 +1,6 @@
-"""`icpgate fleet migrate|maintain|status|violations|serve|customers`: the operations centre's view of
-the fleet, its handling of records (`fleet violations ack|resolve|reopen|history`) and its customer map."""
+"""`icpgate fleet migrate|maintain|status|violations|inspect|serve|customers`: the operations centre's
+view of the fleet, its handling of records (`fleet violations ack|resolve|reopen|history`), site
+inspection's results and its customer map."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ..config.display_time import local_text
 from ..config.settings import Config
 from ..violations.store import MAX_NOTE, Filters
 from .exits import Exit
+from .inspect_commands import STATES as INSPECTION_STATES
 
 if TYPE_CHECKING:
     import psycopg
@@ -67,6 +69,18 @@ def add_commands(commands, common: argparse.ArgumentParser, filters: argparse.Ar
     history.add_argument("ids", type=int, nargs="+", metavar="ID", help="record ids (the ID column)")
     history.add_argument("--json", action="store_true", help="print JSON")
     history.set_defaults(handler=dispatch, fleet_handler=history_command)
+    inspect = fleet_commands.add_parser(
+        "inspect", parents=[common, dsn], help="site inspection's results, as the inspecting edge shipped them"
+    )
+    inspect.add_argument("--new-access", action="store_true",
+                         help="hosts filed elsewhere, blocked at any edge, DNS-confirmed, by customer")  # fmt: skip
+    inspect_output = inspect.add_mutually_exclusive_group()
+    inspect_output.add_argument("--json", action="store_true", help="print JSON")
+    inspect_output.add_argument("--csv", action="store_true", help="print CSV (UTF-8 with a BOM)")
+    inspect.add_argument("--state", choices=INSPECTION_STATES, action="append",
+                         help="list filings in this state; repeatable (default: hollow, unknown, grace)")  # fmt: skip
+    inspect.add_argument("--limit", type=int, default=100, help="filings at most; 0 for all (default %(default)s)")
+    inspect.set_defaults(handler=dispatch, fleet_handler=inspect_command)
     customers = fleet_commands.add_parser("customers", help="the customer map at the centre, for the fleet's dashboard")
     customer_commands = customers.add_subparsers(dest="customers_command", required=True)
     customer_import = customer_commands.add_parser("import", parents=[common, dsn],
@@ -99,6 +113,7 @@ def maintain_command(args: argparse.Namespace, config: Config) -> Exit:
     print("history before %s removed: %d monthly partitions dropped (%s), %d records removed" % (
         done["cutoff"], len(done["partitions_dropped"]), ", ".join(done["partitions_dropped"]) or "none",
         done["records_removed"]))  # fmt: skip
+    print("site inspection: %d rows of passes the edges forgot removed" % done["inspection_rows_removed"])
     return Exit.OK
 
 
@@ -213,6 +228,45 @@ def history_command(args: argparse.Namespace, config: Config) -> Exit:
             ": " + entry["note"] if entry["note"] else ""))  # fmt: skip
     if not trail:
         print("no handling recorded for %s" % ", ".join(map(str, args.ids)))
+    return Exit.OK
+
+
+def inspect_command(args: argparse.Namespace, config: Config) -> Exit:
+    """`fleet inspect`: the report `icpgate inspect --report` gives on the inspecting edge, from the
+    centre (with a reader's role); `--new-access` over every edge's violations."""
+    import time
+
+    from ..fleet import inspection_views
+    from ..inspection import export
+    from ..inspection.report import REVIEW_STATES
+
+    with _connect(args, config) as connection:
+        if args.new_access:
+            records, unchecked = inspection_views.new_access_records(connection)
+        else:
+            states = tuple(args.state or REVIEW_STATES)
+            document = inspection_views.report(connection, time.time(), args.limit or 2**62, 0, states,
+                                               config.fleet.silent_after)  # fmt: skip
+    if args.new_access:
+        found = asyncio.run(inspection_views.new_access(config, records, unchecked))
+        if args.json:
+            print(export.as_json(found))
+        elif args.csv:
+            sys.stdout.write(export.new_access_csv(found))
+        else:
+            sys.stdout.write(export.new_access_table(found, config.display_timezone))
+        return Exit.OK
+    for warning in document["inspection"]["warnings"]:
+        print("fleet inspect: warning: %s" % warning, file=sys.stderr)
+    if args.json:
+        print(export.as_json(document))
+    elif args.csv:
+        sys.stdout.write(export.filings_csv(document))
+    else:
+        inspection = document["inspection"]
+        if inspection["edge"] is not None:
+            print("inspected by edge %s (site %s)" % (inspection["edge"], inspection["site"] or "-"))
+        sys.stdout.write(export.filings_table(document, config.display_timezone))
     return Exit.OK
 
 

@@ -99,8 +99,28 @@ def maintain(connection: psycopg.Connection, retention_days: int, now: datetime 
             "DELETE FROM fleet.records r WHERE NOT EXISTS (SELECT 1 FROM fleet.violations v WHERE"
             " (v.host, v.ip, v.port, v.proto, v.reason) = (r.host, r.ip, r.port, r.proto, r.reason))"
         )
+    forgotten = forget_inspection(connection)
     ensure_months(connection, now, 2)
-    return {"cutoff": cutoff.isoformat(), "partitions_dropped": sorted(dropped), "records_removed": removed}
+    return {"cutoff": cutoff.isoformat(), "partitions_dropped": sorted(dropped), "records_removed": removed,
+            "inspection_rows_removed": forgotten}  # fmt: skip
+
+
+def forget_inspection(connection: psycopg.Connection) -> int:
+    """Remove the inspection rows each edge itself forgot: those of passes before its last complete
+    one (the edge cannot delete; readers skip them meanwhile). 0 before the schema's version 5."""
+    removed = 0
+    with connection.transaction():
+        (present,) = connection.execute("SELECT to_regclass('fleet.inspection_passes') IS NOT NULL").fetchone()
+        if not present:
+            return 0
+        for table in ("inspection_domains", "inspection_filings"):
+            removed += connection.execute(
+                sql.SQL("DELETE FROM fleet.{} t USING fleet.inspection_passes p WHERE t.edge_uuid = p.edge_uuid"
+                        " AND t.pass < p.done_pass").format(sql.Identifier(table))).rowcount  # fmt: skip
+        removed += connection.execute(
+            "DELETE FROM fleet.inspection_seen s WHERE NOT EXISTS (SELECT 1 FROM fleet.inspection_domains d WHERE"
+            " d.edge_uuid = s.edge_uuid AND d.domain = s.domain)").rowcount  # fmt: skip
+    return removed
 
 
 def _add_months(moment: datetime, months: int) -> datetime:

@@ -19,6 +19,7 @@ _OWN_ROWS = "role = current_user"
 # An edge writes only under a UUID it registered itself: the edges table's key settles who that is.
 _OWN_EDGE = _OWN_ROWS + " AND edge_uuid IN (SELECT edge_uuid FROM fleet.edges WHERE role = current_user)"
 _TABLES = ("edges", "ship_marks", "violations", "violation_deltas")
+_INSPECTION_TABLES = ("inspection_filings", "inspection_domains", "inspection_seen", "inspection_passes")
 _KEY = "host, ip, port, proto, reason"
 _SAME_KEY = " AND ".join("v.%s = handling.%s" % (column, column) for column in _KEY.split(", "))
 
@@ -189,6 +190,61 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         $$""",
         "GRANT SELECT ON fleet.customers TO %s" % READER_GROUP,
         "GRANT INSERT, DELETE ON fleet.customers TO %s" % OPERATOR_GROUP,  # the NOC keeps the map
+    ),
+    # 5: site inspection's results, shipped by the edge that runs it (fleet/inspection.py): a copy
+    # of its history (inspection/store.py) per edge, and its last pass with the shipping mark. The
+    # rows of passes before the last complete one are what the edge forgot: readers skip them and
+    # `fleet maintain` removes them (an edge deletes nothing).
+    (
+        """CREATE TABLE fleet.inspection_filings (
+            edge_uuid uuid NOT NULL REFERENCES fleet.edges,
+            role name NOT NULL DEFAULT current_user,
+            licence text NOT NULL, site_name text NOT NULL, subject_name text NOT NULL,
+            access text NOT NULL,                 -- our access record's status: active or first_review
+            first_inspected timestamptz NOT NULL,
+            pass bigint NOT NULL,                 -- the edge's pass that last inspected it
+            PRIMARY KEY (edge_uuid, licence)
+        )""",
+        """CREATE TABLE fleet.inspection_domains (
+            edge_uuid uuid NOT NULL REFERENCES fleet.edges,
+            role name NOT NULL DEFAULT current_user,
+            domain text NOT NULL, licence text NOT NULL,
+            class text NOT NULL,                  -- hosted, indirect, elsewhere, unresolved or error
+            detail text NOT NULL, addresses jsonb NOT NULL DEFAULT '[]',
+            checked_at timestamptz NOT NULL,
+            last_live timestamptz,                -- last seen hosted or indirect
+            pass bigint NOT NULL,
+            PRIMARY KEY (edge_uuid, domain)
+        )""",
+        "CREATE INDEX inspection_domains_licence ON fleet.inspection_domains (edge_uuid, licence)",
+        """CREATE TABLE fleet.inspection_seen (
+            edge_uuid uuid NOT NULL REFERENCES fleet.edges,
+            role name NOT NULL DEFAULT current_user,
+            domain text NOT NULL, class text NOT NULL,
+            first_seen timestamptz NOT NULL, last_seen timestamptz NOT NULL,
+            PRIMARY KEY (edge_uuid, domain, class)
+        )""",
+        """CREATE TABLE fleet.inspection_passes (
+            edge_uuid uuid PRIMARY KEY REFERENCES fleet.edges,
+            role name NOT NULL DEFAULT current_user,
+            pass bigint,                          -- the edge's last pass, as shipped
+            started timestamptz, finished timestamptz, state text, filings bigint, domains bigint, queries bigint,
+            last_complete timestamptz,            -- when its last complete pass finished
+            done_pass bigint,                     -- that pass: rows of older passes are forgotten
+            grace_period double precision, hollow_alert_share double precision,  -- the edge's settings
+            mark_pass bigint NOT NULL DEFAULT 0,  -- every filing written up to (mark_pass, mark_licence) is here
+            mark_licence text NOT NULL DEFAULT '',
+            shipped_at timestamptz
+        )""",
+        "GRANT SELECT, INSERT, UPDATE ON fleet.inspection_filings, fleet.inspection_domains, fleet.inspection_seen,"
+        " fleet.inspection_passes TO %s" % EDGE_GROUP,
+        "GRANT SELECT ON fleet.inspection_filings, fleet.inspection_domains, fleet.inspection_seen,"
+        " fleet.inspection_passes TO %s" % READER_GROUP,
+        *("ALTER TABLE fleet.%s ENABLE ROW LEVEL SECURITY" % table for table in _INSPECTION_TABLES),
+        *("CREATE POLICY own_rows ON fleet.%s TO %s USING (%s) WITH CHECK (%s)" % (table, EDGE_GROUP, _OWN_ROWS,
+          _OWN_EDGE) for table in _INSPECTION_TABLES),
+        *("CREATE POLICY read_all ON fleet.%s FOR SELECT TO %s USING (true)" % (table, READER_GROUP)
+          for table in _INSPECTION_TABLES),
     ),
 )  # fmt: skip
 

@@ -1,5 +1,5 @@
 """`icpgate fleet serve`: the status page and the admin API's read calls over the central store, for
-the whole fleet: edges, violations and their handling (docs/fleet.md "fleet serve").
+the whole fleet: edges, violations and their handling, site inspection (docs/fleet.md "fleet serve").
 
 It reads with the reader's role (fleet.dsn or --dsn) and changes nothing. Unlike an edge's admin
 API, which listens on loopback, it serves the whole fleet's data, so every call but /healthz needs
@@ -15,6 +15,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -26,8 +27,10 @@ from prometheus_client.core import GaugeMetricFamily
 from ..admin.openapi import fleet_openapi_document
 from ..admin.server import BadRequest, authorize, page_json, page_params, read_token, text_param, violation_filters
 from ..config.settings import Config
+from ..inspection.classify import STATES as INSPECTION_STATES
+from ..inspection.report import REVIEW_STATES
 from ..violations.store import Filters
-from . import handling, views
+from . import handling, inspection_views, views
 from .central import connect_args
 from .status_page import render_fleet_page
 
@@ -82,6 +85,7 @@ class FleetApi:
             web.get("/api/v1/edges", self.edges),
             web.get("/api/v1/violations", self.violations),
             web.get("/api/v1/violations/{id}/handling", self.history),
+            web.get("/api/v1/inspection", self.inspection),
         ])  # fmt: skip
         return app
 
@@ -139,6 +143,30 @@ class FleetApi:
         trail = await self.reader.read(lambda connection: handling.history(connection, [int(text)]))
         return web.json_response({"id": int(text), "items": trail})
 
+    async def inspection(self, request: web.Request) -> web.Response:
+        """The inspecting edge's report, with the 新增接入 list over every edge's violations."""
+        limit, offset = page_params(request.query)
+        states = tuple(request.query.getall("state", [])) or REVIEW_STATES
+        unknown = sorted(set(states) - set(INSPECTION_STATES))
+        if unknown:
+            raise BadRequest("state: %r is not one of %s" % (unknown[0], ", ".join(INSPECTION_STATES)))
+        document = await self._inspection(limit, offset, states)
+        filings = document["filings"]
+        following = offset + len(filings["items"])
+        filings["next_offset"] = following if following < filings["total"] else None
+        return web.json_response(document)
+
+    async def _inspection(self, limit: int, offset: int, states: tuple[str, ...]) -> dict:
+        def read(connection: psycopg.Connection) -> tuple[dict, tuple[list[dict], int]]:
+            return (inspection_views.report(connection, time.time(), limit, offset, states,
+                                            self.config.fleet.silent_after),
+                    inspection_views.new_access_records(connection))  # fmt: skip
+
+        document, (records, unchecked) = await self.reader.read(read)
+        document["enabled"] = document["inspection"]["edge"] is not None
+        document["new_access"] = await inspection_views.new_access(self.config, records, unchecked)
+        return document
+
     async def status_page(self, _request: web.Request) -> web.Response:
         def read(connection: psycopg.Connection) -> tuple:
             found = views.edges(connection, self.config.fleet.silent_after)
@@ -147,7 +175,8 @@ class FleetApi:
 
         found, top, counts = await self.reader.read(read)
         await views.annotate(self.config, top)
-        html = render_fleet_page(self.config, found, top, counts)
+        inspected = await self._inspection(20, 0, ("hollow",))
+        html = render_fleet_page(self.config, found, top, counts, inspected)
         return web.Response(text=html, content_type="text/html", charset="utf-8")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import aiosqlite
@@ -29,6 +29,8 @@ from .heartbeat import utc
 
 log = logging.getLogger("icpgate.fleet")
 BACKOFF_MAX = 30.0
+# Another kind of row shipped after the violations in each round (fleet/inspection_shipper.py).
+Step = Callable[[psycopg.AsyncConnection, "Edge"], Awaitable[None]]
 
 _UPSERT = """
 INSERT INTO fleet.violations (edge_uuid, host, ip, port, proto, reason, domain, first_seen, last_seen, count, passed,
@@ -191,10 +193,12 @@ class Shipper:
     away; back off and start again. Nothing here can stop the gate: a failure is logged, counted
     and retried, and the backlog waits in the local log."""
 
-    def __init__(self, config: Config, store: ViolationStore, health: Callable[[], Awaitable[dict]]) -> None:
+    def __init__(self, config: Config, store: ViolationStore, health: Callable[[], Awaitable[dict]],
+                 steps: Sequence[Step] = ()) -> None:  # fmt: skip
         self.config = config
         self.store = store
         self.health = health
+        self.steps = steps
         self.edge: Edge | None = None
 
     async def run(self) -> None:
@@ -223,6 +227,8 @@ class Shipper:
         next_beat = 0.0
         while True:
             await self.ship_all(connection)
+            for step in self.steps:
+                await step(connection, self.edge)
             if central_handling:
                 await take_back(connection, self.store, self.edge.uuid)
             if time.monotonic() >= next_beat:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
+from ..admin.inspection_section import render_inspection
 from ..admin.status_page import STYLE, VIOLATION_HEADER, violation_row
 from ..config.display_time import local_text, zone_label
 from ..config.settings import Config
@@ -17,8 +18,9 @@ _FLAGGED = ".flag{color:#a1261b;font-weight:600}"
 
 
 def render_fleet_page(config: Config, edges: list[dict[str, Any]], top: list[dict[str, Any]],
-                      counts: dict[str, int]) -> str:  # fmt: skip
-    """The page; `counts` are the fleet's records by handling state."""
+                      counts: dict[str, int], inspection: dict[str, Any] | None = None) -> str:  # fmt: skip
+    """The page; `counts` are the fleet's records by handling state, `inspection` the central
+    inspection report (fleet/inspection_views.py) with its 新增接入 list."""
     zone = config.display_timezone
     if edges:
         edge_rows = "".join(_edge_row(edge, zone) for edge in edges)
@@ -44,10 +46,12 @@ def render_fleet_page(config: Config, edges: list[dict[str, Any]], top: list[dic
 <section><h2>全网已确认违规（前 20 条） · Top confirmed violations across the fleet</h2>%(top)s
 <p class="empty">按处理状态统计的记录 · Records by handling: %(summary)s.
 全部记录 · All records: <a href="/api/v1/violations">/api/v1/violations</a></p></section>
+%(inspection)s
 </main></body></html>
 """ % {
         "provider": escape(config.provider.name or config.provider.id), "style": STYLE + _FLAGGED,
         "edges": edges_html, "zone": escape(zone_label(zone)), "top": top_html, "summary": summary,
+        "inspection": _inspection_html(inspection, zone),
     }  # fmt: skip
 
 
@@ -70,3 +74,14 @@ def _edge_row(edge: dict[str, Any], zone) -> str:
 
 def _seen_at(record: dict[str, Any]) -> str:
     return ", ".join("%s/%s %d" % (edge["site"], edge["edge_id"], edge["count"]) for edge in record["edges"])
+
+
+def _inspection_html(inspection: dict[str, Any] | None, zone) -> str:
+    """The edge's section (admin/inspection_section.py), headed by the edge that inspects and any warning."""
+    if inspection is None:
+        return ""
+    about = inspection["inspection"]
+    who = ('<p class="empty">巡查节点 · Inspected by: %s</p>' % escape("%s/%s" % (about["site"], about["edge"]))
+           if about["edge"] is not None else "")  # fmt: skip
+    warnings = "".join('<p class="flag">%s</p>' % escape(warning) for warning in about["warnings"])
+    return who + warnings + render_inspection(inspection, inspection["enabled"], zone)

@@ -62,11 +62,23 @@ async def new_access(config: Config, violations: ViolationStore | None, registry
     `violations` None: no violation log yet."""
     records, unchecked = [], 0
     if violations is not None:
-        _, records = await violations.query(Filters(confirmed=True, reason="filed_elsewhere"), MAX_NEW_ACCESS)
-        unchecked, _ = await violations.query(Filters(reason="filed_elsewhere", dns="unchecked"), 0)
+        _, records = await violations.query(NEW_ACCESS_FILTERS, MAX_NEW_ACCESS)
+        unchecked, _ = await violations.query(AWAITING_DNS_FILTERS, 0)
+    return await new_access_of(config, records, unchecked, registry)
+
+
+NEW_ACCESS_FILTERS = Filters(confirmed=True, reason="filed_elsewhere")
+AWAITING_DNS_FILTERS = Filters(reason="filed_elsewhere", dns="unchecked")
+
+
+async def new_access_of(config: Config, records: list[dict[str, Any]], unchecked: int,
+                        registry: Registry | None) -> dict[str, Any]:  # fmt: skip
+    """The 新增接入 list from violation records in `icpgate violations`' shape (an edge's log, or
+    the fleet's central store). `registry` None (none on this machine): each host is listed as the
+    violation log has it, with no filing looked up now (its licence empty)."""
     hosts: dict[tuple, dict[str, Any]] = {}
     for record in records:
-        licence = await _still_elsewhere(config, registry, record["host"])
+        licence = "" if registry is None else await _still_elsewhere(config, registry, record["host"])
         if licence is None:
             continue
         customer = record["customer"] or {}

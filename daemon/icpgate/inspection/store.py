@@ -209,6 +209,41 @@ class InspectionStore:
                      "class_since": row["class_since"], "last_live": row["last_live"]}
                     for row in await cursor.fetchall()]  # fmt: skip
 
+    async def written_after(self, mark: tuple[int, str], limit: int) -> Written:
+        """Up to `limit` filings written after `mark` (pass, licence), with their domains and those
+        domains' history, in one read snapshot. Passes write their filings in (pass, licence) order,
+        so the last one returned is a high-water mark: the fleet's shipper resumes after it."""
+        await self.db.execute("BEGIN")
+        try:
+            async with self.db.execute("SELECT * FROM filings WHERE (pass, licence) > (?, ?) ORDER BY pass, licence"
+                                       " LIMIT ?", (*mark, limit)) as cursor:  # fmt: skip
+                filings = [dict(row) for row in await cursor.fetchall()]
+            licences = json.dumps([filing["licence"] for filing in filings])
+            async with self.db.execute("SELECT * FROM domains WHERE licence IN (SELECT value FROM json_each(?))",
+                                       (licences,)) as cursor:  # fmt: skip
+                domains = [dict(row) for row in await cursor.fetchall()]
+            async with self.db.execute("SELECT s.* FROM seen s JOIN domains d USING (domain) WHERE d.licence IN"
+                                       " (SELECT value FROM json_each(?))", (licences,)) as cursor:  # fmt: skip
+                seen = [dict(row) for row in await cursor.fetchall()]
+            last = await self.last_pass()
+            async with self.db.execute("SELECT id, finished FROM passes WHERE state = 'done' ORDER BY id DESC"
+                                       " LIMIT 1") as cursor:  # fmt: skip
+                done = await cursor.fetchone()
+        finally:
+            await self.db.execute("COMMIT")
+        return Written(filings, domains, seen, last, tuple(done) if done else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What `written_after` read: rows as dicts, the last pass, and the last complete one's (id, finished)."""
+
+    filings: list[dict]
+    domains: list[dict]
+    seen: list[dict]
+    last: Pass | None
+    done: tuple[int, float] | None
+
 
 @asynccontextmanager
 async def open_inspection(path: Path) -> AsyncIterator[InspectionStore]:
