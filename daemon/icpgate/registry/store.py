@@ -228,6 +228,12 @@ class Registry:
         self.path = path
         self.inode = _inode(path)  # of the file opened: `follow` notices another one at the path
         self._following = asyncio.Lock()
+        # Concurrent readers on this connection (admin requests): who BEGINs, and when `follow` may
+        # swap the connection (none reading).
+        self._beginning = asyncio.Lock()
+        self._readers = 0
+        self._no_readers = asyncio.Event()
+        self._no_readers.set()
 
     def replaced(self) -> bool:
         """True when the file at the path is not the one open here (deleted, or another moved in)."""
@@ -240,7 +246,9 @@ class Registry:
             if not self.replaced() or (not create and _inode(self.path) is None):
                 return False
             db = await _connect(self.path)
-            old, self.db, self.inode = self.db, db, _inode(self.path)
+            async with self._beginning:  # no read starts meanwhile, and the ones open end first
+                await self._no_readers.wait()
+                old, self.db, self.inode = self.db, db, _inode(self.path)
             await old.close()
             return True
 
@@ -543,15 +551,23 @@ class Registry:
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[None]:
-        """One read transaction: every query inside sees the same commit."""
-        if self.db.in_transaction:
-            yield
-            return
-        await self.db.execute("BEGIN")
+        """One read transaction: every query inside sees the same commit. A caller that finds one
+        open on this connection (a concurrent request's) reads inside it; the check and the BEGIN
+        go under one lock, so two callers never both BEGIN."""
+        async with self._beginning:
+            db, owner = self.db, not self.db.in_transaction
+            if owner:
+                await db.execute("BEGIN")
+            self._readers += 1
+            self._no_readers.clear()
         try:
             yield
         finally:
-            await self.db.execute("COMMIT")
+            self._readers -= 1
+            if owner and db.in_transaction:
+                await db.execute("COMMIT")
+            if not self._readers:
+                self._no_readers.set()
 
     async def changes_since(self, serial: int) -> tuple[RegistryState, list[tuple[str, Filing | None]]]:
         """The state, and each licence changed after `serial` with its filing now (None: removed),
