@@ -1,9 +1,10 @@
 """Issue 20's first story with the feed: an edge daemon (two workers, the feed client in the service
 process) follows a real publisher; while it runs, its registry is deleted with `rm registry.db*`
-(or another registry is copied over it), and the feed client makes a new registry and takes a
-snapshot into it. The gate keeps serving its last good index throughout and says so (/readyz 200
-with a `warnings` entry, the status page's banner, icpgate_registry_not_adopted), until the
-recovery procedure of docs/feed-protocol.md, run command by command, adopts the snapshot's registry."""
+(or another registry's file is copied into place), and the feed client makes a new registry and
+takes a snapshot into it (or refuses to sync into the other one). The gate keeps serving its last
+good index throughout and says so (/readyz 200 with a `warnings` entry, the status page's banner,
+icpgate_registry_not_adopted), until the recovery procedure of docs/feed-protocol.md, run command
+by command, adopts the snapshot's registry."""
 
 from __future__ import annotations
 
@@ -56,14 +57,18 @@ def start_edge(tmp: Path, backend: int, publisher: Publisher, public_key: Path, 
     for path in tmp.glob("registry.db*"):  # gate_config imported the samples: a new edge has nothing yet
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     observed = ObservedGate(start_gate(config, {"http": http}), http, 0, admin, config)
-    wait_for_port(admin)
-    wait_until(lambda: observed.get("/readyz")[0] == 200 and status_of(http_get(http, FILED)) == 200, timeout=20)
+    try:
+        wait_for_port(admin)
+        wait_until(lambda: observed.get("/readyz")[0] == 200 and status_of(http_get(http, FILED)) == 200, timeout=20)
+    except Exception:
+        observed.gate.stop()
+        raise
     return observed
 
 
 class Traffic(threading.Thread):
     """A filed and an unfiled site requested in turn, and /readyz, until stopped (at most `limit`
-    rounds): every answer other than 200, 403 and 200 is kept."""
+    rounds): every answer but 200, 403 and 200 respectively is kept."""
 
     def __init__(self, observed: ObservedGate, limit: int = 5000) -> None:
         super().__init__(daemon=True)
@@ -193,7 +198,11 @@ def test_rm_registry_under_a_feed_edge_keeps_serving_until_the_documented_recove
     tmp_path: Path, origin, keys
 ) -> None:  # fmt: skip
     publisher = start_publisher(tmp_path / "publisher", keys[0])
-    observed = start_edge(tmp_path / "edge", origin.http, publisher, keys[1])
+    try:
+        observed = start_edge(tmp_path / "edge", origin.http, publisher, keys[1])
+    except Exception:
+        publisher.stop()
+        raise
     traffic = Traffic(observed)
     try:
         served = publisher.status()["serial"]
@@ -229,15 +238,19 @@ def test_an_unrelated_registry_copied_into_place_under_a_feed_edge_is_not_enforc
     expired, /readyz would fail and feed.stale_mode = "open" would let the unfiled site through. The
     feed's long-poll of 5 s: the workers find the file before the feed client does."""
     publisher = start_publisher(tmp_path / "publisher", keys[0])
-    observed = start_edge(tmp_path / "edge", origin.http, publisher, keys[1], stale_mode="open", wait=5)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    config = elsewhere / "config.toml"
-    config.write_text(observed.config.read_text().replace(str(observed.config.parent), str(elsewhere)))
-    other = write_ndjson(elsewhere / "other.ndjson", [filing(OTHER, 2)])
-    assert run_icpgate("import", str(other), "-c", str(config)).returncode == 0
+    try:
+        observed = start_edge(tmp_path / "edge", origin.http, publisher, keys[1], stale_mode="open", wait=5)
+    except Exception:
+        publisher.stop()
+        raise
     traffic = Traffic(observed)
     try:
+        elsewhere = tmp_path / "elsewhere"  # the unrelated registry: one import of its own
+        elsewhere.mkdir()
+        config = elsewhere / "config.toml"
+        config.write_text(observed.config.read_text().replace(str(observed.config.parent), str(elsewhere)))
+        other = write_ndjson(elsewhere / "other.ndjson", [filing(OTHER, 2)])
+        assert run_icpgate("import", str(other), "-c", str(config)).returncode == 0
         served = publisher.status()["serial"]
         wait_until(lambda: index_serials(observed) == {"0": served, "1": served}, timeout=10)
         traffic.start()
