@@ -100,10 +100,16 @@ class FeedClient:
 
         A registry deleted or replaced at the path is followed (created if missing): the sync goes
         into the file there, not into one nobody else reads. The gate keeps enforcing its index until
-        the operator adopts that registry (registry/index_store.py)."""
+        the operator adopts that registry (registry/index_store.py). The sync status goes with it: it
+        is the record of this feed's syncs (the freshness of the index the gate enforces), not of the
+        file, and it names the registry it succeeded into, so the new one starts with a snapshot."""
+        status = await self.registry.sync_status()
+        synced = status.get("registry") or (await self.registry.state()).registry_id
         if await self.registry.follow(create=not dry_run):
             log.warning("feed: %s is another file now: syncing into it; the gate keeps enforcing its index until"
                         " it is adopted (icpgate registry adopt, or a reload)", self.registry.path)  # fmt: skip
+            if not dry_run:
+                await self.registry.set_sync_status(status | {"registry": synced})
         state = await self.registry.state()
         status = await self.registry.sync_status()
         failed: list[Outcome] = []
@@ -123,13 +129,14 @@ class FeedClient:
         else:
             outcome = _worst(failed, state.serial)
         if not dry_run:
-            await self._record(outcome, status)
+            await self._record(outcome, status, state.registry_id)
         return outcome
 
     async def _sync_from(self, source, state: RegistryState, status: dict, wait: float, force: bool,
                          dry_run: bool) -> Outcome:  # fmt: skip
-        if state.serial == 0 or not status.get("last_success"):
-            return await self._snapshot(source, state, status, force, dry_run)
+        ours = status.get("registry", state.registry_id) == state.registry_id  # else: carried from another
+        if state.serial == 0 or not status.get("last_success") or not ours:
+            return await self._snapshot(source, state, status if ours else {}, force, dry_run)  # no etag of theirs
         fetched = await source.changes(state.serial, wait)
         self._heard(fetched.serial, fetched.checksum)
         if fetched.answer is Answer.UNCHANGED:
@@ -209,7 +216,7 @@ class FeedClient:
                 self.on_applied(report.serial)
         return outcome
 
-    async def _record(self, outcome: Outcome, status: dict) -> None:
+    async def _record(self, outcome: Outcome, status: dict, registry: str) -> None:
         now = _now()
         ok = outcome.result in SUCCESS
         results = dict(status.get("results", {}))
@@ -239,6 +246,7 @@ class FeedClient:
                 status["in_step_at"] = now  # at the publisher's serial (or past it, by a local import)
         if ok:
             status["last_success"] = now
+            status["registry"] = registry  # the registry this success is of (see `sync`)
             status["last_error"] = ""
             status["etag"] = outcome.etag or status.get("etag", "")
             if outcome.result is SyncResult.APPLIED:

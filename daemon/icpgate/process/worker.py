@@ -46,7 +46,15 @@ from ..policy.decide import Policy
 from ..policy.freshness import freshness
 from ..policy.pack import load_pack
 from ..registry.index import EMPTY_INDEX
-from ..registry.index_store import IndexError_, SharedIndex, current_generation, index_path, open_index
+from ..registry.index_store import (
+    IndexError_,
+    RegistryIdentity,
+    SharedIndex,
+    current_generation,
+    index_path,
+    kept_because,
+    open_index,
+)
 from ..registry.store import Registry, open_registry
 from ..telemetry.metrics import VIOLATIONS_DROPPED, VIOLATIONS_FLUSHED, WorkerMetrics
 from ..violations.store import ViolationStore, open_violations
@@ -360,7 +368,9 @@ class Worker:
 
     async def _update_enforcement(self) -> None:
         """Follow the feed's freshness into the runtime's stale mode (gate.enforcement and the
-        pack's monitor_ranges are the policy's, replaced on reload), and say when monitoring changes."""
+        pack's monitor_ranges are the policy's, replaced on reload), and say when monitoring changes.
+        While the registry at the path is not adopted the mode stays as it is: another file's sync
+        status (a registry copied in, never synced) must not open the gate (feed.stale_mode)."""
         policy = self.runtime.policy
         monitoring = (policy.enforcement, policy.pack.monitor_ranges)
         if monitoring != self.runtime.monitoring:
@@ -372,12 +382,21 @@ class Worker:
                             ", ".join(map(str, policy.pack.monitor_ranges)))  # fmt: skip
         if not self.config.feed.urls:  # local imports only: always enforced, nothing to read
             return
+        if await self._not_adopted():  # its feed status says nothing of the index enforced
+            return
         status = await self.registry.sync_status()
         mode = freshness(self.config.feed, status.get("last_success"), datetime.now(UTC)).enforcement
         if mode != self.runtime.stale_mode:
             log.warning("enforcement: %s -> %s (feed last synced %s)", self.runtime.stale_mode, mode,
                         status.get("last_success") or "never")  # fmt: skip
             self.runtime.stale_mode = mode
+
+    async def _not_adopted(self) -> bool:
+        """True while the registry at the path is not the one the index enforced was built from, or
+        behind it (checked here, not taken from the last catch-up: a restarted worker has none)."""
+        state = await self.registry.state()
+        identity = RegistryIdentity(self.config.registry_path, state.registry_id, state.serial, state.checksum)
+        return bool(kept_because(self.runtime.policy.index.meta(), identity))
 
     async def _drain(self) -> None:
         for server in self.servers:

@@ -262,7 +262,7 @@ class Registry:
             if not self.replaced() or (not create and _inode(self.path) is None):
                 return False
             db = await _connect(self.path)
-            old, self.db, self.inode = self.db, db, _inode(self.path)
+            old, self.db, self.inode = self.db, db, _inode(self.path)  # in its turn: no read is open
             await old.close()
             return True
 
