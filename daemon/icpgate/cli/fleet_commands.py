@@ -17,6 +17,7 @@ from ..config.settings import Config
 from ..violations.store import MAX_NOTE, Filters
 from .exits import Exit
 from .inspect_commands import STATES as INSPECTION_STATES
+from .records import print_records
 
 if TYPE_CHECKING:
     import psycopg
@@ -165,7 +166,6 @@ def serve_command(args: argparse.Namespace, config: Config) -> Exit:
 
 def violations_command(args: argparse.Namespace, config: Config, filters: Filters) -> Exit:
     from ..fleet import views
-    from ..reports import export
 
     with _connect(args, config) as connection:
         edges, sites = views.labels(connection)
@@ -177,14 +177,7 @@ def violations_command(args: argparse.Namespace, config: Config, filters: Filter
         total, records = views.violations(connection, views.FleetFilters(filters, args.edge, args.site),
                                           args.limit or 2**62)  # fmt: skip
     asyncio.run(views.annotate(config, records))
-    if args.json:
-        print(export.as_json(records, total))
-    elif args.csv:
-        sys.stdout.write(export.as_csv(records))
-    elif args.isms:
-        sys.stdout.write(export.as_isms(records, mark_dns=args.include_unconfirmed))
-    else:
-        sys.stdout.write(export.as_table(records, total, config.display_timezone))
+    print_records(args, records, total, config.display_timezone)
     return Exit.OK
 
 

@@ -26,6 +26,7 @@ from ..violations.store import DNS_STATES, HANDLING_STATES, MAX_NOTE, Filters, o
 from . import backup_commands, inspect_commands
 from .exits import Exit
 from .fleet_commands import add_commands as add_fleet_commands
+from .records import print_records
 
 DEFAULT_CONFIG = Path("/etc/icpgate/config.toml")
 MAX_PRINTED_WARNINGS = 20
@@ -326,8 +327,6 @@ def _cmd_fleet(args: argparse.Namespace) -> Exit:
 
 
 def _cmd_violations(args: argparse.Namespace) -> Exit:
-    from ..reports import export
-
     config = load_config(args.config, args.overrides)
     filters = _filters(args, "violations")
     if filters is None:
@@ -338,14 +337,7 @@ def _cmd_violations(args: argparse.Namespace) -> Exit:
         print("violations: warning: registry %s does not exist: the registry's decision now is left out"
               % config.registry_path, file=sys.stderr)  # fmt: skip
     total, records = asyncio.run(_violations(config, filters, args.limit or 2**62))
-    if args.json:
-        print(export.as_json(records, total))
-    elif args.csv:
-        sys.stdout.write(export.as_csv(records))
-    elif args.isms:
-        sys.stdout.write(export.as_isms(records, mark_dns=args.include_unconfirmed))
-    else:
-        sys.stdout.write(export.as_table(records, total, config.display_timezone))
+    print_records(args, records, total, config.display_timezone)
     return Exit.OK
 
 
