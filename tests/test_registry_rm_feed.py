@@ -8,10 +8,12 @@ by command, adopts the snapshot's registry."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -27,6 +29,7 @@ from test_gate_process import http_get, status_of, wait_until
 
 from conftest import REPO, run_icpgate, sample_records, write_ndjson
 from icpgate.inline.watch import probe
+from icpgate.registry.store import open_registry
 
 FILED = "www.example-filed.cn"  # filed in the samples the publisher starts with
 UNFILED = "example-unfiled.cn"
@@ -74,7 +77,7 @@ class Traffic(threading.Thread):
         super().__init__(daemon=True)
         self.observed, self.port, self.limit = observed, observed.http, limit
         self.rounds = 0
-        self.wrong: list[tuple[str, int]] = []
+        self.wrong: list[tuple] = []
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -83,9 +86,10 @@ class Traffic(threading.Thread):
                 status = status_of(http_get(self.port, host))
                 if status != expected:
                     self.wrong.append((host, status))
-            ready = self.observed.get("/readyz")
-            if ready[0] != 200:
-                self.wrong.append(("/readyz", ready[0]))
+            status, _, body = self.observed.get("/readyz")
+            if status != 200:  # with the checks that failed, to say why
+                failed = [name for name, check in json.loads(body)["checks"].items() if not check["ok"]]
+                self.wrong.append(("/readyz", status, failed))
             self.rounds += 1
             time.sleep(0.01)
 
@@ -293,3 +297,47 @@ def test_an_unrelated_registry_copied_into_place_under_a_feed_edge_is_not_enforc
         assert observed.gate.stop() == 0
         publisher.stop()
     assert "Traceback" not in observed.gate.log(), observed.gate.log()
+
+
+def test_a_registry_the_feed_client_makes_at_the_path_is_never_seen_without_its_sync_status(tmp_path: Path) -> None:
+    """The admin API reads the registry at the path as soon as a file is there; one that the feed
+    client made but had not yet given the sync status it carries reads as never synced, the feed
+    check "expired", and /readyz 503 (seen once in a full run, on the daemon restarted above). A
+    reader polls the path from another thread while the registry is made there."""
+    path = tmp_path / "registry.db"
+    carried = {"last_success": "2026-12-07T06:00:00Z", "registry": "the-enforced-one"}
+    seen: list[object] = []
+    made = threading.Event()
+
+    def poll() -> None:
+        while True:
+            done = made.is_set()  # one look after the registry is made, then no more
+            if path.exists():
+                with sqlite3.connect(path, timeout=5) as db:
+                    try:
+                        row = db.execute("SELECT status FROM sync_status").fetchone()
+                    except sqlite3.OperationalError as error:  # a file whose schema is not made yet
+                        row = (str(error),)
+                seen.append(json.loads(row[0]) if row and row[0].startswith("{") else row)
+            if done:
+                return
+            time.sleep(0.0005)
+
+    async def remake() -> None:
+        async with open_registry(path) as registry:
+            old = (await registry.state()).registry_id
+            for file in tmp_path.glob("registry.db*"):
+                file.unlink()
+            reader = threading.Thread(target=poll)
+            reader.start()
+            try:
+                assert await registry.follow(create=True, sync_status=carried)
+            finally:
+                made.set()
+                reader.join(10)
+            assert await registry.sync_status() == carried
+            assert (await registry.state()).registry_id not in ("", old)  # a registry of its own
+
+    asyncio.run(remake())
+    assert seen and all(status == carried for status in seen), seen[:5]
+    assert sorted(file.name for file in tmp_path.iterdir() if file.name.startswith(".")) == []  # nothing staged left

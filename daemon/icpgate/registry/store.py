@@ -255,12 +255,18 @@ class Registry:
         """True when the file at the path is not the one open here (deleted, or another moved in)."""
         return _inode(self.path) != self.inode
 
-    async def follow(self, *, create: bool = False) -> bool:
+    async def follow(self, *, create: bool = False, sync_status: dict | None = None) -> bool:
         """Reopen the registry at the path when the file there is not the one open here; without
-        `create`, a path with nothing at it keeps the open one. True when it reopened."""
+        `create`, a path with nothing at it keeps the open one. True when it reopened.
+
+        A registry created here appears at the path whole, with `sync_status` already in it: the
+        admin API reads the file as soon as it is there, and a feed check of a registry that never
+        synced says "expired" (a 503 from /readyz, which inline routes the hosted ranges around)."""
         async with self._following, self._turn():
             if not self.replaced() or (not create and _inode(self.path) is None):
                 return False
+            if _inode(self.path) is None:
+                await _place_new(self.path, sync_status or {})
             db = await _connect(self.path)
             old, self.db, self.inode = self.db, db, _inode(self.path)  # in its turn: no read is open
             await old.close()
@@ -849,6 +855,32 @@ async def _connect(path: Path) -> aiosqlite.Connection:
         await db.close()
         raise
     return db
+
+
+async def _place_new(path: Path, sync_status: dict) -> None:
+    """Make a registry beside `path` with its sync status, then link it there: no reader finds it
+    half made. A file someone else put at the path meanwhile (`icpgate import`) is kept."""
+    staging = path.with_name(".%s.new-%d" % (path.name, os.getpid()))
+    for leftover in _with_journals(staging):  # of a process killed here
+        leftover.unlink(missing_ok=True)
+    db = await _connect(staging)
+    try:
+        await db.execute("INSERT OR REPLACE INTO sync_status VALUES (1, ?)",
+                         (json.dumps(sync_status, ensure_ascii=False),))  # fmt: skip
+        await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # all of it in the file that is linked
+    finally:
+        await db.close()
+    try:
+        os.link(staging, path)  # unlike a rename, never over another file
+    except FileExistsError:
+        pass
+    finally:
+        for staged in _with_journals(staging):
+            staged.unlink(missing_ok=True)
+
+
+def _with_journals(path: Path) -> list[Path]:
+    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
 
 
 def _inode(path: Path) -> tuple[int, int] | None:
