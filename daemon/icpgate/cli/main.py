@@ -216,9 +216,9 @@ def _cmd_run(args: argparse.Namespace) -> Exit:
     # Before the gate (and prometheus-client with it) is imported: it picks its storage at import.
     use_metrics_dir(config.admin.metrics_dir)
     from ..admin.server import bind_admin
+    from ..process.listen import GateStartError
     from ..process.services import services
     from ..process.supervisor import run_gate
-    from ..process.worker import GateStartError
 
     if config.feed.urls:
         _create_registry(config)

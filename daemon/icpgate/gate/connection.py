@@ -13,6 +13,7 @@ import socket
 import struct
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config.settings import GateConfig, ListenerConfig
@@ -64,6 +65,9 @@ class Runtime:
     # say anything can hold neither the slots that decided traffic needs nor a newcomer's.
     undecided: OrderedDict[GateConnection, None] = field(default_factory=OrderedDict)
     stats: Counter = field(default_factory=Counter)
+    # Told the number of open connections after each accept (process/balance.py): a worker above
+    # its share of them stops accepting for a while. None with one worker.
+    on_accept: Callable[[int], None] | None = None
     # (local, remote) of our own upstream connections. An accepted connection whose (peer, local)
     # is one of them is the gate connecting to itself (original_dst without NAT), refused before
     # it loops. The whole 4-tuple: the kernel reuses a local port towards other destinations, so
@@ -249,6 +253,8 @@ class GateConnection(asyncio.Protocol):
             transport.abort()
             return
         runtime.connections.add(self)
+        if runtime.on_accept is not None:
+            runtime.on_accept(len(runtime.connections))
         runtime.undecided[self] = None
         self._undecided = True
         gate = runtime.gate

@@ -34,6 +34,7 @@ from ..config.tomlschema import ConfigError
 from ..registry.store import require_registry
 from ..telemetry.identity import name_process
 from ..telemetry.multiproc import ENV
+from .balance import ConnectionTable
 from .listen import GateStartError, bind_listeners, close_all
 from .sdnotify import notify, watchdog_interval
 from .worker import Service, Worker, build_runtime_parts, close_service
@@ -82,7 +83,8 @@ def _raise_file_limit(max_connections: int) -> None:
 
 
 def _run_worker(config_path: Path, overrides: tuple[str, ...], on_ready: Callable[[], None], *, watchdog: bool,
-                sockets: dict, service: Service | None = None, config: Config | None = None) -> int:  # fmt: skip
+                sockets: dict, service: Service | None = None, config: Config | None = None,
+                table: ConnectionTable | None = None, number: int = 0) -> int:  # fmt: skip
     """Run one worker; with `watchdog`, ping systemd's watchdog from the moment it is ready."""
 
     async def main() -> None:
@@ -95,7 +97,8 @@ def _run_worker(config_path: Path, overrides: tuple[str, ...], on_ready: Callabl
                 pinger = asyncio.get_running_loop().create_task(_watchdog())
 
         try:
-            await Worker(config_path, overrides, ready, service, sockets=sockets, config=config).run()
+            await Worker(config_path, overrides, ready, service, sockets=sockets, config=config, table=table,
+                         number=number).run()  # fmt: skip
         finally:
             if pinger:
                 pinger.cancel()
@@ -191,6 +194,7 @@ class Supervisor:
         self.count = config.gate.workers
         self.sockets = sockets
         self.service = service
+        self.table = ConnectionTable(self.count)  # mapped before the forks: every worker shares it
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (child number, started at)
         self.ready: set[int] = set()  # worker numbers that reported ready
         self._quick_exits: dict[int, int] = {}  # child number -> exits in a row within STABLE_AFTER
@@ -327,7 +331,8 @@ class Supervisor:
                 name_process(str(number))
                 ready_write = self._ready_write
                 code = _run_worker(self.config_path, self.overrides, lambda: _write_all(ready_write, b"%d\n" % number),
-                                   watchdog=False, sockets=self.sockets, config=self.config)  # fmt: skip
+                                   watchdog=False, sockets=self.sockets, config=self.config, table=self.table,
+                                   number=number)  # fmt: skip
         except GateStartError as error:
             log.error("%s", error)
         except ConfigError as error:
@@ -355,6 +360,8 @@ class Supervisor:
                 continue
             number, started = self.children.pop(pid)
             self.ready.discard(number)
+            if number != SERVICE:
+                self.table.clear(number)  # its connections went with it
             if ENV in os.environ:  # its live gauges (connections, listeners) go with it
                 multiprocess.mark_process_dead(pid)
             exited.append((number, status))

@@ -58,7 +58,9 @@ from ..registry.index_store import (
 from ..registry.store import Registry, open_registry
 from ..telemetry.metrics import VIOLATIONS_DROPPED, VIOLATIONS_FLUSHED, WorkerMetrics
 from ..violations.store import ViolationStore, open_violations
-from .listen import BACKLOG, GateStartError, bind_listeners
+from .accepting import Accepting
+from .balance import AcceptBalance, ConnectionTable
+from .listen import bind_listeners
 
 log = logging.getLogger("icpgate.gate")
 CONNECTION_KINDS = {"http": HttpConnection, "tls": TlsConnection, "auto": AutoConnection}
@@ -97,7 +99,8 @@ class Worker:
 
     def __init__(self, config_path: Path, overrides: tuple[str, ...], on_ready: Callable[[], None],
                  service: Service | None = None, *, sockets: dict[str, socket.socket] | None = None,
-                 config: Config | None = None) -> None:  # fmt: skip
+                 config: Config | None = None, table: ConnectionTable | None = None,
+                 number: int = 0) -> None:  # fmt: skip
         self.config_path = config_path
         self.overrides = overrides
         self.on_ready = on_ready
@@ -107,7 +110,10 @@ class Worker:
         # edited into something invalid keeps serving with it, as the running workers do.
         self.config: Config | None = config
         self.runtime: Runtime | None = None
-        self.servers: list[asyncio.Server] = []
+        self.accepting = Accepting()  # the TCP listeners
+        self.servers: list[QuicListener] = []
+        self.table = table  # the workers' connection counts, with more than one worker (process/balance.py)
+        self.number = number
         self.listeners: list[Listener] = []
         self.registry: Registry | None = None
         self._stopping = asyncio.Event()
@@ -144,12 +150,14 @@ class Worker:
             loop.add_signal_handler(signal.SIGINT, self._stopping.set)
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
             async with open_violations(self.config.violations.path) as violations:
-                self.on_ready()
                 tasks = [
                     loop.create_task(self._watch_registry()),
                     loop.create_task(self._flush_violations(violations)),
                     loop.create_task(self._publish_metrics()),
                 ]
+                if self.table is not None:
+                    tasks.append(loop.create_task(self._balance(self.table)))
+                self.on_ready()
                 if self.service:
                     tasks.append(loop.create_task(self._run_service()))
                 await self._stopping.wait()
@@ -164,7 +172,6 @@ class Worker:
         listeners changed since then: those wait for the restart of the daemon, as after SIGHUP."""
         if self.sockets is None:
             self.sockets = bind_listeners(listeners)
-        loop = asyncio.get_running_loop()
         quic = [item for item in listeners if item.kind == "quic" and item.name in self.sockets]
         cids = ConnectionIds(self.config.quic.idle_timeout)  # one per worker: its quic listeners may share servers
         for listener_config in listeners:
@@ -179,15 +186,8 @@ class Worker:
             listener = Listener(self.runtime, listener_config, resolver)
             self.listeners.append(listener)
             factory = CONNECTION_KINDS[listener_config.kind]
-            try:
-                server = await loop.create_server(
-                    lambda factory=factory, listener=listener: factory(listener), sock=sock, backlog=BACKLOG
-                )
-            except OSError as error:
-                raise GateStartError(
-                    "cannot listen on %s: %s" % (listener_config.name, error.strerror or error)
-                ) from None
-            self.servers.append(server)
+            await self.accepting.add(listener_config.name, lambda factory=factory, listener=listener: factory(listener),
+                                     sock)  # fmt: skip
             log.info("listening on %s", listener_config.name)
 
     def _serve_quic(self, listener_config: ListenerConfig, resolver: UpstreamResolver, sock: socket.socket,
@@ -278,8 +278,24 @@ class Worker:
             self._sync_metrics()
 
     def _sync_metrics(self) -> None:
-        self.metrics.sync(self.runtime, serial=self.serial, listeners=len(self.servers) if not self._stopping.is_set()
-                          else 0, reload_ok=self._reload_ok, loaded_at=self._loaded_at)  # fmt: skip
+        listeners = self.accepting.bound + len(self.servers) if not self._stopping.is_set() else 0
+        self.metrics.sync(self.runtime, serial=self.serial, listeners=listeners, reload_ok=self._reload_ok,
+                          loaded_at=self._loaded_at)  # fmt: skip
+
+    async def _balance(self, table: ConnectionTable) -> None:
+        """Keep this worker near its share of the daemon's connections (process/balance.py)."""
+        runtime = self.runtime
+
+        def pause() -> None:
+            runtime.stats["accept_pauses"] += 1
+            self.accepting.pause()
+
+        balance = AcceptBalance(table, self.number, lambda: len(runtime.connections), pause, self.accepting.resume)
+        runtime.on_accept = balance.accepted
+        try:
+            await balance.keep()
+        finally:
+            runtime.on_accept = None
 
     async def _registry_version(self) -> int:
         async with self.registry.db.execute("PRAGMA data_version") as cursor:
@@ -399,6 +415,7 @@ class Worker:
         return bool(kept_because(self.runtime.policy.index.meta(), identity))
 
     async def _drain(self) -> None:
+        self.accepting.close()
         for server in self.servers:
             server.close()
         connections = self.runtime.connections

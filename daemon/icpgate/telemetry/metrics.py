@@ -32,6 +32,9 @@ DETECTED = Counter("icpgate_detected_protocols", "What clients of auto listeners
 DECISION_SECONDS = Histogram("icpgate_decision_seconds", "Time to decide one connection or request.",
                              buckets=BUCKETS)  # fmt: skip
 ACTIVE_CONNECTIONS = Gauge("icpgate_active_connections", "Open client connections.", multiprocess_mode="livesum")
+WORKER_CONNECTIONS = Gauge("icpgate_worker_connections", "Open client connections of each worker: their spread.",
+                           ["worker"], multiprocess_mode="livemax")  # fmt: skip
+ACCEPT_PAUSES = Counter("icpgate_accept_pauses", "Times a worker above its share of connections stopped accepting.")
 UNDECIDED_CONNECTIONS = Gauge("icpgate_undecided_connections", "Open client connections nothing of whose has been"
                               " relayed yet.", multiprocess_mode="livesum")  # fmt: skip
 EVICTED = Counter("icpgate_evicted_connections", "Undecided connections closed to make room for new ones, by kind.",
@@ -105,6 +108,7 @@ _STATS = {
     "quic_drops": (QUIC_DROPS, lambda reason: (reason,)),
     "quic_unknown_version": (QUIC_UNKNOWN_VERSION, None),
     "quic_evicted_flows": (QUIC_EVICTED, None),
+    "accept_pauses": (ACCEPT_PAUSES, None),
 }
 
 
@@ -118,6 +122,7 @@ class WorkerMetrics:
     def __init__(self) -> None:
         worker = process_name() or "0"
         self._serial = INDEX_SERIAL.labels(worker)
+        self._connections = WORKER_CONNECTIONS.labels(worker)
         self._reload_ok = RELOAD_OK.labels(worker)
         self._stats: Tally = Tally()
         self._latency = [0] * (len(BUCKETS) + 1)
@@ -157,6 +162,7 @@ class WorkerMetrics:
         self._add(BLOCK_LOG_SUPPRESSED, "suppressed", runtime.block_log.suppressed)
         self._add(RELAYED_DROPPED, "relayed_dropped", runtime.relayed.dropped)
         ACTIVE_CONNECTIONS.set(len(runtime.connections))
+        self._connections.set(len(runtime.connections))
         UNDECIDED_CONNECTIONS.set(len(runtime.undecided))
         VIOLATION_KEYS.set(len(violations))
         REGISTRY_FILINGS.set(len(runtime.policy.index))
