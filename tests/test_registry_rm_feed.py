@@ -341,3 +341,45 @@ def test_a_registry_the_feed_client_makes_at_the_path_is_never_seen_without_its_
     asyncio.run(remake())
     assert seen and all(status == carried for status in seen), seen[:5]
     assert sorted(file.name for file in tmp_path.iterdir() if file.name.startswith(".")) == []  # nothing staged left
+
+
+def test_an_index_not_adopted_ages_from_its_own_last_sync_in_the_workers_as_in_readyz(
+    tmp_path: Path, origin, keys
+) -> None:  # fmt: skip
+    """While the registry at the path is not adopted the feed syncs into it, not into the index the
+    gate enforces: that index ages from its own last sync. Past max_staleness (6 s here) the workers
+    take feed.stale_mode ("monitor": the unfiled site is relayed) just as /readyz says "expired";
+    the old workers kept enforcing while /readyz failed. Adopting makes both fresh again."""
+    publisher = start_publisher(tmp_path / "publisher", keys[0])
+    try:
+        observed = start_edge(tmp_path / "edge", origin.http, publisher, keys[1], stale_after=1, max_staleness=6,
+                              stale_mode="monitor")  # fmt: skip
+    except Exception:
+        publisher.stop()
+        raise
+    try:
+        served = publisher.status()["serial"]
+        wait_until(lambda: index_serials(observed) == {"0": served, "1": served}, timeout=10)
+        # Before its first sync the edge was "never synced", expired: monitoring. Now it enforces.
+        wait_until(lambda: answers(observed, UNFILED, 4) == {403}, timeout=10)
+        removed_at = time.monotonic()  # the index enforced last synced at most ~2 s before (feed.wait = 1)
+        subprocess.run("rm -f registry.db registry.db-wal registry.db-shm", shell=True, cwd=observed.config.parent,
+                       check=True)  # fmt: skip
+        while answers(observed, UNFILED, 4) == {403}:  # until both workers are in monitor mode: relayed
+            assert time.monotonic() - removed_at < 20, "still enforcing 20 s after the last sync it had"
+            time.sleep(0.1)
+        wait_until(lambda: answers(observed, UNFILED, 4) == {200}, timeout=5)
+        assert time.monotonic() - removed_at > 3  # aged to max_staleness (6 s), not switched at the rm
+        assert feed_serial_at_path(observed.config) == served  # the feed synced meanwhile, into the new file
+        status, _, body = observed.get("/readyz")
+        assert status == 503 and json.loads(body)["checks"]["feed"]["state"] == "expired", body
+        assert answers(observed, FILED) == {200}
+
+        adopted = run_icpgate("registry", "adopt", "-c", str(observed.config))
+        assert adopted.returncode == 0, adopted.stdout + adopted.stderr
+        wait_until(lambda: answers(observed, UNFILED, 4) == {403}, timeout=15)
+        wait_until(lambda: observed.get("/readyz")[0] == 200, timeout=10)
+    finally:
+        assert observed.gate.stop() == 0
+        publisher.stop()
+    assert "Traceback" not in observed.gate.log(), observed.gate.log()

@@ -122,6 +122,11 @@ def test_a_worker_silent_for_a_second_takes_no_part_in_the_share() -> None:
     table.publish(1, 100, False, now - 1500)  # stuck for 1.5 s with 100 connections
     table.publish(2, 20, True, now)
     assert table.look(0, 10, now) == (15.0, False)  # worker 2 pauses, worker 1 does not count: 0 may not
+    table.publish(1, 30, False, now - 400)  # heard from 0.4 s ago: in the mean, but its loop may be blocked
+    table.publish(2, 50, True, now)
+    assert table.look(0, 10, now) == (30.0, False)  # so worker 0 does not pause on its account
+    table.publish(1, 30, False, now - 50)
+    assert table.look(0, 10, now) == (30.0, True)
 
 
 def test_a_paused_worker_back_at_its_share_is_woken_once_until_it_publishes_again() -> None:

@@ -21,6 +21,7 @@ class Accepting:
         self._listeners: list[tuple[str, Callable[[], asyncio.Protocol], socket.socket]] = []
         self._servers: dict[str, asyncio.Server] = {}
         self._paused = False
+        self._closed = False
 
     @property
     def bound(self) -> int:
@@ -42,6 +43,8 @@ class Accepting:
 
     async def resume(self) -> None:
         """Accept on every listener again; OSError (and paused on all) if one cannot."""
+        if self._closed:  # draining: never again
+            return
         self._paused = False
         for name, factory, sock in self._listeners:
             if name not in self._servers:
@@ -56,6 +59,7 @@ class Accepting:
 
     def close(self) -> None:
         """Stop accepting and close the inherited sockets: the drain."""
+        self._closed = True
         self.pause()
         for _, _, sock in self._listeners:
             sock.close()

@@ -25,6 +25,9 @@ from collections.abc import Awaitable, Callable
 log = logging.getLogger("icpgate.gate")
 HEARTBEAT = 0.1  # seconds between a worker's publications of its count
 STALE_AFTER = 1.0  # a worker silent this long takes no part in the share
+# A worker counts as accepting (so another may pause for it) only if heard from this lately: one
+# whose loop is blocked takes no connection, paused or not.
+ACCEPTS_WITHIN = 0.25
 SLACK = 0.1  # above its share by more than this fraction (and MIN_SLACK connections), a worker pauses
 MIN_SLACK = 3.0
 
@@ -63,7 +66,7 @@ class ConnectionTable:
         back at that share is woken (once until it publishes again). So in a burst of new
         connections the worker taking them pauses too, rather than taking the whole burst while
         the other wakes up."""
-        oldest = now - int(STALE_AFTER * 1000)
+        oldest, lively = now - int(STALE_AFTER * 1000), now - int(ACCEPTS_WITHIN * 1000)
         slots, fields = self._slots, self.FIELDS
         total, counted, others_accept = connections, 1, False
         paused: list[int] = []
@@ -74,12 +77,12 @@ class ConnectionTable:
                 counted += 1
                 if slots[at + 2]:
                     paused.append(other)
-                else:
+                elif slots[at + 1] >= lively:
                     others_accept = True
         share = total / counted
         for other in paused:
             at = fields * other
-            if slots[at] <= share:  # due to resume: it will accept
+            if slots[at] <= share and slots[at + 1] >= lively:  # due to resume: it will accept
                 others_accept = True
                 if not slots[at + 3]:
                     slots[at + 3] = 1
@@ -105,6 +108,7 @@ class AcceptBalance:
         self._pause = pause
         self._resume = resume
         self.paused = False
+        self._failing = False  # resuming failed last time: said once, not at every tick
         self._woken = asyncio.Event()
 
     def accepted(self, connections: int) -> None:
@@ -124,7 +128,13 @@ class AcceptBalance:
                 await self._resume()
             except OSError as error:  # out of descriptors, say: paused still, tried again at the next tick
                 self.paused = True
-                log.error("cannot accept again: %s; trying again in %gs", error, HEARTBEAT)
+                if not self._failing:
+                    log.error("cannot accept again: %s; trying again every %gs", error, HEARTBEAT)
+                self._failing = True
+            else:
+                if self._failing:
+                    log.info("accepting again")
+                self._failing = False
         self.table.publish(self.worker, connections, self.paused, _now_ms())
 
     async def keep(self) -> None:
@@ -135,8 +145,12 @@ class AcceptBalance:
         try:
             while True:
                 await self.tick()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._woken.wait(), HEARTBEAT)
+                # Not asyncio.wait_for: on 3.11 it can swallow the cancel that ends this at the drain.
+                timer = loop.call_later(HEARTBEAT, self._woken.set)
+                try:
+                    await self._woken.wait()
+                finally:
+                    timer.cancel()
                 self._woken.clear()
         finally:
             loop.remove_reader(wake)

@@ -126,6 +126,9 @@ class Worker:
         self._loaded_at = time.time()
         self._kept = ""  # why the index served does not follow the registry at the path, as last logged
         self._refused: Path | None = None  # a generation of another registry, not followed
+        # The last successful sync of the registry the index enforced was built from, as last read
+        # while it was adopted ("" never synced, None not read yet): its freshness while another is not.
+        self._adopted_success: str | None = None
 
     async def run(self) -> None:
         self.config = self.config or load_config(self.config_path, self.overrides)
@@ -294,6 +297,10 @@ class Worker:
         runtime.on_accept = balance.accepted
         try:
             await balance.keep()
+        except Exception:  # a fault of its own must not leave this worker paused
+            log.exception("balancing the workers' connections stopped; accepting on every listener")
+            runtime.on_accept = None
+            await self.accepting.resume()
         finally:
             runtime.on_accept = None
 
@@ -385,8 +392,10 @@ class Worker:
     async def _update_enforcement(self) -> None:
         """Follow the feed's freshness into the runtime's stale mode (gate.enforcement and the
         pack's monitor_ranges are the policy's, replaced on reload), and say when monitoring changes.
-        While the registry at the path is not adopted the mode stays as it is: another file's sync
-        status (a registry copied in, never synced) must not open the gate (feed.stale_mode)."""
+        While the registry at the path is not adopted, another file's sync status (a registry copied
+        in, never synced) must not open the gate (feed.stale_mode): the index enforced ages from its
+        own last sync, as /readyz judges it, or, in a worker started meanwhile that never saw one,
+        keeps its mode."""
         policy = self.runtime.policy
         monitoring = (policy.enforcement, policy.pack.monitor_ranges)
         if monitoring != self.runtime.monitoring:
@@ -398,13 +407,15 @@ class Worker:
                             ", ".join(map(str, policy.pack.monitor_ranges)))  # fmt: skip
         if not self.config.feed.urls:  # local imports only: always enforced, nothing to read
             return
-        if await self._not_adopted():  # its feed status says nothing of the index enforced
+        if not await self._not_adopted():
+            self._adopted_success = (await self.registry.sync_status()).get("last_success") or ""
+        elif self._adopted_success is None:  # its feed status says nothing of the index enforced
             return
-        status = await self.registry.sync_status()
-        mode = freshness(self.config.feed, status.get("last_success"), datetime.now(UTC)).enforcement
+        last_success = self._adopted_success or None
+        mode = freshness(self.config.feed, last_success, datetime.now(UTC)).enforcement
         if mode != self.runtime.stale_mode:
             log.warning("enforcement: %s -> %s (feed last synced %s)", self.runtime.stale_mode, mode,
-                        status.get("last_success") or "never")  # fmt: skip
+                        last_success or "never")  # fmt: skip
             self.runtime.stale_mode = mode
 
     async def _not_adopted(self) -> bool:
@@ -415,6 +426,8 @@ class Worker:
         return bool(kept_because(self.runtime.policy.index.meta(), identity))
 
     async def _drain(self) -> None:
+        if self.table is not None:  # accepting no more: the others must not count on this worker
+            self.table.clear(self.number)
         self.accepting.close()
         for server in self.servers:
             server.close()

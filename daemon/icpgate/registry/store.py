@@ -861,19 +861,23 @@ async def _place_new(path: Path, sync_status: dict) -> None:
     """Make a registry beside `path` with its sync status, then link it there: no reader finds it
     half made. A file someone else put at the path meanwhile (`icpgate import`) is kept."""
     staging = path.with_name(".%s.new-%d" % (path.name, os.getpid()))
-    for leftover in _with_journals(staging):  # of a process killed here
-        leftover.unlink(missing_ok=True)
-    db = await _connect(staging)
     try:
-        await db.execute("INSERT OR REPLACE INTO sync_status VALUES (1, ?)",
-                         (json.dumps(sync_status, ensure_ascii=False),))  # fmt: skip
-        await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # all of it in the file that is linked
-    finally:
-        await db.close()
-    try:
-        os.link(staging, path)  # unlike a rename, never over another file
-    except FileExistsError:
-        pass
+        for leftover in _with_journals(staging):  # of a process killed here
+            leftover.unlink(missing_ok=True)
+        db = await _connect(staging)
+        try:
+            await db.execute("INSERT OR REPLACE INTO sync_status VALUES (1, ?)",
+                             (json.dumps(sync_status, ensure_ascii=False),))  # fmt: skip
+            await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # all of it in the file that is linked
+        finally:
+            await db.close()
+        try:
+            os.link(staging, path)  # unlike a rename, never over another file
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: a rename, unless a file came meanwhile
+            if _inode(path) is None:
+                os.rename(staging, path)
     finally:
         for staged in _with_journals(staging):
             staged.unlink(missing_ok=True)
