@@ -43,6 +43,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_port(port: int, timeout: float = 300.0) -> float:
+    """Seconds until something accepts on loopback `port`; TimeoutError after `timeout`."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return time.monotonic() - started
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError("port %d" % port)
+
+
 def wait_snapshot(url: str, timeout: float = 600, poll: float = 0.2) -> dict:
     """Wait until the publisher at `url` (its status document) has a snapshot of its serial."""
     deadline = time.monotonic() + timeout

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ REPO = HERE.parent
 OUT = HERE / "out"
 sys.path.insert(0, str(HERE))
 
-from benchkit import free_port, h2load_rate, stop  # noqa: E402
+from benchkit import free_port, h2load_rate, stop, wait_port  # noqa: E402
 from gen_filings import domain, record  # noqa: E402
 
 GATE_CPU, LOAD_CPU = "0", "1"
@@ -63,17 +62,6 @@ def allowed(n: int) -> bool:
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, check=True, **kwargs)
-
-
-def wait_port(port: int, timeout: float = 300.0) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return time.monotonic() - started
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError("port %d" % port)
 
 
 def rss_mb(pid: int) -> float:

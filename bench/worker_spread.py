@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchkit import BENCH, ICPGATE, REPO, free_port, stop, write_config
+from benchkit import BENCH, ICPGATE, REPO, free_port, stop, wait_port, write_config
 
 FILED = "bench-site-12.cn"  # approved in gen_filings.py's data
 
@@ -35,17 +34,6 @@ def start_origin(work: Path, port: int) -> subprocess.Popen:
         % (work, work, work, port)
     )
     return subprocess.Popen(["/usr/sbin/nginx", "-c", str(conf)])
-
-
-def wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit("nothing listens on port %d" % port)
 
 
 def held_by_process(port: int) -> dict[int, int]:
