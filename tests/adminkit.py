@@ -85,6 +85,11 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
     }
 
 
+def by_worker(metrics: dict[tuple[str, tuple], float], name: str) -> dict[str, float]:
+    """Each worker's sample of the gauge `name` (labelled `worker`), by worker number."""
+    return {dict(labels)["worker"]: value for (sample, labels), value in metrics.items() if sample == name}
+
+
 def metric(metrics: dict[tuple[str, tuple], float], name: str, **labels: str) -> float:
     """The sum over every sample of `name` whose labels include `labels` (0 when there is none)."""
     wanted = set(labels.items())

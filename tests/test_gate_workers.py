@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from adminkit import admin_request, start_observed_gate
+from adminkit import admin_request, by_worker, start_observed_gate
 from gatekit import free_port, gate_config, listener, start_gate, wait_for_port
 from test_gate_process import edit_pack, http_get, status_of, wait_until
 
@@ -93,9 +93,7 @@ def test_index_serial_and_reload_gauges_are_right_from_the_start(tmp_path: Path,
         serial = registry_serial(observed.config)
         assert serial > 0
         metrics = observed.metrics()
-        serials = {dict(labels)["worker"]: value for (name, labels), value in metrics.items()
-                   if name == "icpgate_index_serial"}  # fmt: skip
-        assert serials == {str(number): serial for number in range(workers)}
+        assert by_worker(metrics, "icpgate_index_serial") == {str(number): serial for number in range(workers)}
         reloads = [value for (name, _), value in metrics.items() if name == "icpgate_config_last_reload_successful"]
         assert reloads == [1.0] * workers
         assert observed.json("/readyz")["checks"]["registry"] == {"ok": True, "serial": serial}

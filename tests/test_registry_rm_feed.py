@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from adminkit import TOKEN, ObservedGate, metric
+from adminkit import TOKEN, ObservedGate, by_worker, metric
 from feedkit import Publisher, make_key, start_publisher
 from gatekit import free_port, gate_config, listener, start_gate, wait_for_port
 from test_gate_process import http_get, status_of, wait_until
@@ -124,8 +124,7 @@ def feed_sync_of(config: Path) -> dict:
 
 
 def index_serials(observed: ObservedGate) -> dict[str, float]:
-    return {dict(labels)["worker"]: value for (name, labels), value in observed.metrics().items()
-            if name == "icpgate_index_serial"}  # fmt: skip
+    return by_worker(observed.metrics(), "icpgate_index_serial")
 
 
 def assert_kept_and_warned(observed: ObservedGate, served: int, registry: int) -> None:

@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from adminkit import ObservedGate, metric, start_observed_gate
+from adminkit import ObservedGate, by_worker, metric, start_observed_gate
 from test_gate_process import http_get, status_of, wait_until
 from test_gate_workers import started
 
@@ -42,8 +42,7 @@ def open_at_once(port: int, count: int) -> tuple[list[socket.socket], list[int]]
 
 
 def per_worker(observed: ObservedGate) -> dict[str, float]:
-    return {dict(labels)["worker"]: value for (name, labels), value in observed.metrics().items()
-            if name == "icpgate_worker_connections"}  # fmt: skip
+    return by_worker(observed.metrics(), "icpgate_worker_connections")
 
 
 def settled(observed: ObservedGate, total: int) -> dict[str, float]:
