@@ -105,11 +105,9 @@ class FeedClient:
         file, and it names the registry it succeeded into, so the new one starts with a snapshot."""
         status = await self.registry.sync_status()
         carried = status | {"registry": status.get("registry") or (await self.registry.state()).registry_id}
-        if await self.registry.follow(create=not dry_run, sync_status=carried):
+        if await self.registry.follow(create=not dry_run, sync_status=None if dry_run else carried):
             log.warning("feed: %s is another file now: syncing into it; the gate keeps enforcing its index until"
                         " it is adopted (icpgate registry adopt, or a reload)", self.registry.path)  # fmt: skip
-            if not dry_run:  # a file moved in by hand has its own (a registry made here has it already)
-                await self.registry.set_sync_status(carried)
         state = await self.registry.state()
         status = await self.registry.sync_status()
         failed: list[Outcome] = []

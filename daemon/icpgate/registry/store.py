@@ -259,17 +259,19 @@ class Registry:
         """Reopen the registry at the path when the file there is not the one open here; without
         `create`, a path with nothing at it keeps the open one. True when it reopened.
 
-        A registry created here appears at the path whole, with `sync_status` already in it: the
-        admin API reads the file as soon as it is there, and a feed check of a registry that never
-        synced says "expired" (a 503 from /readyz, which inline routes the hosted ranges around)."""
+        `sync_status`, when given, goes into the registry followed. One created here appears at the
+        path whole, with it already in it: the admin API reads the file as soon as it is there, and a
+        feed check of a registry that never synced says "expired" (a 503 from /readyz, which inline
+        routes the hosted ranges around). One found there (moved in by hand) gets it written."""
         async with self._following, self._turn():
             if not self.replaced() or (not create and _inode(self.path) is None):
                 return False
-            if _inode(self.path) is None:
-                await _place_new(self.path, sync_status or {})
+            made = _inode(self.path) is None and await _place_new(self.path, sync_status or {})
             db = await _connect(self.path)
             old, self.db, self.inode = self.db, db, _inode(self.path)  # in its turn: no read is open
             await old.close()
+            if sync_status is not None and not made:
+                await self.set_sync_status(sync_status)
             return True
 
     async def import_filings(
@@ -857,9 +859,9 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     return db
 
 
-async def _place_new(path: Path, sync_status: dict) -> None:
+async def _place_new(path: Path, sync_status: dict) -> bool:
     """Make a registry beside `path` with its sync status, then link it there: no reader finds it
-    half made. A file someone else put at the path meanwhile (`icpgate import`) is kept."""
+    half made. A file someone else put at the path meanwhile (`icpgate import`) is kept: False."""
     staging = path.with_name(".%s.new-%d" % (path.name, os.getpid()))
     try:
         for leftover in _with_journals(staging):  # of a process killed here
@@ -874,10 +876,12 @@ async def _place_new(path: Path, sync_status: dict) -> None:
         try:
             os.link(staging, path)  # unlike a rename, never over another file
         except FileExistsError:
-            pass
+            return False
         except OSError:  # a file system without hard links: a rename, unless a file came meanwhile
-            if _inode(path) is None:
-                os.rename(staging, path)
+            if _inode(path) is not None:
+                return False
+            os.rename(staging, path)
+        return True
     finally:
         for staged in _with_journals(staging):
             staged.unlink(missing_ok=True)
