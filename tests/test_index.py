@@ -20,6 +20,7 @@ from conftest import SAMPLES, run, run_icpgate, sample_records, write_ndjson
 from icpgate.config.settings import load_config
 from icpgate.names.hostname import normalize_host
 from icpgate.registry.index_store import (
+    IndexError_,
     SharedIndex,
     current_generation,
     index_path,
@@ -330,3 +331,15 @@ def test_concurrent_syncs_in_one_process_do_not_deadlock(sample_registry: Path) 
         assert_same_answers(shared, registry)
     finally:
         shared.close()
+
+
+def test_an_index_path_that_cannot_be_a_folder_is_refused(sample_registry: Path, tmp_path: Path) -> None:
+    """A dangling symlink where the index folder goes: the writer neither loops forever nor crashes;
+    it says which path it could not use."""
+    registry = registry_of(sample_registry)
+    folder = index_path(registry)
+    shutil.rmtree(folder)
+    folder.symlink_to(tmp_path / "nowhere" / "index")
+    with pytest.raises(IndexError_, match="kept disappearing") as raised:
+        sync_index(registry)
+    assert str(folder) in str(raised.value)

@@ -37,6 +37,7 @@ that registry (`icpgate registry adopt`, or SIGHUP). Readers (`SharedIndex`) nev
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -574,13 +575,15 @@ def _collect(folder: Path, keep: str) -> None:
 @contextlib.contextmanager
 def _writer_lock(folder: Path) -> Iterator[None]:
     """Hold the writers' lock of `folder`, creating the folder if needed. The lock file might be
-    deleted and re-created by someone: a lock taken on a file no longer at that name is retried."""
+    deleted and re-created by someone: a lock taken on a file no longer at that name is retried.
+    Not `Path.mkdir(exist_ok=True)`: it raises when the folder goes between its mkdir and its check."""
     _move_out_of_old_layout(folder)
-    while True:
-        folder.mkdir(exist_ok=True)
+    for _ in range(_OPEN_ATTEMPTS):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder)
         try:
             descriptor = os.open(folder / WRITER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except FileNotFoundError:  # the folder went between mkdir and open
+        except FileNotFoundError:  # the folder went between mkdir and open, or is a dangling symlink
             continue
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX)
@@ -593,6 +596,7 @@ def _writer_lock(folder: Path) -> Iterator[None]:
                 return
         finally:
             os.close(descriptor)  # releases the lock
+    raise FileNotFoundError(errno.ENOENT, "cannot create the index's lock file", str(folder / WRITER_LOCK))
 
 
 def _move_out_of_old_layout(folder: Path) -> None:
