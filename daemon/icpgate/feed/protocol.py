@@ -90,7 +90,7 @@ async def write_snapshot(header: Header, filings: AsyncIterable[Filing], out: Bi
         stream.write(header.to_json().encode() + b"\n")
         lines: list[bytes] = []
         async for filing in filings:
-            lines.append(filing.canonical_json().encode())
+            lines.append(filing.canonical_bytes())
             if len(lines) >= 4096:
                 stream.write(b"\n".join(lines) + b"\n")
                 lines = []
