@@ -26,7 +26,12 @@ def staged(item: ParsedFiling) -> StagedFiling:
     filing = item.filing
     row = (item.line, filing.licence, filing.subject_licence, filing.subject_name, filing.subject_type.value,
            filing.site_name, filing.status.value, int(filing.limit_access), filing.updated_at,
-           json.dumps(filing.extra, ensure_ascii=False), filing.digest())  # fmt: skip
+           _extra_json(filing.extra), filing.digest())  # fmt: skip
     domains = [(item.line, filing.licence, name) for name in filing.domains]
     access = [(filing.licence, a.provider, a.status.value, " ".join(a.ips)) for a in filing.access]
     return StagedFiling(item.line, item.warnings, row, domains, access)
+
+
+def _extra_json(extra: dict[str, object]) -> str:
+    """The unknown fields as stored; most records have none, and json.dumps({}) is "{}"."""
+    return json.dumps(extra, ensure_ascii=False) if extra else "{}"

@@ -63,6 +63,7 @@ _BRACKETS = str.maketrans({"（": "(", "）": ")", "：": ":", "　": " "})
 _EXCEL_EPOCH = datetime(1899, 12, 30)
 _DATE_FORMS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d", "%Y/%m/%d %H:%M:%S", "%Y/%m/%d %H:%M", "%Y/%m/%d",
                "%Y.%m.%d", "%Y%m%d")  # fmt: skip
+_EXCEL_SERIAL = re.compile(r"\d{5}(\.\d+)?")  # a day number, compiled once: sheet_time runs for each row
 _CHINESE_DATE = re.compile(r"^(\d{4})年(\d{1,2})月(\d{1,2})日(?:\s*(\d{1,2})[时:](\d{1,2})分?(?:(\d{1,2})秒?)?)?$")
 
 
@@ -235,7 +236,7 @@ def sheet_time(text: str, zone: tzinfo) -> str:
     if not value:
         raise ValueError("required: a time such as 2026-11-02 08:00")
     moment: datetime | None = None
-    if re.fullmatch(r"\d{5}(\.\d+)?", value):
+    if _EXCEL_SERIAL.fullmatch(value):
         moment = _EXCEL_EPOCH + timedelta(days=float(value))  # Excel's serial day number (1900 system)
         moment = moment.replace(microsecond=0) + timedelta(seconds=round(moment.microsecond / 1e6))
     elif match := _CHINESE_DATE.match(value):
