@@ -205,8 +205,12 @@ def _column_name(index: int, header: list[str], columns: dict[int, str]) -> str:
 
 
 def _sheet_field(field: str, header: list[str], columns: dict[int, str]) -> str:
-    """`access[0].status` -> `access_status (接入状态)`: the column as the sheet names it."""
-    name, rest = re.match(r"^([a-z_]+)(.*)$", field).groups() if field else ("", "")
+    """`access[0].status` -> `access_status (接入状态)`: the column as the sheet names it. An unknown
+    column's field (an extra field, refused for its text) is the sheet's own title already."""
+    match = re.match(r"^([a-z_]+)(.*)$", field)
+    if not match:
+        return field
+    name, rest = match.groups()
     if name == "access":
         sub = re.match(r"^\[0\]\.?([a-z]+)?(.*)$", rest)
         name, rest = ("access_" + sub.group(1), sub.group(2)) if sub and sub.group(1) else ("access_provider", "")
