@@ -50,7 +50,7 @@ def read_manifest(folder: Path) -> Manifest:
         document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BackupError("%s is not an icpgate backup: it has no %s" % (folder, MANIFEST)) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # unreadable, not UTF-8, not JSON, too deep
         raise BackupError("%s cannot be read: %s" % (path, error)) from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise BackupError("%s is not an %s manifest" % (path, FORMAT))

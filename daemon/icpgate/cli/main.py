@@ -18,7 +18,7 @@ from ..config.tomlschema import ConfigError
 from ..policy.decide import Reason
 from ..policy.explain import explain, render_explanation
 from ..policy.pack import load_pack
-from ..registry.importers.formats import FORMATS, ImportOptions, detect_format, prepare, read_any
+from ..registry.importers.formats import FORMATS, ImportOptions, detect_format, path_text, prepare, read_any
 from ..registry.store import Guard, ImportReport, RegistryError, open_registry, require_registry
 from ..telemetry.logs import log_to_stderr
 from ..telemetry.multiproc import use_metrics_dir
@@ -398,7 +398,7 @@ def _cmd_customers_import(args: argparse.Namespace) -> Exit:
 
     asyncio.run(store_them())
     names = len({customer.name for customer in customers})
-    print("imported %d ranges of %d customers from %s" % (len(customers), names, args.file))
+    print("imported %d ranges of %d customers from %s" % (len(customers), names, path_text(args.file)))
     return Exit.OK
 
 
@@ -488,7 +488,7 @@ def _cmd_check(args: argparse.Namespace) -> Exit:
 def _cmd_import(args: argparse.Namespace) -> Exit:
     config = load_config(args.config, args.overrides)
     if not args.file.exists():
-        print("import: no such file: %s" % args.file, file=sys.stderr)
+        print("import: no such file: %s" % path_text(args.file), file=sys.stderr)
         return Exit.DATA
     if args.encoding:
         try:
@@ -538,7 +538,7 @@ def _import_folder(config: Config, args: argparse.Namespace, guard: Guard) -> Ex
     if args.json:
         print(json.dumps(reports, ensure_ascii=False, indent=2))
     elif not reports:
-        print("nothing to import in %s" % args.file)
+        print("nothing to import in %s" % path_text(args.file))
     return code
 
 
@@ -550,7 +550,7 @@ async def _import(config: Config, args: argparse.Namespace, path: Path, fmt: str
         async with open_registry(config.registry_path) as registry:
             await prepare(path, fmt, options, registry)
             return await registry.import_filings(
-                read_any(path, fmt, options), source=str(path), fmt=fmt, skip_invalid=args.skip_invalid,
+                read_any(path, fmt, options), source=path_text(path), fmt=fmt, skip_invalid=args.skip_invalid,
                 progress=progress.update if progress is not None else None, replace=replace, guard=guard,
                 force=args.force, dry_run=args.dry_run,
             )  # fmt: skip

@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import BinaryIO
 
 from ..registry.filings import Filing
-from ..registry.interchange import ParsedFiling, RecordError, parse_filing
+from ..registry.interchange import TOO_DEEP, ParsedFiling, RecordError, parse_filing, shown
 from ..registry.licence import LicenceError, parse_licence
 
 FORMAT = "icpgate-feed/2"  # 2: the checksum is a sum of digests (docs/feed-protocol.md)
@@ -151,7 +151,10 @@ def _records(lines: Iterator[bytes], header: Header) -> Iterator[ParsedFiling | 
         count += 1
         try:
             record = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except RecursionError:  # what json.loads refuses beside syntax, as `icpgate import` does
+            yield RecordError(line, "", TOO_DEEP)
+            continue
+        except ValueError as error:  # syntax, undecodable bytes, an integer of more than 4300 digits
             yield RecordError(line, "", "not valid JSON: %s" % getattr(error, "msg", error))
             continue
         if isinstance(record, dict) and "remove" in record and header.kind == "changes":
@@ -181,18 +184,20 @@ def _header(raw: bytes, expect: str) -> Header:
 
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # syntax, undecodable bytes, too deep, too long an integer
         raise refuse("header", "not a JSON object") from None
     if not isinstance(header, dict):
         raise refuse("header", "not a JSON object")
     if header.get("format") not in FORMATS:
-        raise refuse("format", "%r is not one this release reads (%s)" % (header.get("format"), ", ".join(FORMATS)))
+        raise refuse(
+            "format", "%s is not one this release reads (%s)" % (shown(header.get("format")), ", ".join(FORMATS))
+        )
     if header.get("kind") != expect:
-        raise refuse("kind", "expected %r, got %r" % (expect, header.get("kind")))
+        raise refuse("kind", "expected %r, got %s" % (expect, shown(header.get("kind"))))
     for field in ("serial", "records") + (("since",) if expect == "changes" else ()):
         value = header.get(field)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise refuse(field, "must be a whole number, got %r" % (value,))
+            raise refuse(field, "must be a whole number, got %s" % shown(value))
     if not isinstance(header.get("sha256"), str) or not _HEX64.fullmatch(header["sha256"]):
         raise refuse("sha256", "must be 64 lowercase hex digits")
     if not isinstance(header.get("generated_at"), str):

@@ -198,7 +198,7 @@ def _first_line(path: Path) -> dict:
         try:
             text = inflater.decompress(stream.read(65536), 65536).split(b"\n", 1)[0]
             header = json.loads(text)
-        except (zlib.error, ValueError):
+        except (zlib.error, ValueError, RecursionError):
             return {}
     return header if isinstance(header, dict) and header.get("format") in FORMATS else {}
 

@@ -37,6 +37,8 @@ CSV_COLUMNS = (
 MAX_TEXT_LENGTH = 256
 MAX_DOMAINS = 1000
 MAX_IPS = 1000
+MAX_EXTRA_DEPTH = 64  # lists and objects within an unknown field's value; json.dumps recurses and the stack is finite
+TOO_DEEP = "lists and objects nested too deeply for a JSON parser: not accepted"  # json.loads's RecursionError
 _CONTROL = re.compile(r"[\x00-\x1f]")  # what `char < " "` refuses, in one C call
 
 
@@ -79,9 +81,9 @@ def parse_filing(record: object, line: int) -> ParsedFiling:
         licence=licence,
         subject_licence=subject_licence,
         subject_name=_text(record, "subject_name", line),
-        subject_type=_enum(SubjectType, record, "subject_type", line),
+        subject_type=_enum(SubjectType, record["subject_type"], "subject_type", line),
         site_name=_text(record, "site_name", line),
-        status=_enum(FilingStatus, record, "status", line),
+        status=_enum(FilingStatus, record["status"], "status", line),
         limit_access=_bool(record.get("limit_access", False), "limit_access", line),
         domains=_domains(record["domains"], line),
         access=_access_records(record["access"], line),
@@ -96,6 +98,9 @@ def _extra(record: dict, line: int) -> dict[str, object]:
     if len(record) == len(REQUIRED_FIELDS) + ("limit_access" in record):  # every required field is there
         return {}
     extra = {k: v for k, v in record.items() if k not in KNOWN_FIELDS}
+    error = _too_deep(extra, line)
+    if error:
+        raise error
     try:
         orjson.dumps(extra)  # refuses a lone surrogate, in a key too, in a tenth of the time walking takes
     except orjson.JSONEncodeError:  # that, or what orjson does not write: ints beyond 64 bits, deep nesting
@@ -103,6 +108,27 @@ def _extra(record: dict, line: int) -> dict[str, object]:
         if error:
             raise error from None
     return extra
+
+
+def _too_deep(extra: dict[str, object], line: int) -> RecordError | None:
+    """The first unknown field nested deeper than MAX_EXTRA_DEPTH, as the error naming it: json.loads
+    reads nesting that json.dumps (the digest, the stage row), called deeper in the stack, may not
+    write. Iterative."""
+    stack: list[tuple[str, object, int]] = [(key, value, 0) for key, value in reversed(extra.items())]
+    while stack:
+        field, value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth == MAX_EXTRA_DEPTH:
+                return RecordError(line, _escaped(field), "nested deeper than %d levels of lists and objects"
+                                   % MAX_EXTRA_DEPTH)  # fmt: skip
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend((field, item, depth + 1) for _, item in reversed(list(items)))
+    return None
+
+
+def _escaped(text: str) -> str:
+    """Text with any lone surrogate as its `\\udXXX` escape: fit for UTF-8, the report and SQLite."""
+    return text.encode("utf-8", "backslashreplace").decode()
 
 
 def _surrogate_error(value: object, field: str, line: int) -> RecordError | None:
@@ -124,8 +150,7 @@ def _surrogate_error(value: object, field: str, line: int) -> RecordError | None
                 try:
                     str(key).encode()
                 except UnicodeEncodeError as error:
-                    escaped = name.encode("utf-8", "backslashreplace").decode()
-                    return _not_unicode(line, escaped, error, "field name must be valid Unicode text")
+                    return _not_unicode(line, _escaped(name), error, "field name must be valid Unicode text")
                 children.append((name, item))
             stack.extend(reversed(children))  # the first in the record is reported first
         elif isinstance(value, list):
@@ -147,9 +172,9 @@ def record_errors(record: dict, line: int) -> list[RecordError]:
     checks = {
         "licence": lambda: _website_licence(record["licence"], line, []),
         "subject_name": lambda: _text(record, "subject_name", line),
-        "subject_type": lambda: _enum(SubjectType, record, "subject_type", line),
+        "subject_type": lambda: _enum(SubjectType, record["subject_type"], "subject_type", line),
         "site_name": lambda: _text(record, "site_name", line),
-        "status": lambda: _enum(FilingStatus, record, "status", line),
+        "status": lambda: _enum(FilingStatus, record["status"], "status", line),
         "limit_access": lambda: _bool(record["limit_access"], "limit_access", line),
         "domains": lambda: _domains(record["domains"], line),
         "updated_at": lambda: _timestamp(record["updated_at"], line),
@@ -190,6 +215,16 @@ def _access_errors(value: object, line: int) -> list[RecordError]:
                 error.field = error.field.replace("access[0]", "access[%d]" % index, 1)
                 errors.append(error)
     return errors
+
+
+def shown(value: object) -> str:
+    """A value of any type, for a message: a list or an object by its kind, since its repr recurses as
+    deep as json.loads nests (past the stack) and is as long as the line."""
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return repr(value)
 
 
 def _website_licence(value: object, line: int, warnings: list[str]) -> str:
@@ -233,12 +268,14 @@ def _text(record: dict, name: str, line: int) -> str:
     return value.strip()
 
 
-def _enum(kind, record: dict, name: str, line: int):
-    try:
-        return kind(record[name])
-    except ValueError:
-        allowed = ", ".join(member.value for member in kind)
-        raise RecordError(line, name, "%r is not one of: %s" % (record[name], allowed)) from None
+def _enum(kind, value: object, field: str, line: int):
+    if isinstance(value, str):  # not a list: Enum's own error would repr it, as deep as it nests
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    allowed = ", ".join(member.value for member in kind)
+    raise RecordError(line, field, "%s is not one of: %s" % (shown(value), allowed))
 
 
 def _bool(value: object, name: str, line: int) -> bool:
@@ -289,11 +326,7 @@ def _access_records(value: object, line: int) -> tuple[AccessRecord, ...]:
             provider.encode()
         except UnicodeEncodeError as error:
             raise _not_unicode(line, field + ".provider", error) from None
-        try:
-            status = AccessStatus(item.get("status"))
-        except ValueError:
-            allowed = ", ".join(s.value for s in AccessStatus)
-            raise RecordError(line, field + ".status", "%r is not one of: %s" % (item.get("status"), allowed)) from None
+        status = _enum(AccessStatus, item.get("status"), field + ".status", line)
         ips = _networks(item.get("ips", []), line, field + ".ips")
         records.append(AccessRecord(provider.strip(), status, ips))
     return tuple(records)
@@ -307,7 +340,7 @@ def _networks(value: object, line: int, field: str) -> tuple[str, ...]:
         try:
             networks.append(_canonical_network(raw))
         except (TypeError, ValueError) as error:
-            raise RecordError(line, "%s[%d]" % (field, index), "%r: %s" % (raw, error)) from None
+            raise RecordError(line, "%s[%d]" % (field, index), "%s: %s" % (shown(raw), error)) from None
     return tuple(networks)
 
 
@@ -341,7 +374,7 @@ def read_ndjson(lines: Iterable[str], first: int = 1) -> Iterator[ParsedFiling |
             continue
         try:
             record = json.loads(text)
-        except json.JSONDecodeError as error:
+        except (ValueError, RecursionError) as error:
             yield json_error(error, text, line)
             continue
         try:
@@ -356,8 +389,14 @@ _CUT_VALUE = re.compile(r"t(r(ue?)?)?|f(a(l(se?)?)?)?|n(u(ll?)?)?|-|\.|[eE][+-]?
 _CUT_ESCAPE = re.compile(r"u[0-9a-fA-F]{0,3}")
 
 
-def json_error(error: json.JSONDecodeError, text: str, line: int) -> RecordError:
-    """The error of a line that is not JSON; a line that ends inside a value is truncated."""
+def json_error(error: ValueError | RecursionError, text: str, line: int) -> RecordError:
+    """The error of a line that json.loads refuses; a line that ends inside a value is truncated.
+    Beside syntax, json.loads refuses nesting deeper than the stack (RecursionError) and integers of
+    more than 4300 digits (ValueError): malformed lines all the same, never a traceback."""
+    if isinstance(error, RecursionError):
+        return RecordError(line, "", TOO_DEEP)
+    if not isinstance(error, json.JSONDecodeError):
+        return RecordError(line, "", "not accepted as JSON: %s" % error)
     body = text.rstrip("\r\n")
     rest = body[error.pos :].strip()
     unterminated = error.msg.startswith("Unterminated string")

@@ -26,6 +26,13 @@ _SNIFF = 65536
 MAX_JOBS = 4  # parsing processes by default: beyond this the one SQLite writer is the bottleneck
 
 
+def path_text(path: Path) -> str:
+    """The file's name as UTF-8 text, a byte that is not UTF-8 as its `\\xff` escape: the name as
+    given holds such bytes as lone surrogates, which neither SQLite (the imports' log) nor a strict
+    stdout can write."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 @dataclass(slots=True)
 class ImportOptions:
     encoding: str | None = None  # for CSV; None: UTF-8 when it decodes as such, else GB18030 (GBK)
@@ -99,17 +106,18 @@ def read_any(path: Path, fmt: str, options: ImportOptions) -> Iterator[ParsedFil
     if jobs is None:
         # one CPU is the importer's own: it reads the lines and writes what the workers hand back
         jobs = min(MAX_JOBS, (os.cpu_count() or 1) - 1) if path.stat().st_size >= MIN_SIZE else 1
+    source = path_text(path)
     with open_input(path) as stream:
         try:
             for item in _records(stream, fmt, options, jobs):
                 if isinstance(item, RecordError):
-                    item.source = str(path)
+                    item.source = source
                 yield item
         except RecordError as error:  # unreadable text or XML ends the file: nothing after is trustworthy
-            error.source = str(path)
+            error.source = source
             yield error
         except (OSError, EOFError) as error:  # a truncated or corrupt gzip stream
-            yield RecordError(0, "", "cannot read: %s" % error, str(path))
+            yield RecordError(0, "", "cannot read: %s" % error, source)
 
 
 def _records(stream: BinaryIO, fmt: str, options: ImportOptions,
