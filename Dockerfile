@@ -17,6 +17,11 @@ ARG BASE=docker.io/library/python:3.11-slim-bookworm
 
 FROM ${BASE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# A C compiler and Python's headers, to compile the HTTP engine; this stage only, not in the image.
+RUN command -v cc >/dev/null \
+    && [ -e "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+         gcc libc6-dev $([ -x /usr/local/bin/python3 ] || echo python3-dev) >/dev/null; }
 # The dependencies first, in a layer of their own: a change to the code alone rebuilds from here on.
 # Behind a TLS-inspecting proxy, give pip the machine's CA bundle: --secret id=ca-bundle,src=FILE
 # (make image CA_BUNDLE=FILE); it is mounted for this step only and is not in the image.
@@ -24,14 +29,16 @@ COPY pyproject.toml README.md /src/
 RUN --mount=type=secret,id=ca-bundle \
     if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
     && python3 -m venv /opt/icpgate \
-    && /opt/icpgate/bin/pip install --upgrade pip "setuptools>=68" \
+    && /opt/icpgate/bin/pip install --upgrade pip "setuptools>=74.1" "Cython>=3.0" \
     && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]))' \
     > /src/requirements.txt \
     && /opt/icpgate/bin/pip install -r /src/requirements.txt
 COPY daemon /src/daemon
-# Then the project alone, and out with what only building needed.
+# Then the project alone (the engine must build: the image runs the compiled engine), and out with
+# what only building needed.
 RUN /opt/icpgate/bin/pip install --no-deps --no-build-isolation /src \
-    && /opt/icpgate/bin/pip uninstall --yes --quiet setuptools pip
+    && /opt/icpgate/bin/python -c 'import icpgate.gate.http._engine' \
+    && /opt/icpgate/bin/pip uninstall --yes --quiet setuptools cython pip
 
 FROM ${BASE}
 RUN groupadd --gid 10001 icpgate \

@@ -1,5 +1,6 @@
 # make run  — install what is needed, then run the gate on the built-in example.
-# make test — install what is needed (Python packages and Debian tools), then run the whole suite.
+# make test — install what is needed (Python packages and Debian tools), then run the whole suite,
+#             then the HTTP suite again on the pure-Python engine (docs/gate.md, "The HTTP engine").
 # make image — build the container image from the Dockerfile (docs/deployment.md, "The image").
 
 PYTHON ?= python3
@@ -20,9 +21,16 @@ BUILDER ?= $(firstword $(shell command -v podman buildah 2>/dev/null))
 CA_BUNDLE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
 ISOLATION ?= chroot
 
-.PHONY: run test lint system-deps image debian-base bench bench-scale clean
+# The HTTP tests run a second time with ICPGATE_HTTP_ENGINE=python: both engines pass them all.
+HTTP_SUITE := $(addprefix tests/,test_http_engine.py test_gate_http.py test_http_framing.py \
+	test_http_responses_gate.py test_http_schemes.py test_differential.py test_chunk_cost.py \
+	test_inspection_cost.py test_gate_auto.py test_gate_tls.py test_sniff.py)
 
-$(STAMP): pyproject.toml
+.PHONY: run test lint build-deps system-deps image debian-base bench bench-scale clean
+
+# The install compiles the HTTP engine (daemon/icpgate/gate/http/_engine.pyx): a C compiler and
+# Python's headers first.
+$(STAMP): pyproject.toml daemon/icpgate/gate/http/_engine.pyx | build-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -32,12 +40,16 @@ run: $(STAMP)
 	$(VENV)/bin/icpgate import $(SAMPLES) -c $(CONFIG)
 	$(PY) -m icpgate.cli.demo -c $(CONFIG)
 
+build-deps:
+	bash tests/build-deps.sh $(PYTHON)
+
 system-deps:
 	bash tests/system-deps.sh
 
 test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check daemon tests bench
 	$(PY) -m pytest
+	ICPGATE_HTTP_ENGINE=python $(PY) -m pytest -q $(HTTP_SUITE)
 
 image:
 	@test -n "$(BUILDER)" || { echo "make image needs podman or buildah (apt-get install podman)" >&2; exit 1; }

@@ -13,7 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "daemon" / "icpgate"
 ARCHITECTURE = REPO / "docs" / "architecture.md"
-MODULE_PATH = re.compile(r"`((?:[a-z_]+/)+[a-z_]+\.py)`|\(`?((?:[a-z_]+/)+[a-z_]+\.py)`?")
+MODULE_PATH = re.compile(r"`((?:[a-z_]+/)+[a-z_]+\.pyx?)`|\(`?((?:[a-z_]+/)+[a-z_]+\.pyx?)`?")
 
 
 def _lint_imports(cwd: Path) -> subprocess.CompletedProcess:

@@ -31,6 +31,7 @@ from prometheus_client import multiprocess
 
 from ..config.settings import Config, load_config
 from ..config.tomlschema import ConfigError
+from ..gate.http.engine import ENGINE, ENGINE_NOTE
 from ..registry.store import require_registry
 from ..telemetry.identity import name_process
 from ..telemetry.multiproc import ENV
@@ -220,7 +221,8 @@ class Supervisor:
             if not self._start():
                 return 0
             notify("READY=1")
-            log.info("%d workers ready", self.count)
+            log.info("%d workers ready; plain HTTP is read by the %s engine%s", self.count, ENGINE,
+                     " (%s)" % ENGINE_NOTE if ENGINE_NOTE else "")  # fmt: skip
             self._serve()
             return 0
         finally:

@@ -37,6 +37,7 @@ from ..gate.auto import AutoConnection
 from ..gate.blockpage import BlockPages, Operator
 from ..gate.connection import Listener, Runtime
 from ..gate.http.connection import HttpConnection
+from ..gate.http.engine import ENGINE as HTTP_ENGINE
 from ..gate.quic.cids import ConnectionIds
 from ..gate.quic.listener import QuicListener, serves_quic
 from ..gate.tls.connection import TlsConnection
@@ -146,7 +147,7 @@ class Worker:
             self._apply_reporting(self.config)
             await self._update_enforcement()
             await self._bind(self.config.listeners)
-            self.metrics = WorkerMetrics()
+            self.metrics = WorkerMetrics(HTTP_ENGINE)
             self._sync_metrics()
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGTERM, self._stopping.set)

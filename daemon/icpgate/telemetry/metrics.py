@@ -21,8 +21,8 @@ from .. import __version__
 from .identity import process_name
 from .latency import BUCKETS
 
-BUILD_INFO = Gauge("icpgate_build_info", "Version of the running daemon (always 1).", ["version", "python"],
-                   multiprocess_mode="max")  # fmt: skip
+BUILD_INFO = Gauge("icpgate_build_info", "Version of the running daemon, and the engine reading plain HTTP (always 1).",
+                   ["version", "python", "http_engine"], multiprocess_mode="max")  # fmt: skip
 CONNECTIONS = Counter("icpgate_connections", "Accepted connections, by listener kind.", ["kind"])
 DECISIONS = Counter(
     "icpgate_decisions", "Decisions, by listener kind, action and reason.", ["kind", "action", "reason"]
@@ -112,14 +112,14 @@ _STATS = {
 }
 
 
-def build_info() -> None:
-    BUILD_INFO.labels(__version__, platform.python_version()).set(1)
+def build_info(http_engine: str) -> None:
+    BUILD_INFO.labels(__version__, platform.python_version(), http_engine).set(1)
 
 
 class WorkerMetrics:
     """One worker's view: remembers what it last copied so each sync adds only the increments."""
 
-    def __init__(self) -> None:
+    def __init__(self, http_engine: str) -> None:
         worker = process_name() or "0"
         self._serial = INDEX_SERIAL.labels(worker)
         self._connections = WORKER_CONNECTIONS.labels(worker)
@@ -128,7 +128,7 @@ class WorkerMetrics:
         self._latency = [0] * (len(BUCKETS) + 1)
         self._latency_total = 0.0
         self._plain: Tally = Tally()
-        build_info()
+        build_info(http_engine)
 
     def sync(self, runtime, *, serial: int, listeners: int, reload_ok: bool, loaded_at: float) -> None:
         stats = runtime.stats

@@ -12,6 +12,10 @@ The rule: a request is relayed only when it has been read as a conforming backen
 every backend routes it to the host decided on. What the gate cannot account for (another scheme
 in the target, an absolute-form target without a Host naming it, HTTP/0.9, a body on an Upgrade,
 a token it does not know, bytes outside ASCII in a name) is refused.
+
+The plainest heads (one whole bodiless request per read, nearly every request of a keep-alive
+connection) are read by the compiled engine (`_engine.pyx`) when it is built; this module is the
+reference it is held equal to, and the fallback (`ICPGATE_HTTP_ENGINE=python` asks for it).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from enum import Enum
 
 import httptools
 
+from .engine import compiled
 from .framing import ChunkedBody, FramingError
 from .responses import CONNECT, NO_SWITCH, UPGRADE
 
@@ -32,6 +37,8 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:/[!#$%&'*+.^_`|~0-9A-Za-z-]
 _HTTP_AUTHORITY = re.compile(rb"http://([^/?#]*)", re.IGNORECASE)  # a plain listener's own scheme
 _HTTPS = re.compile(rb"https://", re.IGNORECASE)
 _NAME_BYTES = re.compile(rb"[\x21-\x7e]+")  # what a Host or authority may contain: visible ASCII
+
+_read_plain_head = compiled.read_plain_head if compiled is not None else None
 
 
 class BodyKind(Enum):
@@ -115,6 +122,7 @@ class HttpInspector:
         "_head_done",
         "_headers",
         "_parser",
+        "_plain_only",
         "_remaining",
         "_repeated",
         "_scanned",
@@ -132,6 +140,9 @@ class HttpInspector:
         self._state = _State.HEAD
         self._remaining = 0
         self._chunked: ChunkedBody | None = None
+        # True while httptools' parser has read nothing: the compiled engine, which reads with a
+        # fresh llhttp parser each time, may answer only while that parser is in the same state.
+        self._plain_only = True
         self._begin_request()
 
     def _begin_request(self) -> None:
@@ -180,10 +191,16 @@ class HttpInspector:
             self._begin_request()
 
     def feed(self, data: bytes) -> Iterator[Event]:
-        if not self._buffer and self._state is _State.HEAD and self._is_one_whole_head(data):
-            # The common case, one complete bodiless head per read: no buffering, no copies.
-            yield self._head(data)
-            return
+        if not self._buffer and self._state is _State.HEAD:
+            # The common case, one complete head per read: no buffering, no copies.
+            if _read_plain_head is not None and self._plain_only:
+                plain = _read_plain_head(data, self.max_header_size)
+                if plain is not None:
+                    yield Head(RequestHead(*plain), data)
+                    return
+            if self._is_one_whole_head(data):
+                yield self._head(data)
+                return
         self._buffer += data
         while self._buffer and self._state is not _State.FAILED:
             if self._state is _State.AWAIT_SWITCH:
@@ -230,6 +247,7 @@ class HttpInspector:
 
     def _parse(self, chunk: bytes | bytearray) -> str:
         """Feed one slice; return a parser error message, or ''."""
+        self._plain_only = False
         try:
             self._parser.feed_data(chunk)
         except httptools.HttpParserUpgrade:

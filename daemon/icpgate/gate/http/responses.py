@@ -7,7 +7,8 @@ accepted (a `101` inside an earlier response's body is body, not an answer), and
 forwarded request has been answered, so a blocked pipelined request gets its block page right then.
 
 Response bytes are never held or copied: the tracker only reads them. A response it cannot frame
-is a protocol error and the connection is closed (fail closed).
+is a protocol error and the connection is closed (fail closed). A read that is exactly one whole
+plain response to a plain request is recognised by the compiled engine when it is built.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import re
 from collections import deque
 
+from .engine import compiled
 from .framing import ChunkedBody, FramingError
 
 NO_SWITCH, UPGRADE, CONNECT = 0, 1, 2
@@ -24,6 +26,8 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: [\t \x21-\x7e\x80
 _FRAMING_FIELD = re.compile(rb"\n(content-length|transfer-encoding):[ \t]*([^\r]*)", re.IGNORECASE)
 
 _HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _TUNNEL = range(5)
+_PLAIN_REQUEST = (False, NO_SWITCH)  # not HEAD, no Upgrade or CONNECT: the answer frames itself
+_whole_plain_response = compiled.whole_plain_response if compiled is not None else None
 
 
 class ResponseTracker:
@@ -64,6 +68,10 @@ class ResponseTracker:
         """
         pos, end = 0, len(data)
         if self._state == _HEAD and not self._buffer:
+            if (_whole_plain_response is not None and self._expected and self._expected[0] == _PLAIN_REQUEST
+                    and _whole_plain_response(data, self.max_head_size)):  # fmt: skip
+                self._expected.popleft()  # the whole answer to the oldest request, and nothing else
+                return end
             # The common case first: a chunk that starts with a whole response head.
             head_end = data.find(HEAD_END) + 4
             if 4 <= head_end <= self.max_head_size:
