@@ -29,7 +29,7 @@ COPY pyproject.toml README.md /src/
 RUN --mount=type=secret,id=ca-bundle \
     if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
     && python3 -m venv /opt/icpgate \
-    && /opt/icpgate/bin/pip install --upgrade pip "setuptools>=74.1" "Cython>=3.0" \
+    && /opt/icpgate/bin/pip install --upgrade pip "setuptools>=77" "Cython>=3.0" \
     && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]))' \
     > /src/requirements.txt \
     && /opt/icpgate/bin/pip install -r /src/requirements.txt

@@ -91,8 +91,8 @@ def _tree(pid: int) -> list[int]:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pids: list[int]) -> dict[int, float]:
-    """User plus system CPU time of each process still alive, all its threads included."""
+def cpu_seconds_split(pids: list[int]) -> dict[int, tuple[float, float]]:
+    """User and system CPU time, apart, of each process still alive (bench/cpu_split.py)."""
     times = {}
     for pid in pids:
         try:
@@ -100,8 +100,13 @@ def cpu_seconds(pids: list[int]) -> dict[int, float]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
-        times[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14, 15)
+        times[pid] = (int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS)  # utime, stime (fields 14, 15)
     return times
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User plus system CPU time of each process still alive, all its threads included."""
+    return {pid: user + system for pid, (user, system) in cpu_seconds_split(pids).items()}
 
 
 def cpu_used(process: subprocess.Popen, work) -> tuple[object, float]:
