@@ -153,10 +153,12 @@ def confirm(path: Path, host: str, ip: str) -> None:
 
 
 def post_json(port: int, path: str, body: object, token: str | None = TOKEN) -> tuple[int, dict]:
+    """POST `body` as JSON (bytes: as they are)."""
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = "Bearer " + token
-    request = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path), json.dumps(body).encode(), headers)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path), data, headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as answer:
             return answer.status, json.loads(answer.read())
@@ -180,6 +182,8 @@ def test_admin_api_and_status_page_show_customers_and_take_acknowledgements(tmp_
         path = "/api/v1/violations/%d/handling" % first
         assert post_json(observed.admin, path, {"state": "acknowledged"}, token=None)[0] == 401
         assert post_json(observed.admin, path, {"state": "maybe"})[0] == 400
+        too_deep = post_json(observed.admin, path, b"[" * 100_000 + b"]" * 100_000)  # json.loads: RecursionError
+        assert too_deep == (400, {"error": "the body is not valid JSON"}), too_deep
         assert post_json(observed.admin, path, {"state": "resolved", "extra": 1})[0] == 400
         assert post_json(observed.admin, "/api/v1/violations/987654/handling", {"state": "resolved"})[0] == 404
         status, record = post_json(observed.admin, path, {"state": "acknowledged", "note": "客户已通知，整改中"})

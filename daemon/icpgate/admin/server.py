@@ -370,7 +370,7 @@ async def _json_body(request: web.Request) -> dict:
         raise BadRequest("the body must be application/json")
     try:
         body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested deeper than the parser goes
         raise BadRequest("the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
