@@ -11,6 +11,8 @@ misses it must pass on are covered. The whole HTTP suite also runs with `ICPGATE
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
 from unittest import mock
 
@@ -114,7 +116,7 @@ FIELDS = st.one_of(
     st.tuples(st.just(b"Upgrade"), st.sampled_from([b"websocket", b"h2c", b"", b"foo/1"])),
     st.tuples(st.just(b"Connection"), st.sampled_from([b"close", b"keep-alive", b"Upgrade", b"keep-alive, close"])),
     st.tuples(st.just(b"Accept"), st.sampled_from([b"application/json", b"text/html", b""])),
-    st.tuples(st.sampled_from([b"X-A", b"x-a", b"User-Agent", b"Cookie", b"X_B", b""]), st.binary(max_size=6)),
+    st.tuples(st.sampled_from([b"X-A", b"x-a", b"User-Agent", b"Cookie", b"X_B", b"", b"Q", b"a"]), st.binary(max_size=6)),
 )
 PLAIN_FIELDS = st.tuples(st.sampled_from([b"User-Agent", b"Accept", b"Cookie", b"X-A"]),
                          st.sampled_from([b"curl/8", b"*/*", b"a=b; c=d", b"", b" x "]))  # fmt: skip
@@ -221,3 +223,54 @@ def test_the_tracker_frames_the_same_with_the_compiled_engine_as_without(expecte
     with reference_only():
         reference = track(expected, reads)
     assert track(expected, reads) == reference
+
+
+# For one byte, PyBytes_FromStringAndSize returns CPython's shared single-character object: an
+# engine that lowered a one-letter header name (`Q: 1`) in place in it rewrote b"Q" to b"q" in the
+# whole process (b"Q" == b"q" after that), and its head held two keys that print as b"a" for
+# `A: 1` then `a: 2` (the reference keeps the first value, that head answered b"2"). In a child
+# process, since such a corruption would leak into the rest of the suite.
+_SINGLE_LETTER_NAMES = r"""
+import sys
+from unittest import mock
+from icpgate.gate.http import engine, inspector, responses
+from icpgate.gate.http.inspector import HttpInspector
+
+def heads(data, compiled):
+    patches = [] if compiled else [mock.patch.object(inspector, "_read_plain_head", None)]
+    for patch in patches:
+        patch.start()
+    try:
+        return [(e.request.method, e.request.target, e.request.host, sorted(e.request.headers.items()), e.raw)
+                for e in HttpInspector(8192).feed(data)]
+    finally:
+        for patch in patches:
+            patch.stop()
+
+for c in range(0x41, 0x5B):
+    hash(bytes([c]))  # as in a process that has used these objects: their hash is kept in them
+
+failures = []
+for data in (
+    b"GET / HTTP/1.1\r\nHost: a.cn\r\nA: 1\r\na: 2\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a.cn\r\nQ: 1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a.cn\r\nH: 1\r\nh: 2\r\nX-A: 3\r\n\r\n",
+):
+    reference = heads(data, compiled=False)
+    compiled = heads(data, compiled=True)
+    if compiled != reference:
+        failures.append("head differs for %r: %r != %r" % (data, compiled, reference))
+    if engine.compiled is not None:
+        plain = engine.compiled.read_plain_head(data, 8192)
+        if plain is not None and sorted(plain[4].items()) != reference[0][3]:
+            failures.append("read_plain_head's headers differ for %r: %r" % (data, plain[4]))
+for c in range(0x41, 0x5B):
+    if bytes([c]).hex() != "%02x" % c:
+        failures.append("the interpreter's b%r now holds %r" % (chr(c), bytes([c]).hex()))
+print("\n".join(failures) or "ok")
+"""
+
+
+def test_a_one_letter_header_name_changes_neither_the_head_nor_the_interpreter() -> None:
+    result = subprocess.run([sys.executable, "-c", _SINGLE_LETTER_NAMES], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "ok", result.stdout

@@ -154,12 +154,17 @@ cdef inline Span _strip(Span value) noexcept:
 
 
 cdef inline bytes _lower_bytes(Span span):
-    cdef bytes result = PyBytes_FromStringAndSize(span.at, span.length)
+    """A new bytes object, filled here: given the characters, CPython would return its shared object
+    for a one-byte string, and lowering that in place would change b"Q" for the whole process."""
+    if span.length == 0:
+        return b""
+    cdef bytes result = PyBytes_FromStringAndSize(NULL, span.length)
     cdef char *out = PyBytes_AS_STRING(result)
     cdef size_t i
+    cdef char c
     for i in range(span.length):
-        if out[i] >= b'A' and out[i] <= b'Z':
-            out[i] = out[i] + 32
+        c = span.at[i]
+        out[i] = c + 32 if b'A' <= c <= b'Z' else c
     return result
 
 
@@ -296,11 +301,11 @@ def whole_plain_response(object data, Py_ssize_t max_head_size):
         if _line_is(at + i, at + size, b"content-length:"):
             lengths += 1
             length_at = i + 15
-        while i < size and at[i] != b'\r':
+        while i < size and i < max_head_size and at[i] != b'\r':
             if at[i] == b'\n':
                 return False
             i += 1
-        if i + 1 >= size or at[i + 1] != b'\n':
+        if i >= max_head_size or i + 1 >= size or at[i + 1] != b'\n':  # too long, or a bare CR
             return False
         i += 2
     if head_end < 0 or head_end > max_head_size or lengths != 1:
