@@ -208,6 +208,18 @@ def make_body(lines: list[dict], fix_count: bool = True) -> bytes:
 Fault = Callable[[str, int, dict, bytes], "tuple[int, dict, bytes] | str"]
 
 
+def re_signed(private: Path, edit: Callable[[list[bytes]], list[bytes]]) -> Fault:
+    """A fault: the body's lines (JSON, ASCII-escaped) changed by `edit` and signed again with the
+    publisher's key, as a buggy or hostile publisher would send them: only the content is wrong."""
+
+    def fault(_path: str, status: int, headers: dict, body: bytes) -> tuple[int, dict, bytes]:
+        lines = edit([json.dumps(line).encode() for line in body_lines(body)])
+        edited = gzip.compress(b"".join(line + b"\n" for line in lines))
+        return status, headers | {"Icpgate-Signature": sign_with(private, edited)}, edited
+
+    return fault
+
+
 class FaultProxy:
     """Forwards to the publisher, letting a test rewrite or break answers at the HTTP layer."""
 

@@ -116,7 +116,9 @@ FIELDS = st.one_of(
     st.tuples(st.just(b"Upgrade"), st.sampled_from([b"websocket", b"h2c", b"", b"foo/1"])),
     st.tuples(st.just(b"Connection"), st.sampled_from([b"close", b"keep-alive", b"Upgrade", b"keep-alive, close"])),
     st.tuples(st.just(b"Accept"), st.sampled_from([b"application/json", b"text/html", b""])),
-    st.tuples(st.sampled_from([b"X-A", b"x-a", b"User-Agent", b"Cookie", b"X_B", b"", b"Q", b"a"]), st.binary(max_size=6)),
+    st.tuples(
+        st.sampled_from([b"X-A", b"x-a", b"User-Agent", b"Cookie", b"X_B", b"", b"Q", b"a"]), st.binary(max_size=6)
+    ),
 )
 PLAIN_FIELDS = st.tuples(st.sampled_from([b"User-Agent", b"Accept", b"Cookie", b"X-A"]),
                          st.sampled_from([b"curl/8", b"*/*", b"a=b; c=d", b"", b" x "]))  # fmt: skip

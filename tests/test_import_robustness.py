@@ -5,7 +5,6 @@ never a traceback, and a refused file leaves the registry as it was."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import sqlite3
@@ -13,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from feedkit import FaultProxy, body_lines, edge_config, feed_sync, make_key, sign_with, start_publisher
+from feedkit import Fault, FaultProxy, edge_config, feed_sync, make_key, re_signed, start_publisher
 from test_feed import new_filing, registry_state
 from test_import import digest, registry_path
 
@@ -137,16 +136,9 @@ def publisher(tmp_path: Path, keys: dict[str, Path]):
     publisher.stop()
 
 
-def deepen_last(private: Path):
+def deepen_last(private: Path) -> Fault:
     """A fault: the body's last line nested 100,000 levels deep, signed."""
-
-    def fault(_path: str, status: int, headers: dict, body: bytes):
-        lines = [json.dumps(line).encode() for line in body_lines(body)]
-        lines[-1] = nested(100_000).encode()
-        edited = gzip.compress(b"".join(line + b"\n" for line in lines))
-        return status, headers | {"Icpgate-Signature": sign_with(private, edited)}, edited
-
-    return fault
+    return re_signed(private, lambda lines: [*lines[:-1], nested(100_000).encode()])
 
 
 def test_a_change_set_nested_too_deeply_is_refused_and_the_registry_stays(

@@ -5,13 +5,12 @@ CLI (NDJSON, the parsing pool, CSV) and the real feed client; never a traceback.
 
 from __future__ import annotations
 
-import gzip
 import json
 import sqlite3
 from pathlib import Path
 
 import pytest
-from feedkit import FaultProxy, body_lines, edge_config, feed_status, feed_sync, make_key, sign_with, start_publisher
+from feedkit import Fault, FaultProxy, edge_config, feed_status, feed_sync, make_key, re_signed, start_publisher
 from test_feed import new_filing, registry_state
 from test_import import digest, registry_path
 
@@ -158,16 +157,10 @@ def publisher(tmp_path: Path, keys: dict[str, Path]):
     publisher.stop()
 
 
-def spoil_last(private: Path):
+def spoil_last(private: Path) -> Fault:
     """A fault: the body's last filing gets a lone surrogate, escaped as a buggy publisher might, signed."""
-
-    def fault(_path: str, status: int, headers: dict, body: bytes):
-        lines = body_lines(body)
-        lines[-1]["subject_name"] = "示例\ud800"
-        edited = gzip.compress(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
-        return status, headers | {"Icpgate-Signature": sign_with(private, edited)}, edited
-
-    return fault
+    return re_signed(private, lambda lines: [
+        *lines[:-1], json.dumps(json.loads(lines[-1]) | {"subject_name": "示例\ud800"}).encode()])  # fmt: skip
 
 
 def test_a_change_set_with_a_lone_surrogate_is_refused_and_the_registry_stays(

@@ -54,6 +54,12 @@ class Filing:
 
     def to_json(self) -> dict[str, object]:
         """The interchange form (docs/filings-format.md), unknown fields kept."""
+        access = [{"provider": a.provider, "status": a.status.value, "ips": list(a.ips)} for a in self.access]
+        return self._record(list(self.domains), access)
+
+    def _record(self, domains: list[str], access: list[dict[str, object]]) -> dict[str, object]:
+        """Every field, around `domains` and `access`: the interchange and canonical forms differ
+        only in the order of those two."""
         return {
             **self.extra,
             "licence": self.licence,
@@ -63,8 +69,8 @@ class Filing:
             "site_name": self.site_name,
             "status": self.status.value,
             "limit_access": self.limit_access,
-            "domains": list(self.domains),
-            "access": [{"provider": a.provider, "status": a.status.value, "ips": list(a.ips)} for a in self.access],
+            "domains": domains,
+            "access": access,
             "updated_at": self.updated_at,
         }
 
@@ -87,22 +93,11 @@ class Filing:
         writes only such records (in UTF-8); it refuses lone surrogates and larger ints itself.
         Those records, and those with floats or other types in `extra`, go through json.dumps (a
         str). tests/test_canonical_digest.py holds the two to the same bytes."""
-        record = {
-            **self.extra,
-            "licence": self.licence,
-            "subject_licence": self.subject_licence,
-            "subject_name": self.subject_name,
-            "subject_type": self.subject_type.value,
-            "site_name": self.site_name,
-            "status": self.status.value,
-            "limit_access": self.limit_access,
-            "domains": sorted(self.domains),
-            "access": sorted(
-                ({"provider": a.provider, "status": a.status.value, "ips": sorted(a.ips)} for a in self.access),
-                key=_access_order,
-            ),
-            "updated_at": self.updated_at,
-        }
+        access = sorted(
+            ({"provider": a.provider, "status": a.status.value, "ips": sorted(a.ips)} for a in self.access),
+            key=_access_order,
+        )
+        record = self._record(sorted(self.domains), access)
         if not self.extra or _plain_json(self.extra):
             try:
                 return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
