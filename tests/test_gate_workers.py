@@ -22,6 +22,7 @@ from gatekit import free_port, gate_config, listener, start_gate, wait_for_port
 from test_gate_process import edit_pack, http_get, status_of, wait_until
 
 from conftest import copy_policies
+from icpgate.gate.http.engine import ENGINE
 
 STARTED = re.compile(r"started (worker \d+|the service process) \(pid (\d+)\)")
 
@@ -96,6 +97,8 @@ def test_index_serial_and_reload_gauges_are_right_from_the_start(tmp_path: Path,
         assert by_worker(metrics, "icpgate_index_serial") == {str(number): serial for number in range(workers)}
         reloads = [value for (name, _), value in metrics.items() if name == "icpgate_config_last_reload_successful"]
         assert reloads == [1.0] * workers
+        engines = {dict(labels)["http_engine"] for (name, labels) in metrics if name == "icpgate_build_info"}
+        assert engines == {ENGINE}, "build_info says which HTTP engine the workers run"
         assert observed.json("/readyz")["checks"]["registry"] == {"ok": True, "serial": serial}
     finally:
         assert observed.gate.stop() == 0
