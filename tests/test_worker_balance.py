@@ -5,6 +5,7 @@ from accepting."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ from adminkit import ObservedGate, by_worker, metric, start_observed_gate
 from test_gate_process import http_get, status_of, wait_until
 from test_gate_workers import started
 
-from icpgate.process.balance import ConnectionTable
+from icpgate.process.balance import AcceptBalance, ConnectionTable
 
 FILED = "www.example-filed.cn"
 
@@ -140,3 +141,21 @@ def test_a_paused_worker_back_at_its_share_is_woken_once_until_it_publishes_agai
     assert table.look(0, 33, now) == (31.5, True) and wake_ups(table, 1) == 1
     table.clear(1)  # it exited: the supervisor clears its slot
     assert table.look(0, 33, now) == (33.0, False)
+
+
+def test_a_worker_publishes_its_count_when_connections_close_not_only_at_its_heartbeat() -> None:
+    """Worker 1 had 150 connections and 51 closed: until its next heartbeat the others would weigh
+    new connections against 150, and worker 0 (at 51) would take a whole burst of 100 without
+    pausing (151 against 99: what a loaded CI run once measured)."""
+    table = ConnectionTable(2)
+    one = AcceptBalance(table, 1, lambda: 99, lambda: None, asyncio.sleep)
+    one.accepted(150)
+    one.closed(99)
+    zero = AcceptBalance(table, 0, lambda: 0, lambda: None, asyncio.sleep)
+    taken = 0
+    for connections in range(52, 152):  # a burst at worker 0, until it pauses
+        zero.accepted(connections)
+        taken += 1
+        if zero.paused:
+            break
+    assert zero.paused and 51 + taken <= 0.6 * (51 + 99 + 100), "worker 0 pauses near its share of 125"

@@ -68,6 +68,8 @@ class Runtime:
     # Told the number of open connections after each accept (process/balance.py): a worker above
     # its share of them stops accepting for a while. None with one worker.
     on_accept: Callable[[int], None] | None = None
+    # Told the number after each close: a burst that follows many closes is shared on true counts.
+    on_close: Callable[[int], None] | None = None
     # (local, remote) of our own upstream connections. An accepted connection whose (peer, local)
     # is one of them is the gate connecting to itself (original_dst without NAT), refused before
     # it loops. The whole 4-tuple: the kernel reuses a local port towards other destinations, so
@@ -290,7 +292,10 @@ class GateConnection(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.runtime.connections.discard(self)
+        runtime = self.runtime
+        runtime.connections.discard(self)
+        if runtime.on_close is not None:
+            runtime.on_close(len(runtime.connections))
         if self._undecided:
             self.runtime.undecided.pop(self, None)
         self._cancel_timer()

@@ -96,9 +96,10 @@ class ConnectionTable:
 
 class AcceptBalance:
     """One worker's side. Told of each connection it accepts (`accepted`), it pauses accepting
-    when above its share while another worker accepts; `keep` publishes its count every HEARTBEAT
-    (connections close too) and whenever it is woken, and resumes accepting once it is back at its
-    share or no other worker accepts. `pause` and `resume` act on the listeners."""
+    when above its share while another worker accepts; told of each close (`closed`), it publishes
+    its count at once, since the others weigh new connections by it; `keep` publishes it every
+    HEARTBEAT and whenever it is woken, and resumes accepting once it is back at its share or no
+    other worker accepts. `pause` and `resume` act on the listeners."""
 
     def __init__(self, table: ConnectionTable, worker: int, count: Callable[[], int],
                  pause: Callable[[], None], resume: Callable[[], Awaitable[None]]) -> None:  # fmt: skip
@@ -118,6 +119,11 @@ class AcceptBalance:
             self.paused = True
             self._pause()
         self.table.publish(self.worker, connections, self.paused, now)
+
+    def closed(self, connections: int) -> None:
+        """A count left high until the next heartbeat would keep the other workers from pausing:
+        after many closes here, the next burst would go to them alone."""
+        self.table.publish(self.worker, connections, self.paused, _now_ms())
 
     async def tick(self) -> None:
         connections, now = self.count(), _now_ms()

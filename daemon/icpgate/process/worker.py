@@ -295,15 +295,15 @@ class Worker:
             self.accepting.pause()
 
         balance = AcceptBalance(table, self.number, lambda: len(runtime.connections), pause, self.accepting.resume)
-        runtime.on_accept = balance.accepted
+        runtime.on_accept, runtime.on_close = balance.accepted, balance.closed
         try:
             await balance.keep()
         except Exception:  # a fault of its own must not leave this worker paused
             log.exception("balancing the workers' connections stopped; accepting on every listener")
-            runtime.on_accept = None
+            runtime.on_accept = runtime.on_close = None
             await self.accepting.resume()
         finally:
-            runtime.on_accept = None
+            runtime.on_accept = runtime.on_close = None
 
     async def _registry_version(self) -> int:
         async with self.registry.db.execute("PRAGMA data_version") as cursor:
@@ -428,6 +428,7 @@ class Worker:
 
     async def _drain(self) -> None:
         if self.table is not None:  # accepting no more: the others must not count on this worker
+            self.runtime.on_accept = self.runtime.on_close = None  # nor the closes to come put it back
             self.table.clear(self.number)
         self.accepting.close()
         for server in self.servers:
