@@ -118,6 +118,28 @@ def origin(tmp_path_factory: pytest.TempPathFactory, certs: dict[str, Path]):
     running.stop()
 
 
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A feed signing key pair, and another one a publisher does not sign with (files that want
+    the pair as a tuple define their own)."""
+    from feedkit import make_key
+
+    folder = tmp_path_factory.mktemp("keys")
+    private, public = make_key(folder / "feed.pem")
+    other_private, other_public = make_key(folder / "other.pem")
+    return {"private": private, "public": public, "other_private": other_private, "other_public": other_public}
+
+
+@pytest.fixture
+def publisher(tmp_path: Path, keys: dict[str, Path]):
+    """A real publisher signing with `keys["private"]`, stopped after the test."""
+    from feedkit import start_publisher
+
+    running = start_publisher(tmp_path / "publisher", keys["private"])
+    yield running
+    running.stop()
+
+
 def standard_listeners(origin) -> tuple[dict[str, dict], dict[str, int]]:
     from gatekit import free_port, listener
 

@@ -20,7 +20,6 @@ from feedkit import (
     feed_status,
     feed_sync,
     make_body,
-    make_key,
     sign_with,
     start_publisher,
 )
@@ -34,21 +33,6 @@ NEW_LICENCE = "京ICP备20990001号-1"
 def new_filing(domain: str = "fresh-approval.example-feed.cn", licence: str = NEW_LICENCE) -> dict:
     return sample_records()[0] | {"licence": licence, "subject_licence": licence.rsplit("-", 1)[0],
                                   "domains": [domain]}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("keys")
-    private, public = make_key(folder / "feed.pem")
-    other_private, other_public = make_key(folder / "other.pem")
-    return {"private": private, "public": public, "other_private": other_private, "other_public": other_public}
-
-
-@pytest.fixture
-def publisher(tmp_path: Path, keys: dict[str, Path]):
-    publisher = start_publisher(tmp_path / "publisher", keys["private"])
-    yield publisher
-    publisher.stop()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from feedkit import Fault, FaultProxy, edge_config, feed_sync, make_key, re_signed, start_publisher
+from feedkit import Fault, FaultProxy, edge_config, feed_sync, re_signed
 from test_feed import new_filing, registry_state
 from test_import import digest, registry_path
 
@@ -121,19 +121,6 @@ def test_a_refused_file_with_such_a_name_is_named_in_its_errors(sample_registry:
 
 
 # --- the feed: a publisher's change set ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    private, public = make_key(tmp_path_factory.mktemp("keys") / "feed.pem")
-    return {"private": private, "public": public}
-
-
-@pytest.fixture
-def publisher(tmp_path: Path, keys: dict[str, Path]):
-    publisher = start_publisher(tmp_path / "publisher", keys["private"])
-    yield publisher
-    publisher.stop()
 
 
 def deepen_last(private: Path) -> Fault:

@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from feedkit import Fault, FaultProxy, edge_config, feed_status, feed_sync, make_key, re_signed, start_publisher
+from feedkit import Fault, FaultProxy, edge_config, feed_status, feed_sync, re_signed
 from test_feed import new_filing, registry_state
 from test_import import digest, registry_path
 
@@ -142,19 +142,6 @@ def test_an_unknown_sheet_column_with_a_lone_surrogate_is_refused_by_its_title(
 
 
 # --- the feed: a publisher's change set ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    private, public = make_key(tmp_path_factory.mktemp("keys") / "feed.pem")
-    return {"private": private, "public": public}
-
-
-@pytest.fixture
-def publisher(tmp_path: Path, keys: dict[str, Path]):
-    publisher = start_publisher(tmp_path / "publisher", keys["private"])
-    yield publisher
-    publisher.stop()
 
 
 def spoil_last(private: Path) -> Fault:

@@ -642,9 +642,7 @@ class Registry:
         return json.loads(row[0]) if row else {}
 
     async def set_sync_status(self, status: dict) -> None:
-        await self.db.execute(
-            "INSERT OR REPLACE INTO sync_status VALUES (1, ?)", (json.dumps(status, ensure_ascii=False),)
-        )
+        await _write_sync_status(self.db, status)
 
     async def load_index(self) -> DictIndex:
         """The whole index built in this process's memory: the reference the shared index is
@@ -859,6 +857,10 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     return db
 
 
+async def _write_sync_status(db: aiosqlite.Connection, status: dict) -> None:
+    await db.execute("INSERT OR REPLACE INTO sync_status VALUES (1, ?)", (json.dumps(status, ensure_ascii=False),))
+
+
 async def _place_new(path: Path, sync_status: dict) -> bool:
     """Make a registry beside `path` with its sync status, then link it there: no reader finds it
     half made. A file someone else put at the path meanwhile (`icpgate import`) is kept: False."""
@@ -868,8 +870,7 @@ async def _place_new(path: Path, sync_status: dict) -> bool:
             leftover.unlink(missing_ok=True)
         db = await _connect(staging)
         try:
-            await db.execute("INSERT OR REPLACE INTO sync_status VALUES (1, ?)",
-                             (json.dumps(sync_status, ensure_ascii=False),))  # fmt: skip
+            await _write_sync_status(db, sync_status)
             await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # all of it in the file that is linked
         finally:
             await db.close()
